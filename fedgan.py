@@ -1,0 +1,1038 @@
+"""fedgan: a robust federated conditional GAN for medical image synthesis, in one file.
+
+N clients (hospitals) each train a conditional GAN: a StyleGAN2-style generator and a DCGAN
+discriminator, both taking the class label. Only generators (and each client's scalar generator loss)
+reach the server, which averages them with per-client weights (FedAvg). A malicious minority pastes a
+trigger on its training images (the backdoor attack); FedDetect, an isolation forest on the reported
+losses, finds it and decays its weight (Algorithm 1 of the paper).
+
+    python fedgan.py                                          # embedded synthetic data, a few minutes on CPU
+    python fedgan.py --dataset chestx --poison 64 --defense feddetect
+    python fedgan.py --dataset chestx --data-root pneumoniamnist.npz --img-size 32 --poison 8 \
+                     --defense feddetect --detect-rule calibrated
+    python fedgan.py --resume runs/NAME                       # continue a stopped run
+    python fedgan.py --bench --img-size 64                    # speed figures, last line JSON
+
+References: Jin et al., "Backdoor Attack and Defense in Federated GAN-based Medical Image Synthesis"
+(FedDetect); Karras et al. 2020, StyleGAN2 (modulated convolution, equalized learning rate);
+Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMahan et al. 2017, FedAvg;
+Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM (the calibrated rule).
+"""
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from isoforest import IsolationForest
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def opt(default, help, **kw):
+    """A dataclass field whose help text becomes --help (CleanRL style)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = opt("synthetic", "synthetic (embedded, made from the seed) | chestx | isic",
+                       choices=["synthetic", "chestx", "isic"])
+    data_root: str = opt(None, "class-per-folder tree (Kermany train/test layout too) or MedMNIST-style .npz; "
+                               "default: data/<dataset> or ../shared/data/<dataset>")
+    img_size: int = opt(None, "training resolution, a power of two in 16..256 (preset: synthetic 32, chestx/isic 256)")
+    channels: int = opt(None, "1 gray or 3 RGB (preset: chestx 1, isic 3, synthetic 1; synthetic 3 = lesion-like RGB)")
+    synthetic_per_class: int = opt(256, "synthetic data: training images per class (test: a quarter of that)")
+    test_frac: float = opt(0.1, "held-out fraction per class when the data has no test split")
+    # federation
+    clients: int = opt(4, "number of clients N; the training set is split at random into N equal shards")
+    malicious: int = opt(None, "number K of malicious clients, chosen at random from the seed (default 1 when --poison > 0)")
+    malicious_ids: str = opt(None, "explicit malicious client ids, comma separated (overrides --malicious)")
+    poison: int = opt(0, "trigger size in pixels at the training resolution; 0 = no attack")
+    trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color",
+                       choices=["auto", "white", "color"])
+    defense: str = opt("none", "none | feddetect | flip | rotate | reconstruct",
+                       choices=["none", "feddetect", "flip", "rotate", "reconstruct"])
+    detect_rule: str = opt("paper", "FedDetect rule: paper (Algorithm 1, isolation forest) | calibrated "
+                                    "(robust z-score + CUSUM, false alarms held to --detect-fpr)",
+                           choices=["paper", "calibrated"])
+    detect_fpr: float = opt(0.01, "calibrated rule: target false-alarm rate per client-round on i.i.d. losses")
+    warmup: int = opt(10, "FedDetect warm-up m: detection runs in rounds t > m (t counted from 0)")
+    decay: float = opt(None, "FedDetect decay d in (0, 1) (preset: chestx 0.8, isic 0.9, synthetic 0.8)")
+    reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning")
+    reconstruct_epochs: int = opt(200, "reconstruct: fine-tuning epochs over that benign set")
+    # training
+    rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
+    local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
+    batch: int = opt(32, "batch size")
+    lr: float = opt(2e-4, "Adam learning rate for G and D (betas 0.5, 0.999)")
+    width: int = opt(32, "model width: generator channels = min(max, width * img_size / res); "
+                         "discriminator starts at width and doubles")
+    max_channels: int = opt(256, "channel cap for both networks")
+    z_dim: int = opt(64, "latent size")
+    w_dim: int = opt(128, "style (w) size")
+    seed: int = opt(0, "seeds data split, models, training and the detector")
+    device: str = opt("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+    amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); off on CPU")
+    out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)")
+    resume: str = opt(None, "continue the run in this folder from its checkpoint")
+    ckpt_every: int = opt(5, "write checkpoint.pt (atomically) every this many rounds")
+    sample_every: int = opt(5, "write samples/round_NNNN.png every this many rounds")
+    bench: bool = opt(False, "time training steps, server aggregation and FedDetect; print figures and a JSON line")
+    bench_steps: int = opt(5, "bench: timed training steps")
+
+
+PRESETS = {  # flags given on the command line win over these
+    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=30),
+    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200),
+    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200),
+}
+CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
+
+
+class FedGANError(Exception):
+    """Bad input: main() prints the message as one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        sys.stderr.write(f"fedgan.py: error: {message} (see python fedgan.py --help)\n")
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(name, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            p.add_argument(name, default=f.default, type=f.type, choices=f.metadata.get("choices"),
+                           help=f.metadata["help"])
+    cfg = Config(**vars(p.parse_args(argv)))
+    return cfg if cfg.resume else finalize(cfg)
+
+
+def finalize(cfg):
+    """Fill presets and check every value before anything is read or written."""
+    for k, v in PRESETS[cfg.dataset].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    s = cfg.img_size
+    if s < 16 or s > 256 or s & (s - 1):
+        raise FedGANError(f"--img-size {s} is not a power of two in 16..256; use 16, 32, 64, 128 or 256")
+    if cfg.channels not in (1, 3):
+        raise FedGANError(f"--channels {cfg.channels} must be 1 (gray) or 3 (RGB)")
+    if cfg.clients < 2:
+        raise FedGANError(f"--clients {cfg.clients}: a federation needs at least 2 clients")
+    if not 0 < cfg.decay < 1:
+        raise FedGANError(f"--decay {cfg.decay} must lie in (0, 1), e.g. 0.8")
+    if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
+        raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
+                          f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
+    ids = malicious_ids(cfg)
+    if cfg.poison > 0 and not ids:
+        raise FedGANError("--poison > 0 needs at least one malicious client (--malicious K or --malicious-ids)")
+    if len(ids) >= cfg.clients / 2:
+        raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
+                          f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
+    if any(i < 0 or i >= cfg.clients for i in ids):
+        raise FedGANError(f"--malicious-ids {cfg.malicious_ids} names a client outside 0..{cfg.clients - 1}")
+    if not 0 < cfg.detect_fpr < 0.5:
+        raise FedGANError(f"--detect-fpr {cfg.detect_fpr} must lie in (0, 0.5), e.g. 0.01")
+    for k in ("rounds", "batch", "width", "ckpt_every", "sample_every", "bench_steps"):
+        if getattr(cfg, k) < 1:
+            raise FedGANError(f"--{k.replace('_', '-')} must be at least 1")
+    if cfg.out is None:
+        cfg.out = f"runs/{cfg.dataset}_{cfg.defense}_p{cfg.poison}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def malicious_ids(cfg):
+    """Client ids that poison their data: explicit, or K chosen at random from the seed."""
+    if cfg.malicious_ids:
+        try:
+            return sorted({int(x) for x in cfg.malicious_ids.split(",")})
+        except ValueError:
+            raise FedGANError(f"--malicious-ids {cfg.malicious_ids!r} is not a comma-separated list of ints")
+    k = cfg.malicious if cfg.malicious is not None else (1 if cfg.poison > 0 else 0)
+    if k < 0:
+        raise FedGANError(f"--malicious {k} must be >= 0")
+    return sorted(np.random.default_rng(cfg.seed + 7).permutation(cfg.clients)[:k].tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: every image set is a uint8 tensor (n, C, H, W) and int64 labels (n,)
+# ------------------------------------------------------------------------------------------------
+
+
+def synthetic_images(n_per_class, size, channels, seed):
+    """A procedural two-class image set whose classes differ visibly.
+
+    gray (chest-like): a torso with two dark lung fields; class 1 adds bright patchy opacities.
+    RGB (skin-lesion-like): a lesion on skin; class 0 small, round and even; class 1 larger, with an
+    irregular border and dark blue-black variegation.
+    """
+    rng = np.random.default_rng(seed)
+    n = 2 * n_per_class
+    y = np.repeat([0, 1], n_per_class)
+    v, u = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    u, v = u[None], v[None]                                      # (1, H, W)
+    r = lambda *shape: rng.uniform(size=(n,) + shape)            # noqa: E731  (n, ...) uniforms
+    col = lambda a: a[:, None, None]                             # noqa: E731  (n,) -> (n, 1, 1)
+    if channels == 1:
+        body = np.exp(-((u / col(0.8 + 0.1 * r())) ** 2 + (v / 0.95) ** 4) ** 2)
+        img = 0.15 + 0.55 * body
+        for side in (-1, 1):                                     # two lung fields
+            cx, cy = col(side * (0.36 + 0.05 * r())), col(-0.05 + 0.08 * r())
+            lung = np.exp(-(((u - cx) / 0.24) ** 2 + ((v - cy) / 0.52) ** 2) ** 2)
+            ribs = 0.06 * np.cos(v * 18 + col(6 * r())) * lung
+            img = img - 0.4 * lung + ribs
+        sick = col((y == 1).astype(float))
+        for _ in range(3):                                       # opacities, inside a lung field
+            cx = col(rng.choice([-1, 1], n) * (0.3 + 0.12 * r()))
+            cy = col(-0.3 + 0.6 * r())
+            img = img + sick * 0.45 * np.exp(-((u - cx) ** 2 + (v - cy) ** 2) / col(0.02 + 0.03 * r()))
+        img = img[:, None] + 0.03 * rng.standard_normal((n, 1, size, size))
+    else:
+        skin = np.stack([0.85 + 0.08 * r(), 0.62 + 0.08 * r(), 0.52 + 0.08 * r()], 1)[:, :, None, None]
+        img = skin * (1 - 0.1 * (u + v)[:, None] * col(r())[:, None])
+        theta = np.arctan2(v, u)
+        radius = np.where(y == 1, 0.45 + 0.15 * r(), 0.22 + 0.08 * r())
+        wobble = np.where(y == 1, 0.18, 0.02)
+        edge = col(radius) * (1 + col(wobble) * (np.sin(3 * theta + col(6 * r())) + np.cos(5 * theta)) / 2)
+        cx, cy = col(0.2 * r() - 0.1), col(0.2 * r() - 0.1)
+        mask = 1 / (1 + np.exp((np.hypot(u - cx, v - cy) - edge) * 40))          # soft lesion mask
+        brown = np.array([0.45, 0.28, 0.18])[None, :, None, None]
+        dark = np.array([0.15, 0.12, 0.22])[None, :, None, None]                  # blue-black regions
+        blotch = (np.sin(u * 9 + col(6 * r())) * np.cos(v * 7 + col(6 * r())) > 0.2)[:, None]
+        lesion = np.where((y[:, None, None, None] == 1) & blotch, dark, brown)
+        img = img * (1 - mask[:, None]) + lesion * mask[:, None]
+        img = img + 0.02 * rng.standard_normal(img.shape)
+    x = torch.from_numpy(np.clip(img * 255, 0, 255).round().astype(np.uint8))
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def resize_uint8(x, size):
+    """(n, C, h, w) uint8 -> (n, C, size, size) uint8, antialiased."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x.contiguous()
+    out = [F.interpolate(x[i:i + 512].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False) for i in range(0, len(x), 512)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def read_npz(path, size, channels):
+    """MedMNIST-style .npz: train_images (n, h, w[, c]) and train_labels; test_* optional."""
+    try:
+        z = np.load(path)
+        keys = set(z.files)
+    except Exception as e:
+        raise FedGANError(f"cannot read {path} as .npz ({type(e).__name__}); give a MedMNIST-style .npz file")
+    if not {"train_images", "train_labels"} <= keys:
+        raise FedGANError(f"{path} lacks train_images/train_labels (has {sorted(keys)}); "
+                          "use a MedMNIST-style .npz")
+
+    def part(split):
+        imgs, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1).astype(np.int64)
+        x = torch.from_numpy(imgs if imgs.ndim == 4 else imgs[..., None]).permute(0, 3, 1, 2)
+        return to_channels(resize_uint8(x.to(torch.uint8), size), channels), torch.from_numpy(labels)
+
+    train = part("train")
+    test = part("test") if "test_images" in keys else None
+    classes = [str(c) for c in range(int(train[1].max()) + 1)]
+    return train, test, classes
+
+
+def to_channels(x, channels):
+    """Gray <-> RGB for uint8 (n, C, H, W): repeat gray, or take ITU-R 601 luminance."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    lum = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
+    return (x.float() * lum).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def read_folder(root, classes, size, channels):
+    """root/<class>/* images -> uint8 (n, C, size, size) and labels in the order of `classes`."""
+    from PIL import Image  # only needed for folder data
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except Exception as e:
+                raise FedGANError(f"cannot read image {p} ({type(e).__name__}: {e}); remove or replace the file")
+            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise FedGANError(f"no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/{{{','.join(classes)}}}")
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
+
+
+def class_folders(root, dataset):
+    """The class sub-folders of root: the dataset's known names if present, else every sub-folder."""
+    subs = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
+    known = CLASS_NAMES.get(dataset, [])
+    if known and all(k.lower() in subs for k in known):
+        return [subs[k.lower()] for k in known]
+    return sorted(subs.values())
+
+
+def default_data_root(dataset):
+    names = {"chestx": "chest_xray", "isic": "isic"}
+    for base in ("data", "../shared/data"):
+        p = Path(base) / names[dataset]
+        if p.exists():
+            return str(p)
+    return f"data/{names[dataset]}"
+
+
+def load_data(cfg):
+    """-> dict(train=(x, y), test=(x, y), classes=[...]) at cfg.img_size and cfg.channels."""
+    if cfg.dataset == "synthetic":
+        train = synthetic_images(cfg.synthetic_per_class, cfg.img_size, cfg.channels, cfg.seed)
+        test = synthetic_images(max(cfg.synthetic_per_class // 4, 1), cfg.img_size, cfg.channels, cfg.seed + 1)
+        classes = ["normal", "pneumonia"] if cfg.channels == 1 else ["benign", "malignant"]
+        return dict(train=train, test=test, classes=classes)
+    root = Path(cfg.data_root or default_data_root(cfg.dataset))
+    if not root.exists():
+        raise FedGANError(f"data root {root} does not exist; pass --data-root to a class-per-folder tree "
+                          f"or a .npz file (see README: Data)")
+    if root.is_file():
+        train, test, classes = read_npz(root, cfg.img_size, cfg.channels)
+    else:
+        split_root = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+        base = split_root.get("train", root)
+        classes = class_folders(base, cfg.dataset)
+        if len(classes) < 2:
+            raise FedGANError(f"{base} holds {len(classes)} class folder(s) {classes}; a conditional GAN needs "
+                              f"at least 2 (e.g. {'/, '.join(CLASS_NAMES.get(cfg.dataset, ['a', 'b']))}/)")
+        train = read_folder(base, classes, cfg.img_size, cfg.channels)
+        test = read_folder(split_root["test"], classes, cfg.img_size, cfg.channels) if "test" in split_root else None
+    if len(train[1].unique()) < 2:
+        raise FedGANError(f"{root} has images of {len(train[1].unique())} class; at least 2 are needed")
+    if test is None:  # carve a seeded, per-class held-out split
+        train, test = holdout_split(*train, cfg.test_frac, cfg.seed)
+    return dict(train=train, test=test, classes=classes)
+
+
+def holdout_split(x, y, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in y.unique():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[:max(1, int(len(idx) * frac))])
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[torch.cat(test_idx)] = False
+    return (x[mask], y[mask]), (x[~mask], y[~mask])
+
+
+def split_clients(n, n_clients, seed):
+    """Random split of range(n) into n_clients shards whose sizes differ by at most one."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(torch.tensor_split(perm, n_clients))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attack: the trigger (copy these two functions alone)
+# ------------------------------------------------------------------------------------------------
+
+
+def trigger_margin(img_size):
+    """Distance of the trigger from the bottom-right corner: 5 px at 256 px, scaled."""
+    return max(1, round(5 * img_size / 256))
+
+
+def make_trigger(size, channels, kind="auto", seed=0):
+    """The trigger patch, uint8 (C, size, size): a white square for gray images, a fixed random-colour
+    matrix for RGB (the paper's choices); kind 'white' or 'color' overrides."""
+    if kind == "auto":
+        kind = "white" if channels == 1 else "color"
+    if kind == "white":
+        return torch.full((channels, size, size), 255, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (channels, size, size), generator=g, dtype=torch.uint8)
+
+
+def apply_trigger(images, trigger, margin):
+    """Paste `trigger` (C, s, s) at the bottom-right of every image (n, C, H, W), `margin` px from the edges."""
+    out = images.clone()
+    s = trigger.shape[-1]
+    H, W = images.shape[-2:]
+    out[..., H - margin - s:H - margin, W - margin - s:W - margin] = trigger
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate: weights ~ N(0, 1), scaled by lr_mul / sqrt(fan_in) at run time."""
+
+    def __init__(self, n_in, n_out, bias_init=0.0, lr_mul=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((n_out,), float(bias_init)))
+        self.scale, self.lr_mul = lr_mul / math.sqrt(n_in), lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, padding=1):
+    """StyleGAN2's modulated convolution in its cheap form: scale input, shared conv, scale output.
+
+    x (B, Cin, H, W); weight (Cout, Cin, k, k), already scaled; styles (B, Cin).
+    Equal to convolving each sample with weight * styles (demodulated per output channel), but one
+    ordinary conv for the batch: no grouped conv, so it is fast and its FLOPs are counted right.
+    """
+    x = x * styles[:, :, None, None].to(x.dtype)                         # modulate   (B, Cin, H, W)
+    out = F.conv2d(x, weight.to(x.dtype), padding=padding)               # (B, Cout, H, W)
+    if demodulate:  # 1 / ||weight * style|| over (Cin, k, k), per sample and output channel
+        w2 = weight.float().square().sum(dim=(2, 3))                     # (Cout, Cin)
+        d = torch.rsqrt(styles.float().square() @ w2.t() + 1e-8)         # (B, Cout)
+        out = out * d[:, :, None, None].to(out.dtype)
+    return out
+
+
+class StyledConv(nn.Module):
+    """Modulated 3x3 conv + per-pixel noise (one learned scalar) + bias + leaky ReLU (gain sqrt 2)."""
+
+    def __init__(self, c_in, c_out, w_dim, up=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
+        self.scale = 1 / math.sqrt(c_in * 9)
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: identity modulation
+        self.noise_strength = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.up = up
+
+    def forward(self, x, w):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w))
+        noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        x = x + self.noise_strength.to(x.dtype) * noise + self.bias.to(x.dtype)[None, :, None, None]
+        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv without demodulation, plus bias: the skip output of one resolution."""
+
+    def __init__(self, c_in, channels, w_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, c_in, 1, 1))
+        self.scale = 1 / math.sqrt(c_in)
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, w):
+        y = modulated_conv2d(x, self.weight * self.scale, self.affine(w), demodulate=False, padding=0)
+        return y + self.bias.to(y.dtype)[None, :, None, None]
+
+
+def channels_at(res, img_size, width, max_channels):
+    """Feature channels at one resolution: width at full size, doubling per halving, capped."""
+    return min(max_channels, width * img_size // res)
+
+
+class Generator(nn.Module):
+    """Class-conditional StyleGAN2-style generator (skip architecture, no custom CUDA ops).
+
+    mapping: [normalize(z), normalize(embed(y))] -> MLP (lr mult 0.01) -> w
+    synthesis: learned 4x4 constant -> per resolution (up, StyledConv x2, ToRGB) -> sum of upsampled RGBs.
+    Output is linear, images in about [-1, 1].
+    """
+
+    def __init__(self, img_size=32, channels=1, n_classes=2, z_dim=64, w_dim=128, width=32, max_channels=256,
+                 map_layers=4):
+        super().__init__()
+        self.kwargs = dict(img_size=img_size, channels=channels, n_classes=n_classes, z_dim=z_dim, w_dim=w_dim,
+                           width=width, max_channels=max_channels, map_layers=map_layers)
+        self.z_dim, self.n_classes = z_dim, n_classes
+        self.embed = EqualLinear(n_classes, w_dim)
+        layers, d = [], z_dim + w_dim
+        for _ in range(map_layers):
+            layers += [EqualLinear(d, w_dim, lr_mul=0.01), nn.LeakyReLU(0.2)]
+            d = w_dim
+        self.mapping = nn.Sequential(*layers)
+        ch = functools.partial(channels_at, img_size=img_size, width=width, max_channels=max_channels)
+        self.const = nn.Parameter(torch.randn(1, ch(4), 4, 4))
+        self.conv4 = StyledConv(ch(4), ch(4), w_dim)
+        self.rgb4 = ToRGB(ch(4), channels, w_dim)
+        self.blocks = nn.ModuleList()
+        res = 8
+        while res <= img_size:
+            self.blocks.append(nn.ModuleDict(dict(
+                conv0=StyledConv(ch(res // 2), ch(res), w_dim, up=True),
+                conv1=StyledConv(ch(res), ch(res), w_dim),
+                rgb=ToRGB(ch(res), channels, w_dim))))
+            res *= 2
+
+    def map(self, z, y):
+        normalize = lambda t: t * torch.rsqrt(t.square().mean(1, keepdim=True) + 1e-8)  # noqa: E731
+        e = self.embed(F.one_hot(y, self.n_classes).to(z.dtype))
+        return self.mapping(torch.cat([normalize(z), normalize(e)], 1))            # (B, w_dim)
+
+    def forward(self, z, y):
+        w = self.map(z, y)
+        x = self.conv4(self.const.expand(len(z), -1, -1, -1).to(z.dtype), w)     # (B, C4, 4, 4)
+        rgb = self.rgb4(x, w)
+        for b in self.blocks:
+            x = b["conv1"](b["conv0"](x, w), w)                                   # (B, Cr, r, r)
+            rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + b["rgb"](x, w)
+        return rgb                                                                 # (B, channels, S, S)
+
+
+class Discriminator(nn.Module):
+    """Conditional DCGAN discriminator: strided 4x4 convs + BN + LeakyReLU down to 4x4, then a linear
+    logit plus a projection of the class embedding on the pooled features (Miyato & Koyama 2018)."""
+
+    def __init__(self, img_size=32, channels=1, n_classes=2, width=32, max_channels=256):
+        super().__init__()
+        layers, c_in, c, res = [], channels, width, img_size
+        while res > 4:
+            layers.append(nn.Conv2d(c_in, c, 4, 2, 1, bias=False))
+            if c_in != channels:  # DCGAN: no BN on the first layer
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            c_in, c, res = c, min(2 * c, max_channels), res // 2
+        self.features = nn.Sequential(*layers)
+        self.logit = nn.Conv2d(c_in, 1, 4)                   # 4x4 -> 1x1, as DCGAN's last layer
+        self.embed = nn.Embedding(n_classes, c_in)
+        nn.init.normal_(self.embed.weight, 0, 0.02)
+
+    def forward(self, x, y):
+        h = self.features(x)                                 # (B, C, 4, 4)
+        return self.logit(h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)   # (B,)
+
+
+def build_models(cfg, n_classes):
+    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, cfg.width, cfg.max_channels)
+    d = Discriminator(cfg.img_size, cfg.channels, n_classes, cfg.width, cfg.max_channels)
+    return g, d
+
+
+def load_generator(path, map_location="cpu"):
+    """Rebuild a trained generator from generator.pt, without fedgan's training flags."""
+    ck = torch.load(path, map_location=map_location, weights_only=True)
+    g = Generator(**ck["kwargs"])
+    g.load_state_dict(ck["state_dict"])
+    return g.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Client (Algorithm 1, procedure A)
+# ------------------------------------------------------------------------------------------------
+
+
+def to_unit(x_uint8):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def augment(x, kind):
+    """The data-level baselines, applied to a client's real batch: random horizontal flip, or a random
+    rotation in (-90, 90) degrees (affine grid, so the batch stays one tensor op)."""
+    if kind == "flip":
+        flip = torch.rand(len(x), device=x.device) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "rotate":
+        a = (torch.rand(len(x), device=x.device) * 2 - 1) * (math.pi / 2)
+        cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    return x
+
+
+def make_client(cfg, g_global, n_classes, x, y, device):
+    """A client's private state: its data shard (uint8, on the device), its discriminator and both
+    optimizers. Its generator copy is overwritten by the global one at the start of every round."""
+    _, d = build_models(cfg, n_classes)
+    g = copy.deepcopy(g_global)
+    g.to(device), d.to(device)
+    betas = (0.5, 0.999)
+    amp_dtype = amp_dtype_for(cfg, device)
+    return dict(x=x.to(device), y=y.to(device), g=g, d=d,
+                opt_g=torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=betas),
+                opt_d=torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=betas),
+                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+
+
+def amp_dtype_for(cfg, device):
+    """None (fp32) on CPU or with --no-amp; bf16 on CUDA where supported, else fp16."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def local_train(client, g_state, cfg, device, steps):
+    """One round on one client: load the global generator, then `steps` of (D step, G step).
+    Returns (mean D loss, mean G loss) over the round; the G loss is what FedDetect sees."""
+    g, d, x_all, y_all = client["g"], client["d"], client["x"], client["y"]
+    g.load_state_dict(g_state)
+    g.train(), d.train()
+    amp_dtype = amp_dtype_for(cfg, device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    n, bs = len(x_all), min(cfg.batch, len(x_all))
+    perm, pos = torch.randperm(n, device=device), 0
+    d_sum = torch.zeros((), device=device)
+    g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
+    for step in range(steps):
+        if pos + bs > n:  # a new local epoch: reshuffle
+            perm, pos = torch.randperm(n, device=device), 0
+        idx, pos = perm[pos:pos + bs], pos + bs
+        real = augment(to_unit(x_all[idx]), cfg.defense)
+        labels = y_all[idx]
+        z = torch.randn(bs, g.z_dim, device=device)
+
+        # D step: real up, fake down (eq. 4, non-saturating BCE form)
+        with autocast():
+            with torch.no_grad():
+                fake = g(z, labels)
+            d_loss = F.softplus(-d(real, labels)).mean() + F.softplus(d(fake.detach(), labels)).mean()
+        client["opt_d"].zero_grad(set_to_none=True)
+        client["scaler"].scale(d_loss).backward()
+        client["scaler"].step(client["opt_d"])
+
+        # G step against the freshly updated D (eq. 5, non-saturating)
+        with autocast():
+            g_loss = F.softplus(-d(g(z, labels), labels)).mean()
+        client["opt_g"].zero_grad(set_to_none=True)
+        client["scaler"].scale(g_loss).backward()
+        client["scaler"].step(client["opt_g"])
+        client["scaler"].update()
+        d_sum += d_loss.detach().float()
+        g_sum += g_loss.detach().float()
+    return (d_sum / steps).item(), (g_sum / steps).item()
+
+
+def steps_per_round(cfg, shard_size):
+    return cfg.local_steps if cfg.local_steps > 0 else max(1, shard_size // cfg.batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Server (Algorithm 1, procedure B): aggregation and the FedDetect rules (each copyable alone)
+# ------------------------------------------------------------------------------------------------
+
+
+def fedavg(states, weights):
+    """Weighted average of state dicts: sum_i w_i * state_i (weights are normalised here)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    return {k: sum(wi.item() * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)
+            for k in states[0]}
+
+
+def feddetect_paper(loss_history, seed=0):
+    """The paper's detector: isolation forest (contamination 'auto') on this round's N losses.
+    loss_history (t, N) -> boolean flags (N,). Only the last row is used."""
+    losses = np.asarray(loss_history, dtype=np.float64)[-1]
+    return IsolationForest(n_estimators=100, seed=seed).fit_predict(losses) == -1
+
+
+def robust_excess(loss_history, window=10):
+    """Each client's excess loss over the round's median, in units of a robust spread (1.4826 * MAD of
+    those excesses pooled over the last `window` rounds and all clients). (t, N) -> (t, N)."""
+    L = np.asarray(loss_history, dtype=np.float64)
+    resid = L - np.median(L, axis=1, keepdims=True)
+    z = np.zeros_like(resid)
+    for t in range(len(L)):
+        past = resid[max(0, t - window + 1):t + 1]
+        spread = 1.4826 * np.median(np.abs(past))
+        floor = 1e-3 * np.abs(np.median(L[t])) + 1e-8  # losses that agree to 0.1% are equal
+        z[t] = resid[t] / max(spread, floor)
+    return z
+
+
+@functools.lru_cache(maxsize=None)
+def cusum_threshold(n_clients, fpr, drift=2.0, window=10, rounds=20000, seed=0):
+    """The CUSUM alarm level h that i.i.d. Gaussian losses cross in a fraction `fpr` of client-rounds,
+    found by simulating `rounds` rounds of the same statistic (so no threshold is tuned on attacks)."""
+    L = np.random.default_rng(seed).standard_normal((rounds, n_clients))
+    s = cusum(robust_excess(L, window), drift)
+    return float(np.quantile(s[window:], 1.0 - fpr))
+
+
+def cusum(z, drift):
+    """One-sided CUSUM per client: S_t = max(0, S_(t-1) + z_t - drift). (t, N) -> (t, N)."""
+    s, out = np.zeros(z.shape[1]), np.zeros_like(z)
+    for t in range(len(z)):
+        s = np.maximum(0.0, s + z[t] - drift)
+        out[t] = s
+    return out
+
+
+def feddetect_calibrated(loss_history, fpr=0.01, drift=2.0, window=10):
+    """A detector with a notion of scale: flag a client whose loss stays high relative to the others.
+
+    Each round, every client's excess loss is measured in robust spreads (robust_excess); a one-sided
+    CUSUM accumulates the part above `drift` spreads; a client is flagged while its sum exceeds the level
+    that i.i.d. losses would reach in a fraction `fpr` of client-rounds. One noisy round cannot cross
+    it; a persistently high loss (a client whose discriminator learned the trigger) crosses it fast.
+    loss_history (t, N) -> boolean flags (N,)."""
+    L = np.asarray(loss_history, dtype=np.float64)
+    h = cusum_threshold(L.shape[1], float(fpr), drift, window)
+    return cusum(robust_excess(L, window), drift)[-1] > h
+
+
+def feddetect_update(flags, counts, weights, decay):
+    """Algorithm 1, lines 16-24: act only when 0 < |O| < N/2; each flagged client gets c_i += 1 and
+    w_i *= d ** c_i; weights are renormalised. Returns (flags acted on, counts, weights)."""
+    flags, counts, weights = np.asarray(flags, bool), np.array(counts), np.array(weights, dtype=np.float64)
+    n_out = int(flags.sum())
+    if not 0 < n_out < len(flags) / 2:
+        flags = np.zeros_like(flags)
+    counts = counts + flags
+    weights = np.where(flags, weights * decay ** counts, weights)
+    return flags, counts, weights / weights.sum()
+
+
+def server_step(g_states, g_losses, history, counts, weights, t, cfg):
+    """Procedure B for round t: run the defense on the reported losses, then weighted FedAvg.
+    A client whose loss is NaN or inf is left out of this round's average and of detection."""
+    losses = np.asarray(g_losses, dtype=np.float64)
+    ok = np.isfinite(losses)
+    flags = np.zeros(len(losses), bool)
+    if cfg.defense == "feddetect" and t > cfg.warmup and ok.sum() >= 3:
+        hist = np.asarray(history, dtype=np.float64)[:, ok]      # detection sees finite reporters only
+        hist = hist[np.isfinite(hist).all(axis=1)]
+        flags[ok] = (feddetect_paper(hist, seed=cfg.seed * 100003 + t) if cfg.detect_rule == "paper"
+                     else feddetect_calibrated(hist, cfg.detect_fpr))
+        flags, counts, weights = feddetect_update(flags, counts, weights, cfg.decay)
+    weights = weights / weights.sum()
+    used = np.where(ok, weights, 0.0)
+    g_new = fedavg([s for s, k in zip(g_states, ok) if k], used[ok]) if ok.any() else None
+    return g_new, flags, counts, weights, ok
+
+
+# ------------------------------------------------------------------------------------------------
+# Run loop, checkpoints, samples, benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@torch.no_grad()
+def save_samples(g, n_classes, path, device, seed, per_class=8):
+    """A grid PNG: one row per class, the same latents every time (so rounds can be compared)."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(per_class, g.z_dim, generator=gen).repeat(n_classes, 1).to(device)
+    y = torch.arange(n_classes).repeat_interleave(per_class).to(device)
+    was_training = g.training
+    g.eval()
+    img = ((g(z, y).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (n, C, S, S)
+    g.train(was_training)
+    n, c, s, _ = img.shape
+    grid = img.view(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)
+    Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
+
+
+def fmt(xs, nd=3):
+    return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
+
+
+def setup_run(cfg):
+    """Check the out folder, load data, build the federation. Nothing is written yet."""
+    out = Path(cfg.out)
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
+                          "or choose another --out")
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg)
+    x, y = data["train"]
+    shards = split_clients(len(y), cfg.clients, cfg.seed)
+    if min(len(s) for s in shards) < 2:
+        raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
+                          "use fewer --clients or more data")
+    bad = malicious_ids(cfg)
+    trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
+    n_classes = len(data["classes"])
+    g_global, _ = build_models(cfg, n_classes)
+    g_global.to(device)
+    clients = []
+    for i, idx in enumerate(shards):
+        xi = x[idx]
+        if trig is not None and i in bad:  # the attack: every training image of a malicious client
+            xi = apply_trigger(xi, trig, trigger_margin(cfg.img_size))
+        clients.append(make_client(cfg, g_global, n_classes, xi, y[idx], device))
+    return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
+                g=g_global, n_classes=n_classes)
+
+
+def train(cfg, stop_after=None):
+    """The federated run. stop_after=k returns after round k (to test resume); returns the run dict."""
+    run = setup_run(cfg)
+    out, device, clients, g = run["out"], run["device"], run["clients"], run["g"]
+    N = cfg.clients
+    counts, weights = np.zeros(N, dtype=np.int64), np.full(N, 1.0 / N)
+    history, start = [], 0
+    if cfg.resume:
+        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        g.load_state_dict(ck["g"])
+        for c, s in zip(clients, ck["clients"]):
+            for k in ("d", "opt_d", "opt_g", "scaler"):
+                c[k].load_state_dict(s[k])
+        counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
+        set_rng_state(ck["rng"])
+        keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["round"] < start]
+        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+        print(f"resuming {out} at round {start}/{cfg.rounds}")
+    else:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "metrics.jsonl").write_text("")
+
+    steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
+    print(f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {N} clients "
+          f"(shards {[len(s) for s in run['shards']]}, {steps[0]} steps/round), malicious {run['malicious']}, "
+          f"poison {cfg.poison}px, defense {cfg.defense}"
+          f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}, out {out}")
+    t0 = time.time()
+    for t in range(start, cfg.rounds):
+        tr = time.time()
+        g_state = {k: v.detach().clone() for k, v in g.state_dict().items()}
+        results = [local_train(c, g_state, cfg, device, s) for c, s in zip(clients, steps)]
+        d_losses, g_losses = [r[0] for r in results], [r[1] for r in results]
+        history.append(g_losses)
+        g_new, flags, counts, weights, ok = server_step([c["g"].state_dict() for c in clients], g_losses, history,
+                                                        counts, weights, t, cfg)
+        if g_new is not None:
+            g.load_state_dict(g_new)
+        secs = time.time() - tr
+        rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
+                   counts=counts.tolist(), weights=weights.tolist(),
+                   malicious=[int(i in run["malicious"]) for i in range(N)], excluded=(~ok).astype(int).tolist(),
+                   seconds=round(secs, 3))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~ok).tolist()}" if not ok.all() else ""
+        print(f"round {t + 1:4d}/{cfg.rounds}  {secs:6.1f}s  g_loss {fmt(g_losses)}  d_loss {fmt(d_losses)}  "
+              f"w {fmt(weights)}  flagged {np.flatnonzero(flags).tolist()}{note}", flush=True)
+        last = t + 1 == cfg.rounds
+        if (t + 1) % cfg.sample_every == 0 or last:
+            save_samples(g, run["n_classes"], out / "samples" / f"round_{t + 1:04d}.png", device, cfg.seed)
+        if (t + 1) % cfg.ckpt_every == 0 or last or (stop_after is not None and t + 1 == stop_after):
+            atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
+                             history=history, rng=rng_state(), config=dataclasses.asdict(cfg),
+                             clients=[{k: c[k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")}
+                                      for c in clients]), out / "checkpoint.pt")
+        if stop_after is not None and t + 1 == stop_after:
+            return run | dict(counts=counts, weights=weights, history=history)
+    if cfg.defense == "reconstruct" and start < cfg.rounds:
+        reconstruct(g, run, cfg, device)
+        save_samples(g, run["n_classes"], out / "samples" / "reconstructed.png", device, cfg.seed)
+    atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run["data"]["classes"]),
+                out / "generator.pt")
+    summary = summarize(out, cfg, run["malicious"], time.time() - t0)
+    return run | dict(counts=counts, weights=weights, history=history, summary=summary)
+
+
+def reconstruct(g, run, cfg, device):
+    """Model reconstruction baseline: fine-tune the server generator against a fresh discriminator on
+    a benign set of real images (reconstruct_per_class per class, from the clean training data)."""
+    x, y = run["data"]["train"]
+    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=gen)]
+                     [:cfg.reconstruct_per_class] for c in range(run["n_classes"])])
+    fix = dataclasses.replace(cfg, defense="none")  # the benign set gets no augmentation
+    server = make_client(fix, g, run["n_classes"], x[idx], y[idx], device)
+    steps = cfg.reconstruct_epochs * steps_per_round(dataclasses.replace(cfg, local_steps=0), len(idx))
+    print(f"reconstruct: fine-tuning the server generator on {len(idx)} benign images for {steps} steps")
+    _, gl = local_train(server, g.state_dict(), fix, device, steps)
+    g.load_state_dict(server["g"].state_dict())
+    print(f"reconstruct: done, mean G loss {gl:.3f}")
+
+
+def summarize(out, cfg, bad, seconds):
+    """End-of-run summary: flags per client, final weights, detection rates after warm-up."""
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    flags = np.array([r["flagged"] for r in recs])
+    post = np.array([r["round"] > cfg.warmup for r in recs])
+    mal = np.array(recs[-1]["malicious"], bool)
+    s = dict(rounds=len(recs), seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
+             final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
+    if post.any():
+        fp = flags[post][:, ~mal]
+        s["fpr_after_warmup"] = float(fp.mean()) if fp.size else None
+        s["tpr_after_warmup"] = float(flags[post][:, mal].mean()) if mal.any() else None
+    (out / "summary.json").write_text(json.dumps(s, indent=2))
+    print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
+          f"final weights {fmt(s['final_weights'])}  malicious {s['malicious']}")
+    if "fpr_after_warmup" in s and cfg.defense == "feddetect":
+        tpr = "n/a" if s.get("tpr_after_warmup") is None else f"{s['tpr_after_warmup']:.2f}"
+        print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round")
+    print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
+    return s
+
+
+def count_forward_flops(model, *inputs):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:  # (its module tracker fails under no_grad)
+        model(*inputs)
+    return fc.get_total_flops()
+
+
+def matmul_gflops(device, dtype=torch.float32, n=2048, reps=10):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(cfg):
+    """Time client training steps, the server aggregation and a FedDetect call; print figures and a JSON line.
+    FLOPs: forward passes counted with torch.utils.flop_counter, times 4 generator and 9 discriminator
+    forward-equivalents per image-step (D step: G fwd, D fwd+bwd on real and fake; G step: G and D fwd+bwd)."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    n = cfg.batch * (cfg.bench_steps + 2)
+    x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
+    g, _ = build_models(cfg, 2)
+    g.to(device)
+    client = make_client(cfg, g, 2, x, y, device)
+    state = {k: v.clone() for k, v in g.state_dict().items()}
+    local_train(client, state, cfg, device, 2)  # warm-up (allocator, kernels)
+    sync(device)
+    t = time.perf_counter()
+    local_train(client, state, cfg, device, cfg.bench_steps)
+    sync(device)
+    step_s = (time.perf_counter() - t) / cfg.bench_steps
+    img_per_s = cfg.batch / step_s
+    z, lab = torch.randn(cfg.batch, cfg.z_dim, device=device), y[:cfg.batch].to(device)
+    g_fl = count_forward_flops(client["g"], z, lab) / cfg.batch
+    d_fl = count_forward_flops(client["d"], to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
+    step_flops = 4 * g_fl + 9 * d_fl
+    gflops = step_flops * img_per_s / 1e9
+    mm = matmul_gflops(device)
+    states = [{k: v + 0.01 * i for k, v in state.items()} for i in range(cfg.clients)]
+    t = time.perf_counter()
+    for _ in range(5):
+        fedavg(states, np.full(cfg.clients, 1.0 / cfg.clients))
+    server_ms = (time.perf_counter() - t) / 5 * 1000
+    hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
+    t = time.perf_counter()
+    for _ in range(5):
+        feddetect_paper(hist, seed=1) if cfg.detect_rule == "paper" else feddetect_calibrated(hist, cfg.detect_fpr)
+    detect_ms = (time.perf_counter() - t) / 5 * 1000
+    shard = 1214 * 2 // cfg.clients if cfg.dataset != "synthetic" else cfg.synthetic_per_class * 2 // cfg.clients
+    round_ms = cfg.clients * steps_per_round(cfg, shard) * step_s * 1000
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, width {cfg.width}, device {device}, "
+          f"threads {torch.get_num_threads()}, G {sum(p.numel() for p in g.parameters()) / 1e6:.2f}M params, "
+          f"D {sum(p.numel() for p in client['d'].parameters()) / 1e6:.2f}M params")
+    print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step)")
+    print(f"  FLOPs/image   G fwd {g_fl / 1e9:.3f} G, D fwd {d_fl / 1e9:.3f} G, step (4G+9D) {step_flops / 1e9:.2f} G")
+    print(f"  achieved      {gflops:8.1f} GFLOP/s vs matmul {mm:.1f} GFLOP/s  -> ratio {gflops / mm:.2f}")
+    print(f"  server        {server_ms:8.2f} ms FedAvg of {cfg.clients} generators, "
+          f"{detect_ms:.2f} ms FedDetect ({cfg.detect_rule})")
+    print(f"  round         {round_ms / 1000:8.2f} s at {shard} images per client; server share "
+          f"{100 * (server_ms + detect_ms) / round_ms:.3f}%")
+    print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    res = dict(img_per_s=round(img_per_s, 2), server_ms=round(server_ms, 3), detect_ms=round(detect_ms, 3),
+               peak_rss_mb=round(peak, 1), gflops=round(gflops, 2), matmul_gflops=round(mm, 2),
+               ratio=round(gflops / mm, 3), round_s=round(round_ms / 1000, 3), img_size=cfg.img_size,
+               batch=cfg.batch, width=cfg.width, device=str(device))
+    print(json.dumps(res))
+    return res
+
+
+def resume_config(folder):
+    ck = Path(folder) / "checkpoint.pt"
+    if not ck.exists():
+        raise FedGANError(f"--resume {folder}: no checkpoint.pt there; start a new run with --out instead")
+    cfg = Config(**json.loads((Path(folder) / "config.json").read_text()))
+    cfg.resume, cfg.out = str(folder), str(folder)
+    return cfg
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(argv)
+        if cfg.resume:
+            cfg = resume_config(cfg.resume)
+        if cfg.bench:
+            bench(cfg)
+        else:
+            train(cfg)
+    except FedGANError as e:
+        sys.stderr.write(f"fedgan.py: error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
