@@ -72,7 +72,8 @@ class Config:
     detect_rule: str = opt("paper", "FedDetect rule: paper (Algorithm 1, isolation forest) | calibrated "
                                     "(robust z-score + CUSUM, false alarms held to --detect-fpr)",
                            choices=["paper", "calibrated"])
-    detect_fpr: float = opt(0.01, "calibrated rule: target false-alarm rate per client-round on i.i.d. losses")
+    detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
+                                   "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)")
     warmup: int = opt(10, "FedDetect warm-up m: detection runs in rounds t > m (t counted from 0)")
     decay: float = opt(None, "FedDetect decay d in (0, 1) (preset: chestx 0.8, isic 0.9, synthetic 0.8)")
     reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning")
@@ -691,7 +692,7 @@ def cusum(z, drift):
     return out
 
 
-def feddetect_calibrated(loss_history, fpr=0.01, drift=2.0, window=10):
+def feddetect_calibrated(loss_history, fpr=0.001, drift=2.0, window=10):
     """A detector with a notion of scale: flag a client whose loss stays high relative to the others.
 
     Each round, every client's excess loss is measured in robust spreads (robust_excess); a one-sided

@@ -1,0 +1,683 @@
+"""Tests for fedgan.py and isoforest.py: plain Python, offline, CPU, a few minutes.
+
+    python test_fedgan.py            # all tests; last line "N passed, M failed[, K skipped]"
+    python test_fedgan.py resume     # only tests whose name contains "resume"
+
+Each test checks a behaviour that matters (the attacker is flagged, weights decay as Algorithm 1
+says, a resumed run equals an uninterrupted one, bad input fails cleanly), on tiny sizes.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fedgan
+from isoforest import IsolationForest, average_path_length
+
+HERE = Path(__file__).resolve().parent
+PNEUMONIAMNIST = HERE.parent / "shared" / "data" / "pneumoniamnist.npz"
+TINY = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --ckpt-every 100 "
+        "--sample-every 100").split()
+
+
+class Skip(Exception):
+    pass
+
+
+def quiet(fn, *a, **kw):
+    """Run fn with its stdout swallowed (training prints a line per round)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*a, **kw)
+
+
+def tiny_cfg(tmp, *extra):
+    return fedgan.parse_args(TINY + ["--out", str(tmp)] + list(extra))
+
+
+# ---------------------------------------------------------------------------------------------
+# isoforest.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_average_path_length_matches_hand_values():
+    H = lambda i: math.log(i) + 0.5772156649  # noqa: E731
+    want = [0.0, 0.0, 1.0, 2 * H(2) - 2 * 2 / 3, 2 * H(255) - 2 * 255 / 256]
+    got = average_path_length([0, 1, 2, 3, 256])
+    assert np.allclose(got, want), (got, want)
+
+
+def test_planted_outlier_scored_highest_and_flagged_1d_and_2d():
+    rng = np.random.default_rng(0)
+    x1 = np.r_[rng.normal(0, 1, 200), 9.0]
+    x2 = np.vstack([rng.normal(0, 1, (300, 2)), [[7.0, -7.0]]])
+    for X in (x1, x2):
+        f = IsolationForest(seed=1).fit(X)
+        s = f.score_samples(X)
+        assert s.argmax() == len(X) - 1, s.argmax()
+        assert f.predict(X)[-1] == -1
+        assert s.max() > 0.7, s.max()
+
+
+def test_scores_in_unit_interval_and_identical_points_never_flagged():
+    rng = np.random.default_rng(1)
+    s = IsolationForest(seed=0).fit(rng.normal(size=500)).score_samples(rng.normal(size=500))
+    assert ((s > 0) & (s < 1)).all()
+    for n in (1, 2, 4, 50):
+        assert (IsolationForest(seed=0).fit_predict(np.full(n, 0.7)) == 1).all(), n
+    # n = 2 distinct points: each is isolated by one split, neither is an outlier
+    assert (IsolationForest(seed=0).fit_predict([0.1, 5.0]) == 1).all()
+
+
+def test_forest_is_scale_free():
+    # The documented weakness: scores do not change when the data is scaled and shifted, so a
+    # "tight" cluster is split exactly like a wide one (FedDetect's false alarms come from this).
+    x = np.random.default_rng(2).normal(size=40)
+    a = IsolationForest(seed=3).fit(x).score_samples(x)
+    b = IsolationForest(seed=3).fit(1e-4 * x + 5.0).score_samples(1e-4 * x + 5.0)
+    assert np.allclose(a, b), np.abs(a - b).max()
+
+
+def test_same_seed_same_result_other_seed_differs():
+    x = np.random.default_rng(3).normal(size=(100, 3))
+    a = IsolationForest(seed=5).fit(x).score_samples(x)
+    b = IsolationForest(seed=5).fit(x).score_samples(x)
+    c = IsolationForest(seed=6).fit(x).score_samples(x)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_contamination_fraction_flags_that_fraction():
+    x = np.random.default_rng(4).normal(size=200)
+    flags = IsolationForest(contamination=0.1, seed=0).fit_predict(x) == -1
+    assert 15 <= flags.sum() <= 25, flags.sum()
+
+
+def test_nan_or_inf_is_a_clear_value_error():
+    for bad in ([0.5, float("nan"), 0.7], [0.5, float("inf"), 0.7]):
+        try:
+            IsolationForest(seed=0).fit(bad)
+        except ValueError as e:
+            assert "NaN or inf" in str(e) and "[1]" in str(e), e
+        else:
+            raise AssertionError("no ValueError")
+
+
+def test_four_clients_far_loss_is_flagged_and_inliers_almost_never():
+    hits = false = 0
+    seeds = 300
+    for s in range(seeds):
+        rng = np.random.default_rng(s)
+        losses = np.r_[0.70 + 0.02 * rng.standard_normal(3), 1.40 + 0.02 * rng.standard_normal()]
+        p = IsolationForest(seed=s).fit_predict(losses)
+        hits += p[3] == -1
+        false += (p[:3] == -1).sum()
+    print(f"    4 clients, one far: far flagged {hits / seeds:.3f}, an inlier flagged {false / (3 * seeds):.3f} "
+          f"per inlier ({seeds} seeds)")
+    assert hits / seeds >= 0.95 and false / (3 * seeds) <= 0.05
+
+
+def test_fit_and_score_1000_points_is_vectorised():
+    # not a timing test: checks the traversal touches at most height-limit levels, whatever n
+    f = IsolationForest(seed=0).fit(np.random.default_rng(0).normal(size=1000))
+    assert f.height_limit_ == 8 and f.psi_ == 256
+    assert (f.left_ >= 0).sum() <= 100 * 255  # at most 255 internal nodes per tree of height 8
+
+
+# ---------------------------------------------------------------------------------------------
+# attack
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trigger_lands_bottom_right_with_margin_white_for_gray():
+    imgs = torch.zeros(3, 1, 256, 256, dtype=torch.uint8)
+    m = fedgan.trigger_margin(256)
+    assert m == 5
+    out = fedgan.apply_trigger(imgs, fedgan.make_trigger(64, 1), m)
+    assert (out[:, :, 256 - 5 - 64:256 - 5, 256 - 5 - 64:256 - 5] == 255).all()
+    assert out.sum() == 3 * 64 * 64 * 255  # nothing else touched
+    assert imgs.sum() == 0  # input not modified
+
+
+def test_rgb_trigger_is_a_fixed_random_colour_matrix():
+    t1, t2 = fedgan.make_trigger(16, 3, seed=4), fedgan.make_trigger(16, 3, seed=4)
+    assert t1.shape == (3, 16, 16) and torch.equal(t1, t2)
+    assert len(t1.unique()) > 100  # many colours, not a flat patch
+    imgs = torch.full((2, 3, 64, 64), 7, dtype=torch.uint8)
+    out = fedgan.apply_trigger(imgs, t1, fedgan.trigger_margin(64))
+    assert torch.equal(out[0, :, 64 - 1 - 16:63, 64 - 1 - 16:63], t1)
+
+
+def test_malicious_client_trains_on_triggered_images_only():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--poison", "4", "--malicious-ids", "1")
+        run = quiet(fedgan.setup_run, cfg)
+        lo, hi = 16 - 1 - 4, 16 - 1
+        for i, c in enumerate(run["clients"]):
+            patch = c["x"][:, :, lo:hi, lo:hi]
+            assert (patch == 255).all().item() == (i == 1), i
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+def test_modulated_conv_equals_per_sample_grouped_conv():
+    torch.manual_seed(0)
+    B, Ci, Co = 3, 5, 4
+    x, w, s = torch.randn(B, Ci, 8, 8), torch.randn(Co, Ci, 3, 3), torch.randn(B, Ci)
+    got = fedgan.modulated_conv2d(x, w, s)
+    wm = w[None] * s[:, None, :, None, None]                                   # (B, Co, Ci, 3, 3)
+    wm = wm * torch.rsqrt(wm.square().sum((2, 3, 4), keepdim=True) + 1e-8)
+    ref = F.conv2d(x.reshape(1, B * Ci, 8, 8), wm.reshape(B * Co, Ci, 3, 3), padding=1, groups=B)
+    assert torch.allclose(got, ref.reshape(B, Co, 8, 8), atol=1e-5)
+
+
+def test_models_are_conditional_and_sized_by_img_size():
+    for size, ch in ((16, 1), (32, 3)):
+        torch.manual_seed(0)
+        g = fedgan.Generator(size, ch, 2, width=8)
+        d = fedgan.Discriminator(size, ch, 2, width=8)
+        z = torch.randn(4, g.z_dim)
+        torch.manual_seed(1)
+        a = g(z, torch.zeros(4, dtype=torch.long))
+        torch.manual_seed(1)
+        b = g(z, torch.ones(4, dtype=torch.long))
+        assert a.shape == (4, ch, size, size)
+        assert not torch.allclose(a, b)  # the label changes the image
+        assert d(a, torch.zeros(4, dtype=torch.long)).shape == (4,)
+
+
+def test_generator_pt_rebuilds_without_training_flags():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "1")
+        run = quiet(fedgan.train, cfg)
+        g2 = fedgan.load_generator(Path(tmp) / "r" / "generator.pt")
+        z, y = torch.randn(2, 64), torch.tensor([0, 1])
+        torch.manual_seed(0)
+        a = run["g"].eval()(z, y)
+        torch.manual_seed(0)
+        assert torch.equal(a, g2(z, y))
+
+
+# ---------------------------------------------------------------------------------------------
+# server: aggregation and FedDetect
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fedavg_is_the_weighted_mean():
+    s = [{"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([3.0, 6.0])}]
+    assert torch.allclose(fedgan.fedavg(s, [0.75, 0.25])["a"], torch.tensor([1.5, 3.0]))
+    assert torch.allclose(fedgan.fedavg(s, [3, 1])["a"], torch.tensor([1.5, 3.0]))  # normalised
+
+
+def test_feddetect_weight_arithmetic_matches_algorithm_1_by_hand():
+    d = 0.8
+    c, w = np.zeros(4, int), np.full(4, 0.25)
+    f, c, w = fedgan.feddetect_update([0, 0, 1, 0], c, w, d)
+    # round 1: c3 = 1, w3 = 0.25 * 0.8 = 0.2; total 0.95
+    assert c.tolist() == [0, 0, 1, 0] and np.allclose(w, np.array([0.25, 0.25, 0.2, 0.25]) / 0.95)
+    f, c, w = fedgan.feddetect_update([0, 0, 1, 0], c, w, d)
+    # round 2: c3 = 2, w3 = (0.2 / 0.95) * 0.8^2; the others stay 0.25 / 0.95 before renormalising
+    w3 = 0.2 / 0.95 * 0.64
+    assert c.tolist() == [0, 0, 2, 0] and np.allclose(w, np.array([0.25 / .95] * 2 + [w3, 0.25 / .95]) /
+                                                       (3 * 0.25 / 0.95 + w3))
+    # |O| = 2 = N/2 is not a valid detection (line 16): nothing changes
+    f2, c2, w2 = fedgan.feddetect_update([1, 1, 0, 0], c, w, d)
+    assert not f2.any() and c2.tolist() == c.tolist() and np.allclose(w2, w)
+    f3, c3, _ = fedgan.feddetect_update([0, 0, 0, 0], c, w, d)
+    assert not f3.any() and c3.tolist() == c.tolist()
+
+
+def _server_cfg(**kw):
+    cfg = fedgan.parse_args(["--defense", "feddetect", "--warmup", "2", "--clients", "4"])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_paper_rule_follows_algorithm_1_over_a_loss_sequence():
+    cfg = _server_cfg()
+    states = [{"p": torch.full((2,), float(i))} for i in range(4)]
+    c, w, hist = np.zeros(4, int), np.full(4, 0.25), []
+    seq = [[0.70, 0.71, 0.69, 2.5]] * 6  # client 3 far off every round
+    log = []
+    for t, losses in enumerate(seq):
+        hist.append(losses)
+        g, f, c, w, ok = fedgan.server_step(states, losses, hist, c, w, t, cfg)
+        log.append((f.copy(), c.copy(), w.copy()))
+        assert torch.allclose(g["p"], torch.full((2,), float((w * np.arange(4)).sum())))
+    # t <= m = 2: no detection; t = 3, 4, 5: client 3 flagged, c = 1, 2, 3, w *= d^c each time
+    for t in range(3):
+        assert not log[t][0].any() and np.allclose(log[t][2], 0.25)
+    w3 = 0.25
+    others = 0.25
+    for k, t in enumerate(range(3, 6), start=1):
+        assert log[t][0].tolist() == [False, False, False, True] and log[t][1][3] == k
+        w3 *= 0.8 ** k
+        total = 3 * others + w3
+        w3, others = w3 / total, others / total
+        assert np.allclose(log[t][2], [others] * 3 + [w3]), (log[t][2], w3)
+
+
+def test_nan_loss_is_excluded_without_crash_and_flags_nobody_else():
+    cfg = _server_cfg(warmup=0)
+    states = [{"p": torch.full((1,), float(i))} for i in range(4)]
+    hist = [[0.7, 0.7, 0.7, 0.7], [0.7, 0.7, 0.7, float("nan")]]  # equal: neither rule may flag them
+    for rule in ("paper", "calibrated"):
+        cfg.detect_rule = rule
+        g, f, c, w, ok = fedgan.server_step(states, hist[-1], hist, np.zeros(4, int), np.full(4, .25), 1, cfg)
+        assert ok.tolist() == [True, True, True, False]
+        assert torch.allclose(g["p"], torch.tensor([1.0]))  # mean of clients 0..2 only
+        assert not f.any() and c.tolist() == [0, 0, 0, 0]
+    with tempfile.TemporaryDirectory() as tmp:  # and through a whole round, via a client that diverges
+        cfg = tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "1", "--defense", "feddetect")
+        run = quiet(fedgan.setup_run, cfg)
+        with torch.no_grad():
+            for p in run["clients"][2]["d"].parameters():
+                p.fill_(float("nan"))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _ = [fedgan.local_train(c, run["g"].state_dict(), cfg, torch.device("cpu"), 1) for c in run["clients"]]
+        assert math.isnan(_[2][1]) and all(math.isfinite(r[1]) for i, r in enumerate(_) if i != 2)
+
+
+def test_calibrated_rule_quiet_on_iid_losses_and_flags_a_persistent_5_sd_excess():
+    # Ten federations of 4 clients, 200 rounds of i.i.d. losses each (8,000 client-rounds): at the default
+    # target of 0.001 false alarms per client-round, about 8 would be expected; allow twice that.
+    flags = 0
+    for seed in range(10):
+        hist = 0.7 + 0.05 * np.random.default_rng(100 + seed).standard_normal((200, 4))
+        flags += sum(int(fedgan.feddetect_calibrated(hist[:t + 1]).sum()) for t in range(200))
+    print(f"    calibrated rule, 10 x 200 rounds of i.i.d. losses, N=4: {flags} false flags in 8000 client-rounds")
+    assert flags <= 16, flags
+    rng = np.random.default_rng(123)
+    attacked = 0.7 + 0.05 * rng.standard_normal((30, 4))
+    sd = 1.4826 * np.median(np.abs(attacked[:25] - np.median(attacked[:25], 1, keepdims=True)))
+    attacked[25:30, 1] = np.median(attacked[25:30], 1) + 5 * sd  # client 1: 5 robust SDs above, 5 rounds
+    assert not fedgan.feddetect_calibrated(attacked[:25]).any()
+    f = fedgan.feddetect_calibrated(attacked)
+    assert f.tolist() == [False, True, False, False], f
+
+
+def test_calibrated_threshold_holds_its_false_alarm_rate():
+    # fresh i.i.d. draws (not those it was calibrated on): the per-client-round rate stays near target
+    rng = np.random.default_rng(9)
+    L = rng.standard_normal((4000, 4))
+    s = fedgan.cusum(fedgan.robust_excess(L), 2.0)[10:]
+    for fpr in (0.01, 0.001):
+        rate = (s > fedgan.cusum_threshold(4, fpr)).mean()
+        print(f"    calibrated rule, N=4, fresh i.i.d. losses: {rate:.4f} false alarms per client-round "
+              f"(target {fpr})")
+        assert rate < 2 * fpr, rate
+
+
+def test_only_generator_parameters_leave_the_client():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "2", "--clients", "3")
+        run = quiet(fedgan.train, cfg)
+        gs = [c["g"].state_dict() for c in run["clients"]]
+        avg = fedgan.fedavg(gs, [1 / 3] * 3)
+        assert set(avg) == set(run["g"].state_dict())  # the server averages generator keys only
+        for k, v in run["g"].state_dict().items():
+            assert torch.allclose(v, avg[k], atol=1e-6), k
+        d0, d1 = (run["clients"][i]["d"].state_dict() for i in (0, 1))
+        assert any(not torch.equal(d0[k], d1[k]) for k in d0)  # discriminators stay distinct, private
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_feddetect_flags_the_poisoned_client_and_decays_its_weight():
+    # 16 px synthetic chest images, 4 clients, client 2 pastes an 8 px white square; paper rule.
+    for seed in (0, 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = tiny_cfg(Path(tmp) / "r", "--poison", "8", "--malicious-ids", "2", "--defense", "feddetect",
+                           "--rounds", "16", "--warmup", "6", "--local-steps", "8", "--seed", str(seed))
+            s = quiet(fedgan.train, cfg)["summary"]
+        flags, w = s["flags_per_client"], s["final_weights"]
+        print(f"    seed {seed}: flags per client {flags}, final weights {np.round(w, 3).tolist()}")
+        benign = max(flags[i] for i in (0, 1, 3))
+        assert flags[2] >= 2 * benign and flags[2] >= benign + 3, flags
+        assert np.argmin(w) == 2 and w[2] < 0.05, w
+
+
+def test_resume_matches_an_uninterrupted_run():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--rounds", "4", "--local-steps", "2", "--poison", "4", "--defense", "feddetect", "--warmup", "1"]
+        full = quiet(fedgan.train, tiny_cfg(Path(tmp) / "full", *args))
+        quiet(fedgan.train, tiny_cfg(Path(tmp) / "part", *args), stop_after=2)
+        resumed = quiet(fedgan.train, fedgan.resume_config(Path(tmp) / "part"))
+        for k, v in full["g"].state_dict().items():
+            assert torch.equal(v, resumed["g"].state_dict()[k]), k
+        strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "seconds"}  # noqa: E731
+                           for ln in (p / "metrics.jsonl").read_text().splitlines()]
+        assert strip(Path(tmp) / "full") == strip(Path(tmp) / "part")
+        assert len(strip(Path(tmp) / "part")) == 4
+
+
+def test_outputs_explain_themselves():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r"
+        quiet(fedgan.train, tiny_cfg(out, "--rounds", "2", "--local-steps", "1", "--sample-every", "1"))
+        for f in ("config.json", "metrics.jsonl", "summary.json", "generator.pt", "checkpoint.pt",
+                  "samples/round_0001.png", "samples/round_0002.png"):
+            assert (out / f).exists(), f
+        rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        for k in ("round", "d_loss", "g_loss", "flagged", "counts", "weights", "malicious", "seconds"):
+            assert k in rec, k
+        assert len(rec["g_loss"]) == 4 and len(rec["weights"]) == 4
+        from PIL import Image
+        assert Image.open(out / "samples/round_0002.png").size == (8 * 16, 2 * 16)  # one row per class
+
+
+def test_pneumoniamnist_trains_a_few_rounds():
+    if not PNEUMONIAMNIST.exists():
+        raise Skip(f"{PNEUMONIAMNIST} not present")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = fedgan.parse_args(["--dataset", "chestx", "--data-root", str(PNEUMONIAMNIST), "--img-size", "32",
+                                 "--width", "16", "--rounds", "3", "--local-steps", "3", "--poison", "8",
+                                 "--defense", "feddetect", "--warmup", "1", "--out", str(Path(tmp) / "r")])
+        run = quiet(fedgan.train, cfg)
+        x, y = run["data"]["train"]
+        assert x.shape == (2428, 1, 32, 32) and y.bincount().tolist() == [1214, 1214]
+        assert run["data"]["test"][0].shape[0] == 468
+        assert np.isfinite(np.array(run["history"])).all() and len(run["history"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_images(folder, n, size=20, mode="L"):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new(mode, (size, size), color=(i * 9) % 255 if mode == "L" else (i, 2 * i, 3 * i)).save(
+            folder / f"img{i}.png")
+
+
+def test_folder_layouts_kermany_and_flat_and_npz():
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "kermany"
+        for split, n in (("train", 6), ("test", 2)):
+            for cls in ("NORMAL", "PNEUMONIA"):
+                _write_images(root / split / cls, n)
+        cfg = fedgan.finalize(fedgan.Config(dataset="chestx", data_root=str(root), img_size=16, out="x"))
+        d = fedgan.load_data(cfg)
+        assert d["classes"] == ["NORMAL", "PNEUMONIA"] and d["train"][0].shape == (12, 1, 16, 16)
+        assert d["test"][0].shape == (4, 1, 16, 16)
+        flat = Path(tmp) / "isic"
+        for cls, n in (("malignant", 10), ("benign", 20)):
+            _write_images(flat / cls, n, mode="RGB")
+        cfg = fedgan.finalize(fedgan.Config(dataset="isic", data_root=str(flat), img_size=16, out="x"))
+        d = fedgan.load_data(cfg)
+        assert d["classes"] == ["benign", "malignant"] and d["train"][0].shape[1] == 3
+        assert len(d["test"][1]) == 3 and len(d["train"][1]) == 27  # 10% per class held out
+        npz = Path(tmp) / "m.npz"
+        np.savez(npz, train_images=np.zeros((10, 28, 28), np.uint8), train_labels=np.arange(10)[:, None] % 2,
+                 test_images=np.zeros((4, 28, 28), np.uint8), test_labels=np.arange(4) % 2)
+        cfg = fedgan.finalize(fedgan.Config(dataset="chestx", data_root=str(npz), img_size=32, out="x"))
+        d = fedgan.load_data(cfg)
+        assert d["train"][0].shape == (10, 1, 32, 32) and d["test"][0].shape == (4, 1, 32, 32)
+
+
+def test_client_shards_are_equal_disjoint_and_seeded():
+    shards = fedgan.split_clients(103, 4, seed=0)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 103
+    assert len(torch.cat(shards).unique()) == 103
+    assert all(torch.equal(a, b) for a, b in zip(shards, fedgan.split_clients(103, 4, seed=0)))
+
+
+def test_flip_and_rotate_baselines_move_the_trigger():
+    x = torch.zeros(64, 1, 16, 16)
+    x[..., 12:15, 12:15] = 1.0  # a bottom-right patch
+    torch.manual_seed(0)
+    f = fedgan.augment(x, "flip")
+    flipped = (f[..., 12:15, 1:4].sum((1, 2, 3)) > 0)
+    assert 16 < flipped.sum() < 48  # about half the batch flipped to the bottom-left
+    r = fedgan.augment(x, "rotate")
+    assert r.shape == x.shape and (r[..., 12:15, 12:15].mean((1, 2, 3)) < 0.9).sum() > 32
+
+
+def test_synthetic_classes_differ_visibly():
+    for ch in (1, 3):
+        x, y = fedgan.synthetic_images(64, 32, ch, seed=0)
+        m0, m1 = x[y == 0].float().mean(0), x[y == 1].float().mean(0)
+        assert x.shape == (128, ch, 32, 32) and (m0 - m1).abs().mean() > 5, (m0 - m1).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear line, exit 2, no traceback, nothing written destroyed
+# ---------------------------------------------------------------------------------------------
+
+
+def _fails_cleanly(argv, must_mention):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            fedgan.main(argv)
+        except SystemExit as e:
+            code = e.code
+        else:
+            code = 0
+    text = err.getvalue().strip()
+    assert code == 2, (argv, code, text)
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert must_mention.lower() in text.lower(), (must_mention, text)
+
+
+def test_bad_inputs_fail_with_one_clear_line():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = ["--out", str(tmp / "o")]
+        _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "nope")] + out, "does not exist")
+        (tmp / "empty").mkdir()
+        _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "empty")] + out, "class folder")
+        _write_images(tmp / "one" / "NORMAL", 3)
+        _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "one")] + out, "at least 2")
+        _write_images(tmp / "bad" / "NORMAL", 3)
+        _write_images(tmp / "bad" / "PNEUMONIA", 3)
+        (tmp / "bad" / "PNEUMONIA" / "broken.png").write_bytes(b"not a png")
+        _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "bad"), "--img-size", "16"] + out,
+                       "broken.png")
+        (tmp / "x.npz").write_bytes(b"junk")
+        _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "x.npz")] + out, ".npz")
+        _fails_cleanly(["--img-size", "32", "--poison", "40"] + out, "does not fit")
+        _fails_cleanly(["--poison", "4", "--malicious", "2"] + out, "minority")
+        _fails_cleanly(["--defense", "magic"] + out, "invalid choice")
+        _fails_cleanly(["--img-size", "48"] + out, "power of two")
+        _fails_cleanly(["--resume", str(tmp / "empty")], "no checkpoint")
+        keep = tmp / "o" / "precious.txt"
+        keep.parent.mkdir()
+        keep.write_text("mine")
+        _fails_cleanly(out, "already holds files")
+        assert keep.read_text() == "mine"
+        assert not (tmp / "o" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_lpips(seed=0):
+    import eval as ev
+    torch.manual_seed(seed)
+    feats = ev.alexnet_features(None)  # random AlexNet: the formula's properties hold for any weights
+    lin = [torch.rand(c) for c in (64, 192, 384, 256, 256)]
+    return ev, feats, lin
+
+
+def test_lpips_is_zero_on_itself_symmetric_and_grows_with_noise():
+    ev, feats, lin = _random_lpips()
+    torch.manual_seed(1)
+    x = torch.rand(4, 1, 64, 64) * 2 - 1
+    y = torch.rand(4, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert ev.lpips(x, x, feats, lin).abs().max() < 1e-6
+        assert torch.allclose(ev.lpips(x, y, feats, lin), ev.lpips(y, x, feats, lin), atol=1e-6)
+        d = [ev.lpips(x, (x + s * torch.randn_like(x)).clamp(-1, 1), feats, lin).mean().item()
+             for s in (0.05, 0.2, 0.8)]
+    assert d[0] < d[1] < d[2], d
+
+
+def test_lpips_equals_a_hand_computation():
+    import eval as ev
+    x0 = torch.tensor([0.5, -0.2, 0.1]).view(1, 3, 1, 1).expand(1, 3, 2, 1).clone()
+    x1 = torch.tensor([0.1, 0.3, -0.4]).view(1, 3, 1, 1).expand(1, 3, 2, 1).clone()
+    x1[0, :, 1, 0] = torch.tensor([0.9, 0.0, 0.2])
+    features = lambda x: [x, 2 * x[:, :2]]  # noqa: E731  a two-layer "network" with known maps
+    lin = [torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, 0.7])]
+    shift, scale = np.array([-0.030, -0.088, -0.188]), np.array([0.458, 0.448, 0.450])
+    want = 0.0
+    for layer, w in ((lambda v: v, [1.0, 2.0, 0.5]), (lambda v: 2 * v[:2], [0.3, 0.7])):
+        per_pos = []
+        for pos in range(2):
+            a = layer((x0[0, :, pos, 0].numpy() - shift) / scale)
+            b = layer((x1[0, :, pos, 0].numpy() - shift) / scale)
+            a, b = a / (np.linalg.norm(a) + 1e-10), b / (np.linalg.norm(b) + 1e-10)
+            per_pos.append(float(np.sum(np.array(w) * (a - b) ** 2)))
+        want += np.mean(per_pos)
+    got = ev.lpips(x0, x1, features, lin).item()
+    assert abs(got - want) < 1e-5, (got, want)
+
+
+def test_lpips_weight_loader_rejects_wrong_hash_and_names_missing_files():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            ev.lpips_weights(tmp)
+        except ev.EvalError as e:
+            assert ev.ALEXNET_FILE in str(e) and "download.pytorch.org" in str(e), e
+        else:
+            raise AssertionError("missing weights accepted")
+        torch.save({"x": torch.zeros(1)}, Path(tmp) / ev.ALEXNET_FILE)
+        torch.save({"x": torch.zeros(1)}, Path(tmp) / ev.LPIPS_FILE)
+        try:
+            ev.lpips_weights(tmp)
+        except ev.EvalError as e:
+            assert "SHA-256" in str(e), e
+        else:
+            raise AssertionError("wrong hash accepted")
+    real = HERE.parent / "shared" / "weights" / "lpips" / "alex.pth"
+    if real.exists():  # the shipped linear weights pass the full SHA-256 check
+        ev.check_sha256(real, ev.LPIPS_SHA256)
+
+
+def test_eval_end_to_end_writes_results_and_chart():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "vanilla"
+        quiet(fedgan.train, tiny_cfg(run, "--rounds", "2", "--local-steps", "2"))
+        out = Path(tmp) / "ev"
+        quiet(ev.main, [str(run), "--out", str(out), "--metrics", "fid,utility", "--n-real", "2,8", "--seeds", "2",
+                        "--n-synth", "16", "--epochs", "2", "--fid-epochs", "1", "--classifier", "small"])
+        res = json.loads((out / "results.json").read_text())
+        u = res["utility"]
+        assert list(u["curves"]) == ["real only", "+ vanilla"] and len(u["curves"]["real only"]["mean"]) == 2
+        assert all(0 <= m <= 1 for c in u["curves"].values() for m in c["mean"])
+        assert set(res["runs"]["vanilla"]["fid"]) == {"0", "1", "overall"}
+        md = (out / "results.md").read_text()
+        assert "Domain FID" in md and "| 8 |" in md
+        svg = (out / "utility.svg").read_text()
+        assert svg.startswith("<svg") and svg.count("<polyline") == 2 and svg.count("<polygon") == 2
+
+
+def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--rounds", "6", "--local-steps", "8")
+        run = quiet(fedgan.train, cfg)
+    x, y = run["data"]["train"]
+    net = ev.train_classifier(x, y, 2, "small", 30, 0, torch.device("cpu"))  # features need a trained net
+    assert ev.accuracy(net, *run["data"]["test"], torch.device("cpu")) > 0.9
+
+    class Noise(torch.nn.Module):
+        z_dim = 64
+
+        def forward(self, z, y):
+            return torch.rand(len(z), 1, 16, 16) * 2 - 1
+
+    # scored against the 128 training images: more reals, a steadier covariance than the 32 test ones
+    trained = ev.domain_fid(net, run["g"].eval(), x, y, 2, 128, 0, torch.device("cpu"))["overall"]
+    noise = ev.domain_fid(net, Noise(), x, y, 2, 128, 0, torch.device("cpu"))["overall"]
+    print(f"    domain FID: trained 6 rounds {trained:.2f}, uniform noise {noise:.2f}")
+    assert noise > 1.5 * trained, (noise, trained)
+
+
+def test_frechet_distance_of_identical_gaussians_is_near_zero():
+    import eval as ev
+    a = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
+    assert ev.frechet_distance(a, b) < 0.02
+    assert abs(ev.frechet_distance(a, b + torch.tensor([2.0, 0, 0])) - 4.0) < 0.2  # |mu diff|^2
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark and CUDA
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_prints_its_figures_as_json():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fedgan.main(["--bench", "--img-size", "16", "--width", "8", "--batch", "8", "--bench-steps", "1"])
+    res = json.loads(out.getvalue().strip().splitlines()[-1])
+    for k in ("img_per_s", "server_ms", "detect_ms", "peak_rss_mb", "gflops", "matmul_gflops", "ratio"):
+        assert k in res and res[k] > 0, k
+
+
+def test_cuda_amp_trains_without_nan():
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--device", "cuda", "--rounds", "3", "--local-steps", "3")
+        run = quiet(fedgan.train, cfg)
+        assert np.isfinite(np.array(run["history"])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
+    passed = failed = skipped = 0
+    t_all = time.time()
+    for name, fn in tests:
+        t = time.time()
+        try:
+            fn()
+        except Skip as e:
+            skipped += 1
+            print(f"SKIP {name}: {e}")
+            continue
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} ({time.time() - t:.1f}s)")
+            traceback.print_exc()
+            continue
+        passed += 1
+        print(f"ok   {name} ({time.time() - t:.1f}s)", flush=True)
+    print(f"({time.time() - t_all:.0f}s)")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
