@@ -435,11 +435,11 @@ class StyledConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c_out))
         self.up = up
 
-    def forward(self, x, w):
+    def forward(self, x, w, rng=None):
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = modulated_conv2d(x, self.weight * self.scale, self.affine(w))
-        noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype, generator=rng)
         x = x + self.noise_strength.to(x.dtype) * noise + self.bias.to(x.dtype)[None, :, None, None]
         return F.leaky_relu(x, 0.2) * math.sqrt(2)
 
@@ -502,12 +502,13 @@ class Generator(nn.Module):
         e = self.embed(F.one_hot(y, self.n_classes).to(z.dtype))
         return self.mapping(torch.cat([normalize(z), normalize(e)], 1))            # (B, w_dim)
 
-    def forward(self, z, y):
+    def forward(self, z, y, rng=None):
+        """z (B, z_dim), y (B,) class ids; rng: a torch.Generator for the noise inputs (None: global RNG)."""
         w = self.map(z, y)
-        x = self.conv4(self.const.expand(len(z), -1, -1, -1).to(z.dtype), w)     # (B, C4, 4, 4)
+        x = self.conv4(self.const.expand(len(z), -1, -1, -1).to(z.dtype), w, rng)  # (B, C4, 4, 4)
         rgb = self.rgb4(x, w)
         for b in self.blocks:
-            x = b["conv1"](b["conv0"](x, w), w)                                   # (B, Cr, r, r)
+            x = b["conv1"](b["conv0"](x, w, rng), w, rng)                           # (B, Cr, r, r)
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + b["rgb"](x, w)
         return rgb                                                                 # (B, channels, S, S)
 
@@ -559,14 +560,14 @@ def to_unit(x_uint8):
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
-def augment(x, kind):
+def augment(x, kind, rng=None):
     """The data-level baselines, applied to a client's real batch: random horizontal flip, or a random
     rotation in (-90, 90) degrees (affine grid, so the batch stays one tensor op)."""
     if kind == "flip":
-        flip = torch.rand(len(x), device=x.device) < 0.5
+        flip = torch.rand(len(x), device=x.device, generator=rng) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
     if kind == "rotate":
-        a = (torch.rand(len(x), device=x.device) * 2 - 1) * (math.pi / 2)
+        a = (torch.rand(len(x), device=x.device, generator=rng) * 2 - 1) * (math.pi / 2)
         cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -574,15 +575,25 @@ def augment(x, kind):
     return x
 
 
-def make_client(cfg, g_global, n_classes, x, y, device):
-    """A client's private state: its data shard (uint8, on the device), its discriminator and both
-    optimizers. Its generator copy is overwritten by the global one at the start of every round."""
-    _, d = build_models(cfg, n_classes)
+def client_seed(seed, client_id):
+    """Each client's own seed: its discriminator's init and its random stream depend on nothing else,
+    so a client draws the same numbers whichever process or order runs it."""
+    return seed * 1_000_003 + 7919 * (client_id + 1)
+
+
+def make_client(cfg, g_global, n_classes, x, y, device, client_id=0):
+    """A client's private state: its data shard (uint8, on the device), its discriminator, both
+    optimizers and its random stream (batches, latents, noise, augmentation). Its generator copy is
+    overwritten by the global one at the start of every round."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(client_seed(cfg.seed, client_id))
+        _, d = build_models(cfg, n_classes)
     g = copy.deepcopy(g_global)
     g.to(device), d.to(device)
     betas = (0.5, 0.999)
     amp_dtype = amp_dtype_for(cfg, device)
-    return dict(x=x.to(device), y=y.to(device), g=g, d=d,
+    rng = torch.Generator(device=device).manual_seed(client_seed(cfg.seed, client_id))
+    return dict(x=x.to(device), y=y.to(device), g=g, d=d, rng=rng,
                 opt_g=torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=betas),
                 opt_d=torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=betas),
                 scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
@@ -604,21 +615,22 @@ def local_train(client, g_state, cfg, device, steps):
     amp_dtype = amp_dtype_for(cfg, device)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n, bs = len(x_all), min(cfg.batch, len(x_all))
-    perm, pos = torch.randperm(n, device=device), 0
+    rng = client["rng"]
+    perm, pos = torch.randperm(n, device=device, generator=rng), 0
     d_sum = torch.zeros((), device=device)
     g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
     for step in range(steps):
         if pos + bs > n:  # a new local epoch: reshuffle
-            perm, pos = torch.randperm(n, device=device), 0
+            perm, pos = torch.randperm(n, device=device, generator=rng), 0
         idx, pos = perm[pos:pos + bs], pos + bs
-        real = augment(to_unit(x_all[idx]), cfg.defense)
+        real = augment(to_unit(x_all[idx]), cfg.defense, rng)
         labels = y_all[idx]
-        z = torch.randn(bs, g.z_dim, device=device)
+        z = torch.randn(bs, g.z_dim, device=device, generator=rng)
 
         # D step: real up, fake down (eq. 4, non-saturating BCE form)
         with autocast():
             with torch.no_grad():
-                fake = g(z, labels)
+                fake = g(z, labels, rng)
             d_loss = F.softplus(-d(real, labels)).mean() + F.softplus(d(fake.detach(), labels)).mean()
         client["opt_d"].zero_grad(set_to_none=True)
         client["scaler"].scale(d_loss).backward()
@@ -626,7 +638,7 @@ def local_train(client, g_state, cfg, device, steps):
 
         # G step against the freshly updated D (eq. 5, non-saturating)
         with autocast():
-            g_loss = F.softplus(-d(g(z, labels), labels)).mean()
+            g_loss = F.softplus(-d(g(z, labels, rng), labels)).mean()
         client["opt_g"].zero_grad(set_to_none=True)
         client["scaler"].scale(g_loss).backward()
         client["scaler"].step(client["opt_g"])
@@ -819,7 +831,7 @@ def setup_run(cfg):
         xi = x[idx]
         if trig is not None and i in bad:  # the attack: every training image of a malicious client
             xi = apply_trigger(xi, trig, trigger_margin(cfg.img_size))
-        clients.append(make_client(cfg, g_global, n_classes, xi, y[idx], device))
+        clients.append(make_client(cfg, g_global, n_classes, xi, y[idx], device, client_id=i))
     return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
                 g=g_global, n_classes=n_classes)
 
@@ -837,6 +849,7 @@ def train(cfg, stop_after=None):
         for c, s in zip(clients, ck["clients"]):
             for k in ("d", "opt_d", "opt_g", "scaler"):
                 c[k].load_state_dict(s[k])
+            c["rng"].set_state(s["rng"])
         counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
         set_rng_state(ck["rng"])
         keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["round"] < start]
@@ -879,8 +892,8 @@ def train(cfg, stop_after=None):
         if (t + 1) % cfg.ckpt_every == 0 or last or (stop_after is not None and t + 1 == stop_after):
             atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
                              history=history, rng=rng_state(), config=dataclasses.asdict(cfg),
-                             clients=[{k: c[k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")}
-                                      for c in clients]), out / "checkpoint.pt")
+                             clients=[{**{k: c[k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")},
+                                       "rng": c["rng"].get_state()} for c in clients]), out / "checkpoint.pt")
         if stop_after is not None and t + 1 == stop_after:
             return run | dict(counts=counts, weights=weights, history=history)
     if cfg.defense == "reconstruct" and start < cfg.rounds:
@@ -900,7 +913,7 @@ def reconstruct(g, run, cfg, device):
     idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=gen)]
                      [:cfg.reconstruct_per_class] for c in range(run["n_classes"])])
     fix = dataclasses.replace(cfg, defense="none")  # the benign set gets no augmentation
-    server = make_client(fix, g, run["n_classes"], x[idx], y[idx], device)
+    server = make_client(fix, g, run["n_classes"], x[idx], y[idx], device, client_id=-1)
     steps = cfg.reconstruct_epochs * steps_per_round(dataclasses.replace(cfg, local_steps=0), len(idx))
     print(f"reconstruct: fine-tuning the server generator on {len(idx)} benign images for {steps} steps")
     _, gl = local_train(server, g.state_dict(), fix, device, steps)
