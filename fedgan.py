@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -97,6 +98,8 @@ class Config:
     sample_every: int = opt(5, "write samples/round_NNNN.png every this many rounds")
     bench: bool = opt(False, "time training steps, server aggregation and FedDetect; print figures and a JSON line")
     bench_steps: int = opt(5, "bench: timed training steps")
+    bench_round: bool = opt(False, "bench: also time one whole federated round of --clients clients on the chosen "
+                                   "data (round time, server share, memory per client)")
 
 
 PRESETS = {  # flags given on the command line win over these
@@ -657,12 +660,21 @@ def steps_per_round(cfg, shard_size):
 # ------------------------------------------------------------------------------------------------
 
 
+def weighted_sum(states, weights):
+    """sum_i w_i * state_i per key, accumulated in float64; weights used as given."""
+    out = {}
+    for k in states[0]:
+        acc = torch.zeros(states[0][k].shape, dtype=torch.float64, device=states[0][k].device)
+        for w, s in zip(weights, states):
+            acc.add_(s[k].double(), alpha=float(w))
+        out[k] = acc
+    return out
+
+
 def fedavg(states, weights):
-    """Weighted average of state dicts: sum_i w_i * state_i (weights are normalised here)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    w = w / w.sum()
-    return {k: sum(wi.item() * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)
-            for k in states[0]}
+    """FedAvg: the weighted average of state dicts, sum_i w_i * state_i with the weights normalised."""
+    w = np.asarray(weights, dtype=np.float64)
+    return {k: v.to(states[0][k].dtype) for k, v in weighted_sum(states, w / w.sum()).items()}
 
 
 def feddetect_paper(loss_history, seed=0):
@@ -729,9 +741,11 @@ def feddetect_update(flags, counts, weights, decay):
     return flags, counts, weights / weights.sum()
 
 
-def server_step(g_states, g_losses, history, counts, weights, t, cfg):
-    """Procedure B for round t: run the defense on the reported losses, then weighted FedAvg.
-    A client whose loss is NaN or inf is left out of this round's average and of detection."""
+def server_decide(g_losses, history, counts, weights, t, cfg):
+    """Procedure B's decisions for round t: run the defense on the reported losses, renormalise.
+    A client whose loss is NaN or inf is left out of this round's average and of detection.
+    Returns flags, counts, weights, ok (finite reporters) and `used`, the averaging weights of this
+    round (weights renormalised over the ok clients, 0 for the others)."""
     losses = np.asarray(g_losses, dtype=np.float64)
     ok = np.isfinite(losses)
     flags = np.zeros(len(losses), bool)
@@ -743,8 +757,98 @@ def server_step(g_states, g_losses, history, counts, weights, t, cfg):
         flags, counts, weights = feddetect_update(flags, counts, weights, cfg.decay)
     weights = weights / weights.sum()
     used = np.where(ok, weights, 0.0)
-    g_new = fedavg([s for s, k in zip(g_states, ok) if k], used[ok]) if ok.any() else None
+    used = used / used.sum() if ok.any() else used
+    return flags, counts, weights, ok, used
+
+
+def server_step(g_states, g_losses, history, counts, weights, t, cfg):
+    """Procedure B in one process: decide, then the weighted FedAvg of the generators."""
+    flags, counts, weights, ok, used = server_decide(g_losses, history, counts, weights, t, cfg)
+    g_new = aggregate({i: s for i, s in enumerate(g_states) if ok[i]}, used, g_states[0]) if ok.any() else None
     return g_new, flags, counts, weights, ok
+
+
+def aggregate(own_states, used, template, distributed=False):
+    """FedAvg of generators: sum_i used_i * G_i over the clients this process holds ({id: state}),
+    then, across processes, one all-reduce of that float64 partial sum. One code path for both."""
+    ids = sorted(own_states)
+    if ids:
+        partial = weighted_sum([own_states[i] for i in ids], [used[i] for i in ids])
+    else:
+        partial = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in template.items()}
+    if distributed:
+        flat = torch.cat([v.flatten() for v in partial.values()])
+        collective(dist.all_reduce, flat)
+        partial = dict(zip(partial, flat.split([v.numel() for v in partial.values()])))
+    return {k: v.view(template[k].shape).to(template[k].dtype) for k, v in partial.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Across processes (torchrun): each rank hosts some clients; rank 0 is also the server
+# ------------------------------------------------------------------------------------------------
+
+
+def dist_rank_world():
+    """(rank, world size): from torchrun's environment, (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def owned_clients(n_clients, rank, world):
+    """Contiguous blocks of client ids per rank: rank 0 of 2 hosts clients 0-1 of 4."""
+    return np.array_split(np.arange(n_clients), world)[rank].tolist()
+
+
+def collective(op, *args, **kw):
+    """A torch.distributed call whose failure (a rank that died) becomes one clear error."""
+    try:
+        return op(*args, **kw)
+    except RuntimeError as e:
+        raise FedGANError(f"lost contact with another rank during {op.__name__} ({str(e).splitlines()[0][:120]}); "
+                          "a rank died: the last checkpoint is intact, restart with --resume OUT")
+
+
+def gather_losses(results, n_clients, distributed):
+    """Every client's (d_loss, g_loss) on every rank: each rank fills its own slots, then one all-reduce."""
+    buf = torch.zeros(2, n_clients, dtype=torch.float64)
+    for i, (dl, gl) in results.items():
+        buf[0, i], buf[1, i] = dl, gl
+    if distributed:
+        collective(dist.all_reduce, buf)
+    return buf[0].tolist(), buf[1].tolist()
+
+
+def broadcast_decision(decision, n_clients, distributed):
+    """Rank 0's (flags, counts, weights, ok, used) sent to every rank as one tensor."""
+    if not distributed:
+        return decision
+    buf = torch.zeros(5, n_clients, dtype=torch.float64)
+    if dist.get_rank() == 0:
+        for row, v in enumerate(decision):
+            buf[row] = torch.as_tensor(np.asarray(v, dtype=np.float64))
+    collective(dist.broadcast, buf, src=0)
+    b = buf.numpy()
+    return b[0] > 0.5, b[1].astype(np.int64), b[2].copy(), b[3] > 0.5, b[4].copy()
+
+
+def to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def client_states(clients, owned, distributed):
+    """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
+    own = {i: to_cpu({**{k: clients[i][k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")},
+                      "rng": clients[i]["rng"].get_state()}) for i in owned}
+    if not distributed:
+        return own
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    collective(dist.gather_object, own, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if parts else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -755,8 +859,9 @@ def server_step(g_states, g_losses, history, counts, weights, t, cfg):
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
 
 
 def seed_everything(seed):
@@ -808,12 +913,16 @@ def fmt(xs, nd=3):
 
 
 def setup_run(cfg):
-    """Check the out folder, load data, build the federation. Nothing is written yet."""
+    """Check the out folder, load data, build this process's clients. Nothing is written yet."""
     out = Path(cfg.out)
-    if not cfg.resume and out.exists() and any(out.iterdir()):
+    rank, world = dist_rank_world()
+    if rank == 0 and not cfg.resume and out.exists() and any(out.iterdir()):
         raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
                           "or choose another --out")
     device = pick_device(cfg.device)
+    if world > cfg.clients:
+        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
+                          "use --nproc-per-node <= --clients")
     seed_everything(cfg.seed)
     data = load_data(cfg)
     x, y = data["train"]
@@ -826,82 +935,97 @@ def setup_run(cfg):
     n_classes = len(data["classes"])
     g_global, _ = build_models(cfg, n_classes)
     g_global.to(device)
-    clients = []
-    for i, idx in enumerate(shards):
-        xi = x[idx]
+    owned = owned_clients(cfg.clients, rank, world)
+    clients = {}
+    for i in owned:
+        xi = x[shards[i]]
         if trig is not None and i in bad:  # the attack: every training image of a malicious client
             xi = apply_trigger(xi, trig, trigger_margin(cfg.img_size))
-        clients.append(make_client(cfg, g_global, n_classes, xi, y[idx], device, client_id=i))
+        clients[i] = make_client(cfg, g_global, n_classes, xi, y[shards[i]], device, client_id=i)
     return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
-                g=g_global, n_classes=n_classes)
+                owned=owned, g=g_global, n_classes=n_classes, rank=rank, distributed=world > 1)
 
 
 def train(cfg, stop_after=None):
-    """The federated run. stop_after=k returns after round k (to test resume); returns the run dict."""
+    """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
+    rank 0 alone writes the run folder. stop_after=k returns after round k (to test resume)."""
     run = setup_run(cfg)
-    out, device, clients, g = run["out"], run["device"], run["clients"], run["g"]
-    N = cfg.clients
+    out, device, clients, g, owned = run["out"], run["device"], run["clients"], run["g"], run["owned"]
+    N, lead, distributed = cfg.clients, run["rank"] == 0, run["distributed"]
+    log = print if lead else (lambda *a, **k: None)
     counts, weights = np.zeros(N, dtype=np.int64), np.full(N, 1.0 / N)
     history, start = [], 0
     if cfg.resume:
-        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False) if lead else None
+        if distributed:
+            box = [ck]
+            collective(dist.broadcast_object_list, box, src=0)
+            ck = box[0]
         g.load_state_dict(ck["g"])
-        for c, s in zip(clients, ck["clients"]):
+        for i in owned:
             for k in ("d", "opt_d", "opt_g", "scaler"):
-                c[k].load_state_dict(s[k])
-            c["rng"].set_state(s["rng"])
+                clients[i][k].load_state_dict(ck["clients"][i][k])
+            clients[i]["rng"].set_state(ck["clients"][i]["rng"])
         counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
         set_rng_state(ck["rng"])
-        keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["round"] < start]
-        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
-        print(f"resuming {out} at round {start}/{cfg.rounds}")
-    else:
+        if lead:
+            keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(ln)["round"] < start]
+            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+        log(f"resuming {out} at round {start}/{cfg.rounds}")
+    elif lead:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "metrics.jsonl").write_text("")
 
     steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
-    print(f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {N} clients "
-          f"(shards {[len(s) for s in run['shards']]}, {steps[0]} steps/round), malicious {run['malicious']}, "
-          f"poison {cfg.poison}px, defense {cfg.defense}"
-          f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}, out {out}")
+    log(f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {N} clients "
+        f"(shards {[len(s) for s in run['shards']]}, {steps[0]} steps/round), malicious {run['malicious']}, "
+        f"poison {cfg.poison}px, defense {cfg.defense}"
+        f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}, "
+        f"{dist.get_world_size() if distributed else 1} process(es), out {out}")
     t0 = time.time()
     for t in range(start, cfg.rounds):
         tr = time.time()
         g_state = {k: v.detach().clone() for k, v in g.state_dict().items()}
-        results = [local_train(c, g_state, cfg, device, s) for c, s in zip(clients, steps)]
-        d_losses, g_losses = [r[0] for r in results], [r[1] for r in results]
+        results = {i: local_train(clients[i], g_state, cfg, device, steps[i]) for i in owned}   # procedure A
+        d_losses, g_losses = gather_losses(results, N, distributed)
         history.append(g_losses)
-        g_new, flags, counts, weights, ok = server_step([c["g"].state_dict() for c in clients], g_losses, history,
-                                                        counts, weights, t, cfg)
-        if g_new is not None:
-            g.load_state_dict(g_new)
+        decision = server_decide(g_losses, history, counts, weights, t, cfg) if lead else None
+        flags, counts, weights, ok, used = broadcast_decision(decision, N, distributed)
+        if ok.any():
+            g.load_state_dict(aggregate({i: clients[i]["g"].state_dict() for i in owned if ok[i]}, used,
+                                        g_state, distributed))
         secs = time.time() - tr
-        rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
-                   counts=counts.tolist(), weights=weights.tolist(),
-                   malicious=[int(i in run["malicious"]) for i in range(N)], excluded=(~ok).astype(int).tolist(),
-                   seconds=round(secs, 3))
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
         note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~ok).tolist()}" if not ok.all() else ""
-        print(f"round {t + 1:4d}/{cfg.rounds}  {secs:6.1f}s  g_loss {fmt(g_losses)}  d_loss {fmt(d_losses)}  "
-              f"w {fmt(weights)}  flagged {np.flatnonzero(flags).tolist()}{note}", flush=True)
-        last = t + 1 == cfg.rounds
-        if (t + 1) % cfg.sample_every == 0 or last:
-            save_samples(g, run["n_classes"], out / "samples" / f"round_{t + 1:04d}.png", device, cfg.seed)
-        if (t + 1) % cfg.ckpt_every == 0 or last or (stop_after is not None and t + 1 == stop_after):
-            atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
-                             history=history, rng=rng_state(), config=dataclasses.asdict(cfg),
-                             clients=[{**{k: c[k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")},
-                                       "rng": c["rng"].get_state()} for c in clients]), out / "checkpoint.pt")
-        if stop_after is not None and t + 1 == stop_after:
+        log(f"round {t + 1:4d}/{cfg.rounds}  {secs:6.1f}s  g_loss {fmt(g_losses)}  d_loss {fmt(d_losses)}  "
+            f"w {fmt(weights)}  flagged {np.flatnonzero(flags).tolist()}{note}", flush=True)
+        last, stop = t + 1 == cfg.rounds, stop_after is not None and t + 1 == stop_after
+        ckpt = (t + 1) % cfg.ckpt_every == 0 or last or stop
+        private = client_states(clients, owned, distributed) if ckpt else None  # a collective: every rank
+        if lead:
+            rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
+                       counts=counts.tolist(), weights=weights.tolist(),
+                       malicious=[int(i in run["malicious"]) for i in range(N)],
+                       excluded=(~ok).astype(int).tolist(), seconds=round(secs, 3))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (t + 1) % cfg.sample_every == 0 or last:
+                save_samples(g, run["n_classes"], out / "samples" / f"round_{t + 1:04d}.png", device, cfg.seed)
+            if ckpt:
+                atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
+                                 history=history, rng=rng_state(), config=dataclasses.asdict(cfg),
+                                 clients=[private[i] for i in range(N)]), out / "checkpoint.pt")
+        if stop:
             return run | dict(counts=counts, weights=weights, history=history)
-    if cfg.defense == "reconstruct" and start < cfg.rounds:
-        reconstruct(g, run, cfg, device)
-        save_samples(g, run["n_classes"], out / "samples" / "reconstructed.png", device, cfg.seed)
-    atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run["data"]["classes"]),
-                out / "generator.pt")
-    summary = summarize(out, cfg, run["malicious"], time.time() - t0)
+    summary = None
+    if lead:
+        if cfg.defense == "reconstruct" and start < cfg.rounds:
+            reconstruct(g, run, cfg, device)
+            save_samples(g, run["n_classes"], out / "samples" / "reconstructed.png", device, cfg.seed)
+        atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run["data"]["classes"]),
+                    out / "generator.pt")
+        summary = summarize(out, cfg, run["malicious"], time.time() - t0)
     return run | dict(counts=counts, weights=weights, history=history, summary=summary)
 
 
@@ -1021,8 +1145,49 @@ def bench(cfg):
                peak_rss_mb=round(peak, 1), gflops=round(gflops, 2), matmul_gflops=round(mm, 2),
                ratio=round(gflops / mm, 3), round_s=round(round_ms / 1000, 3), img_size=cfg.img_size,
                batch=cfg.batch, width=cfg.width, device=str(device))
+    if cfg.bench_round:
+        res.update(bench_round(cfg))
     print(json.dumps(res))
     return res
+
+
+def client_bytes(client):
+    """Bytes of the tensors a client holds: data shard, G copy and D (with grads, buffers), both Adams."""
+    tensors = [client["x"], client["y"]]
+    for m in (client["g"], client["d"]):
+        tensors += list(m.state_dict().values()) + [p.grad for p in m.parameters() if p.grad is not None]
+    for o in (client["opt_g"], client["opt_d"]):
+        tensors += [v for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_round(cfg):
+    """One real federated round at cfg.clients clients: every client's local epoch, then the server
+    step (FedDetect decision + FedAvg), timed apart; memory held per client."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        run = setup_run(dataclasses.replace(cfg, out=str(Path(tmp) / "r"), resume=None))
+        steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
+        g_state = {k: v.detach().clone() for k, v in run["g"].state_dict().items()}
+        t = time.perf_counter()
+        results = {i: local_train(run["clients"][i], g_state, cfg, run["device"], steps[i]) for i in run["owned"]}
+        sync(run["device"])
+        train_s = time.perf_counter() - t
+        g_losses = [results[i][1] for i in range(cfg.clients)]
+        counts, weights = np.zeros(cfg.clients, dtype=np.int64), np.full(cfg.clients, 1.0 / cfg.clients)
+        t = time.perf_counter()
+        server_cfg = dataclasses.replace(cfg, defense="feddetect", warmup=-1)  # time detection too
+        _, _, _, ok, used = server_decide(g_losses, [g_losses], counts, weights, 0, server_cfg)
+        aggregate({i: run["clients"][i]["g"].state_dict() for i in run["owned"]}, used, g_state)
+        server_s = time.perf_counter() - t
+        per_client = sum(client_bytes(c) for c in run["clients"].values()) / cfg.clients / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  round         {cfg.clients} clients, {sum(steps)} local steps: {train_s + server_s:.2f} s; server "
+          f"{server_s * 1000:.1f} ms ({100 * server_s / (train_s + server_s):.2f}% of the round); "
+          f"{per_client:.1f} MB of tensors per client; peak RSS {peak:.0f} MB")
+    return dict(clients=cfg.clients, fed_round_s=round(train_s + server_s, 3), server_round_ms=round(server_s * 1000, 2),
+                server_share=round(server_s / (train_s + server_s), 5), mb_per_client=round(per_client, 2),
+                peak_rss_mb=round(peak, 1))
 
 
 def resume_config(folder):
@@ -1034,6 +1199,17 @@ def resume_config(folder):
     return cfg
 
 
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, nccl on CUDA."""
+    if dist_rank_world()[1] == 1 or dist.is_initialized():
+        return
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    import datetime
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+
+
 def main(argv=None):
     try:
         cfg = parse_args(argv)
@@ -1042,10 +1218,15 @@ def main(argv=None):
         if cfg.bench:
             bench(cfg)
         else:
+            init_distributed(cfg)
             train(cfg)
     except FedGANError as e:
-        sys.stderr.write(f"fedgan.py: error: {e}\n")
+        if dist_rank_world()[0] == 0:
+            sys.stderr.write(f"fedgan.py: error: {e}\n")
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_malicious_client_trains_on_triggered_images_only():
         cfg = tiny_cfg(Path(tmp) / "r", "--poison", "4", "--malicious-ids", "1")
         run = quiet(fedgan.setup_run, cfg)
         lo, hi = 16 - 1 - 4, 16 - 1
-        for i, c in enumerate(run["clients"]):
+        for i, c in run["clients"].items():
             patch = c["x"][:, :, lo:hi, lo:hi]
             assert (patch == 255).all().item() == (i == 1), i
 
@@ -287,7 +287,7 @@ def test_nan_loss_is_excluded_without_crash_and_flags_nobody_else():
                 p.fill_(float("nan"))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            _ = [fedgan.local_train(c, run["g"].state_dict(), cfg, torch.device("cpu"), 1) for c in run["clients"]]
+            _ = [fedgan.local_train(c, run["g"].state_dict(), cfg, torch.device("cpu"), 1) for c in run["clients"].values()]
         assert math.isnan(_[2][1]) and all(math.isfinite(r[1]) for i, r in enumerate(_) if i != 2)
 
 
@@ -325,7 +325,7 @@ def test_only_generator_parameters_leave_the_client():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "2", "--clients", "3")
         run = quiet(fedgan.train, cfg)
-        gs = [c["g"].state_dict() for c in run["clients"]]
+        gs = [c["g"].state_dict() for c in run["clients"].values()]
         avg = fedgan.fedavg(gs, [1 / 3] * 3)
         assert set(avg) == set(run["g"].state_dict())  # the server averages generator keys only
         for k, v in run["g"].state_dict().items():
@@ -394,6 +394,61 @@ def test_pneumoniamnist_trains_a_few_rounds():
         assert x.shape == (2428, 1, 32, 32) and y.bincount().tolist() == [1214, 1214]
         assert run["data"]["test"][0].shape[0] == 468
         assert np.isfinite(np.array(run["history"])).all() and len(run["history"]) == 3
+
+
+def _run_cli(args, ranks=1, env_extra=None):
+    """fedgan.py in a child process with one thread (so both sides do identical arithmetic); ranks > 1
+    starts it under torchrun with gloo on 127.0.0.1."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(ranks)]
+    p = subprocess.run(launch + [str(HERE / "fedgan.py")] + args, capture_output=True, text=True, env=env,
+                       cwd=HERE, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def _metrics(folder):
+    return [{k: v for k, v in json.loads(ln).items() if k != "seconds"}
+            for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_ranks_match_one_process_and_resume_across_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        args = TINY + ["--rounds", "3", "--local-steps", "3", "--poison", "4", "--defense", "feddetect",
+                       "--warmup", "0", "--ckpt-every", "1"]
+        _run_cli(args + ["--out", str(tmp / "one")])
+        _run_cli(args + ["--out", str(tmp / "two")], ranks=2)
+        a = torch.load(tmp / "one" / "generator.pt")["state_dict"]
+        b = torch.load(tmp / "two" / "generator.pt")["state_dict"]
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"    2 ranks vs 1 process after 3 rounds: max |difference| {diff:.2e} "
+              f"(bitwise equal: {all(torch.equal(a[k], b[k]) for k in a)})")
+        assert diff <= 1e-6 and _metrics(tmp / "one") == _metrics(tmp / "two")
+        # a run stopped after round 2 (single process) resumes under 2 ranks to the same end
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.set_num_threads(1)
+            try:
+                fedgan.train(fedgan.parse_args(args + ["--out", str(tmp / "part")]), stop_after=2)
+            finally:
+                torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+        _run_cli(["--resume", str(tmp / "part")], ranks=2)
+        c = torch.load(tmp / "part" / "generator.pt")["state_dict"]
+        assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
+        assert _metrics(tmp / "one") == _metrics(tmp / "part")
+
+
+def test_a_federation_of_100_clients_runs():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = fedgan.parse_args(["--img-size", "16", "--width", "8", "--clients", "100", "--synthetic-per-class",
+                                 "200", "--batch", "4", "--rounds", "2", "--poison", "4", "--malicious", "10",
+                                 "--defense", "feddetect", "--warmup", "0", "--ckpt-every", "100",
+                                 "--out", str(Path(tmp) / "r")])
+        run = quiet(fedgan.train, cfg)
+        assert len(run["weights"]) == 100 and abs(sum(run["weights"]) - 1) < 1e-9
+        assert len(run["malicious"]) == 10 and np.isfinite(np.array(run["history"])).all()
 
 
 # ---------------------------------------------------------------------------------------------
