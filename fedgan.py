@@ -1053,16 +1053,26 @@ def summarize(out, cfg, bad, seconds):
     mal = np.array(recs[-1]["malicious"], bool)
     s = dict(rounds=len(recs), seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
+    w = np.array(s["final_weights"])
+    s["malicious_final_weight"] = float(w[mal].sum())
+    s["lowest_benign_weight"] = float(w[~mal].min()) if (~mal).any() else None
     if post.any():
         fp = flags[post][:, ~mal]
         s["fpr_after_warmup"] = float(fp.mean()) if fp.size else None
         s["tpr_after_warmup"] = float(flags[post][:, mal].mean()) if mal.any() else None
+        hit = np.flatnonzero(flags[post][:, mal].any(axis=1)) if mal.any() else np.array([])
+        s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None  # counted from the first detection round
+        if len(hit):  # how steadily the attacker stays flagged once found
+            s["tpr_after_first_flag"] = float(flags[post][hit[0]:, mal].mean())
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
           f"final weights {fmt(s['final_weights'])}  malicious {s['malicious']}")
     if "fpr_after_warmup" in s and cfg.defense == "feddetect":
         tpr = "n/a" if s.get("tpr_after_warmup") is None else f"{s['tpr_after_warmup']:.2f}"
-        print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round")
+        first = s.get("rounds_to_first_correct_flag")
+        print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round"
+              + (f"  first correct flag after {first} detection round(s)" if first else "")
+              + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if mal.any() else ""))
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
     return s
 
