@@ -417,6 +417,7 @@ def parse_args(argv):
 
 def evaluate(a):
     device = fedgan.pick_device(a.device)
+    torch.manual_seed(a.seed)  # the generators' noise inputs come from the global stream
     t0 = time.time()
     say = lambda msg: print(f"[eval {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     features = lin = None

@@ -153,6 +153,9 @@ def finalize(cfg):
     ids = malicious_ids(cfg)
     if cfg.poison > 0 and not ids:
         raise FedGANError("--poison > 0 needs at least one malicious client (--malicious K or --malicious-ids)")
+    if ids and cfg.poison == 0:
+        raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels), "
+                          "or drop --malicious/--malicious-ids")
     if len(ids) >= cfg.clients / 2:
         raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
                           f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
@@ -260,8 +263,7 @@ def read_npz(path, size, channels):
 
     train = part("train")
     test = part("test") if "test_images" in keys else None
-    classes = [str(c) for c in range(int(train[1].max()) + 1)]
-    return train, test, classes
+    return train, test, int(train[1].max()) + 1
 
 
 def to_channels(x, channels):
@@ -327,7 +329,9 @@ def load_data(cfg):
         raise FedGANError(f"data root {root} does not exist; pass --data-root to a class-per-folder tree "
                           f"or a .npz file (see README: Data)")
     if root.is_file():
-        train, test, classes = read_npz(root, cfg.img_size, cfg.channels)
+        train, test, n_classes = read_npz(root, cfg.img_size, cfg.channels)
+        known = CLASS_NAMES.get(cfg.dataset, [])  # MedMNIST orders labels as we do (0 normal, 1 pneumonia)
+        classes = known if len(known) == n_classes else [str(c) for c in range(n_classes)]
     else:
         split_root = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
         base = split_root.get("train", root)
@@ -339,8 +343,8 @@ def load_data(cfg):
         test = read_folder(split_root["test"], classes, cfg.img_size, cfg.channels) if "test" in split_root else None
     if len(train[1].unique()) < 2:
         raise FedGANError(f"{root} has images of {len(train[1].unique())} class; at least 2 are needed")
-    if test is None:  # carve a seeded, per-class held-out split
-        train, test = holdout_split(*train, cfg.test_frac, cfg.seed)
+    if test is None:  # carve a per-class held-out split, the same for every run on this data
+        train, test = holdout_split(*train, cfg.test_frac, seed=0)
     return dict(train=train, test=test, classes=classes)
 
 
@@ -899,9 +903,10 @@ def save_samples(g, n_classes, path, device, seed, per_class=8):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(per_class, g.z_dim, generator=gen).repeat(n_classes, 1).to(device)
     y = torch.arange(n_classes).repeat_interleave(per_class).to(device)
+    noise = torch.Generator(device=device).manual_seed(seed)  # fixed noise inputs too
     was_training = g.training
     g.eval()
-    img = ((g(z, y).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (n, C, S, S)
+    img = ((g(z, y, noise).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (n, C, S, S)
     g.train(was_training)
     n, c, s, _ = img.shape
     grid = img.view(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)

@@ -391,6 +391,7 @@ def test_pneumoniamnist_trains_a_few_rounds():
                                  "--defense", "feddetect", "--warmup", "1", "--out", str(Path(tmp) / "r")])
         run = quiet(fedgan.train, cfg)
         x, y = run["data"]["train"]
+        assert run["data"]["classes"] == ["NORMAL", "PNEUMONIA"]
         assert x.shape == (2428, 1, 32, 32) and y.bincount().tolist() == [1214, 1214]
         assert run["data"]["test"][0].shape[0] == 468
         assert np.isfinite(np.array(run["history"])).all() and len(run["history"]) == 3
@@ -553,6 +554,7 @@ def test_bad_inputs_fail_with_one_clear_line():
         _fails_cleanly(["--dataset", "chestx", "--data-root", str(tmp / "x.npz")] + out, ".npz")
         _fails_cleanly(["--img-size", "32", "--poison", "40"] + out, "does not fit")
         _fails_cleanly(["--poison", "4", "--malicious", "2"] + out, "minority")
+        _fails_cleanly(["--malicious", "1"] + out, "without an attack")
         _fails_cleanly(["--defense", "magic"] + out, "invalid choice")
         _fails_cleanly(["--img-size", "48"] + out, "power of two")
         _fails_cleanly(["--resume", str(tmp / "empty")], "no checkpoint")
