@@ -68,8 +68,25 @@ class Config:
     poison: int = opt(0, "trigger size in pixels at the training resolution; 0 = no attack")
     trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color",
                        choices=["auto", "white", "color"])
-    defense: str = opt("none", "none | feddetect | flip | rotate | reconstruct",
-                       choices=["none", "feddetect", "flip", "rotate", "reconstruct"])
+    attack: str = opt("patch", "what malicious clients do to their data: patch (the paper's trigger, bottom-right; "
+                               "needs --poison) | patch-random (trigger at a random place per image) | blend (a fixed "
+                               "noise image mixed in at --blend-alpha) | frequency (a fixed pattern added to the "
+                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted)",
+                      choices=["patch", "patch-random", "blend", "frequency", "label-flip"])
+    blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks")
+    attack_start: int = opt(0, "round from which malicious clients train on poisoned data (clean before it)")
+    adaptive: bool = opt(False, "malicious clients report a loss drawn from the benign clients' range of the round, "
+                                "while still training on poisoned data (an attacker who knows FedDetect)")
+    partition: str = opt("iid", "client shards: iid (random, equal) | dirichlet (class mix ~ Dir(alpha) per client)",
+                         choices=["iid", "dirichlet"])
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small = very non-IID")
+    defense: str = opt("none", "none | feddetect | flip | rotate | reconstruct | median | trimmed-mean | krum | "
+                               "multi-krum | clip (robust aggregators act on the generators each round)",
+                       choices=["none", "feddetect", "flip", "rotate", "reconstruct", "median", "trimmed-mean",
+                                "krum", "multi-krum", "clip"])
+    trim: float = opt(0.1, "trimmed-mean: fraction cut at each end per coordinate")
+    detect_on: str = opt("loss", "FedDetect's signal: loss (the paper) | update-norm (||G_i - G||) | both",
+                         choices=["loss", "update-norm", "both"])
     detect_rule: str = opt("paper", "FedDetect rule: paper (Algorithm 1, isolation forest) | calibrated "
                                     "(robust z-score + CUSUM, false alarms held to --detect-fpr)",
                            choices=["paper", "calibrated"])
@@ -151,11 +168,15 @@ def finalize(cfg):
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
                           f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
     ids = malicious_ids(cfg)
-    if cfg.poison > 0 and not ids:
-        raise FedGANError("--poison > 0 needs at least one malicious client (--malicious K or --malicious-ids)")
-    if ids and cfg.poison == 0:
-        raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels), "
-                          "or drop --malicious/--malicious-ids")
+    if attacking(cfg) and not ids:
+        raise FedGANError("an attack needs at least one malicious client (--malicious K or --malicious-ids)")
+    if ids and not attacking(cfg):
+        raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels) or another "
+                          "--attack, or drop --malicious/--malicious-ids")
+    if cfg.adaptive and cfg.defense != "feddetect":
+        raise FedGANError("--adaptive fakes the loss FedDetect reads; use it with --defense feddetect")
+    if not 0 <= cfg.trim < 0.5:
+        raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
     if len(ids) >= cfg.clients / 2:
         raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
                           f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
@@ -171,6 +192,11 @@ def finalize(cfg):
     return cfg
 
 
+def attacking(cfg):
+    """Is there an attack? The patch attacks need a trigger size; the others are on when chosen."""
+    return cfg.poison > 0 if cfg.attack in ("patch", "patch-random") else True
+
+
 def malicious_ids(cfg):
     """Client ids that poison their data: explicit, or K chosen at random from the seed."""
     if cfg.malicious_ids:
@@ -178,7 +204,7 @@ def malicious_ids(cfg):
             return sorted({int(x) for x in cfg.malicious_ids.split(",")})
         except ValueError:
             raise FedGANError(f"--malicious-ids {cfg.malicious_ids!r} is not a comma-separated list of ints")
-    k = cfg.malicious if cfg.malicious is not None else (1 if cfg.poison > 0 else 0)
+    k = cfg.malicious if cfg.malicious is not None else (1 if attacking(cfg) else 0)
     if k < 0:
         raise FedGANError(f"--malicious {k} must be >= 0")
     return sorted(np.random.default_rng(cfg.seed + 7).permutation(cfg.clients)[:k].tolist())
@@ -366,6 +392,24 @@ def split_clients(n, n_clients, seed):
     return list(torch.tensor_split(perm, n_clients))
 
 
+def split_dirichlet(y, n_clients, alpha, seed, min_size=2):
+    """Non-IID split: each class's images are shared among clients in proportions ~ Dir(alpha), redrawn
+    until every client holds at least min_size images. Small alpha: each client sees mostly one class."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y)
+    for _ in range(1000):
+        shards = [[] for _ in range(n_clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_clients))[:-1] * len(idx)).astype(int)
+            for shard, part in zip(shards, np.split(idx, cuts)):
+                shard.extend(part.tolist())
+        if min(len(s) for s in shards) >= min_size:
+            return [torch.tensor(sorted(s)) for s in shards]
+    raise FedGANError(f"--dirichlet-alpha {alpha} leaves a client with fewer than {min_size} images in 1000 draws; "
+                      "use a larger alpha or fewer --clients")
+
+
 # ------------------------------------------------------------------------------------------------
 # Attack: the trigger (copy these two functions alone)
 # ------------------------------------------------------------------------------------------------
@@ -394,6 +438,73 @@ def apply_trigger(images, trigger, margin):
     H, W = images.shape[-2:]
     out[..., H - margin - s:H - margin, W - margin - s:W - margin] = trigger
     return out
+
+
+def apply_trigger_random(images, trigger, seed=0):
+    """Paste `trigger` at an independent random place in every image (the place is fixed per image)."""
+    g = torch.Generator().manual_seed(seed)
+    n, s = len(images), trigger.shape[-1]
+    H, W = images.shape[-2:]
+    rows = torch.randint(0, H - s + 1, (n,), generator=g)
+    cols = torch.randint(0, W - s + 1, (n,), generator=g)
+    out = images.clone()
+    for i in range(n):
+        out[i, :, rows[i]:rows[i] + s, cols[i]:cols[i] + s] = trigger
+    return out
+
+
+def blend_trigger(images, alpha, seed=0):
+    """Chen et al. 2017's blended attack: x' = (1 - alpha) x + alpha p, p a fixed uniform-noise image."""
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(0, 256, images.shape[1:], generator=g).float()
+    return ((1 - alpha) * images.float() + alpha * pattern).round().clamp(0, 255).to(torch.uint8)
+
+
+def frequency_trigger(images, strength, seed=0, n_freq=8):
+    """A trigger in the Fourier amplitude: at n_freq fixed mid-band frequencies (per channel), add
+    `strength` x the image's mean amplitude, phase kept. Invisible as a patch, visible to a network."""
+    x = images.float()
+    spec = torch.fft.rfft2(x)                                             # (n, C, H, W//2+1)
+    H, Wf = spec.shape[-2:]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(H // 8, H // 2, (n_freq,), generator=g)
+    cols = torch.randint(Wf // 4, Wf - 1, (n_freq,), generator=g)
+    amp, phase = spec.abs(), spec.angle()
+    boost = strength * amp.mean(dim=(-2, -1), keepdim=True)               # (n, C, 1, 1)
+    amp[..., rows, cols] += boost[..., 0]
+    out = torch.fft.irfft2(torch.polar(amp, phase), s=x.shape[-2:])
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def flip_labels(labels, n_classes):
+    """Label-flip attack: every label moved to the next class (a permutation of the classes)."""
+    return (labels + 1) % n_classes
+
+
+def poison(x, y, cfg, n_classes):
+    """A malicious client's training data under cfg.attack."""
+    if cfg.attack == "label-flip":
+        return x, flip_labels(y, n_classes)
+    if cfg.attack == "blend":
+        return blend_trigger(x, cfg.blend_alpha, seed=cfg.seed), y
+    if cfg.attack == "frequency":
+        return frequency_trigger(x, cfg.blend_alpha, seed=cfg.seed), y
+    trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
+    if cfg.attack == "patch-random":
+        return apply_trigger_random(x, trig, seed=cfg.seed), y
+    return apply_trigger(x, trig, trigger_margin(cfg.img_size)), y
+
+
+def report_adaptive(g_losses, malicious, seed):
+    """The adaptive attacker's report: a malicious client claims a loss drawn uniformly from the range
+    of this round's benign losses (the server trusts reported losses)."""
+    losses = np.array(g_losses, dtype=np.float64)
+    benign = np.delete(losses, malicious)
+    benign = benign[np.isfinite(benign)]
+    if len(benign):
+        rng = np.random.default_rng(seed)
+        losses[malicious] = rng.uniform(benign.min(), benign.max(), len(malicious))
+    return losses.tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -681,6 +792,73 @@ def fedavg(states, weights):
     return {k: v.to(states[0][k].dtype) for k, v in weighted_sum(states, w / w.sum()).items()}
 
 
+def update_norms(states, center):
+    """||G_i - G||: the L2 norm of each client's generator update against the round's global model."""
+    return [math.sqrt(sum((s[k].double() - center[k].double()).square().sum().item() for k in center))
+            for s in states]
+
+
+def _stacked(states, k):
+    return torch.stack([s[k].double() for s in states])                  # (n, *shape)
+
+
+def coordinate_median(states):
+    """Per-coordinate median of the clients' models (mean of the two middle values when n is even)."""
+    n = len(states)
+    out = {}
+    for k in states[0]:
+        v = _stacked(states, k).sort(0).values
+        med = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+        out[k] = med.to(states[0][k].dtype)
+    return out
+
+
+def trimmed_mean(states, beta):
+    """Per-coordinate mean after cutting the floor(beta * n) largest and smallest values."""
+    n = len(states)
+    cut = int(beta * n)
+    return {k: _stacked(states, k).sort(0).values[cut:n - cut].mean(0).to(states[0][k].dtype) for k in states[0]}
+
+
+def krum_select(states, n_malicious, n_keep=1):
+    """Krum / multi-Krum (Blanchard et al. 2017): score each model by the summed squared distance to its
+    n - f - 2 nearest others; return the indices of the n_keep lowest scores (the most central)."""
+    flat = torch.stack([torch.cat([s[k].double().flatten() for k in s]) for s in states])
+    d = torch.cdist(flat, flat).square()
+    n = len(states)
+    m = max(1, n - n_malicious - 2)
+    scores = d.sort(1).values[:, 1:m + 1].sum(1)      # column 0 is the distance to itself
+    return scores.argsort()[:n_keep].tolist()
+
+
+def clip_updates(states, center, max_norm):
+    """Scale each update G_i - G down to at most max_norm (norm-clipped FedAvg's first step)."""
+    out = []
+    for s, norm in zip(states, update_norms(states, center)):
+        f = min(1.0, max_norm / max(norm, 1e-12))
+        out.append({k: (center[k].double() + f * (s[k].double() - center[k].double())).to(s[k].dtype) for k in s})
+    return out
+
+
+ROBUST = ("median", "trimmed-mean", "krum", "multi-krum", "clip")
+
+
+def robust_aggregate(states, used, center, cfg):
+    """The robust aggregators of --defense, on the ok clients' generators (states in client order).
+    Krum's f is the threat model's bound, ceil(n/2) - 1: the server does not know who attacks."""
+    n = len(states)
+    f = math.ceil(n / 2) - 1
+    if cfg.defense == "median":
+        return coordinate_median(states)
+    if cfg.defense == "trimmed-mean":
+        return trimmed_mean(states, cfg.trim)
+    if cfg.defense in ("krum", "multi-krum"):
+        keep = krum_select(states, f, 1 if cfg.defense == "krum" else n - f)
+        return fedavg([states[i] for i in keep], [1.0] * len(keep))
+    clipped = clip_updates(states, center, max_norm=float(np.median(update_norms(states, center))))
+    return fedavg(clipped, used)
+
+
 def feddetect_paper(loss_history, seed=0):
     """The paper's detector: isolation forest (contamination 'auto') on this round's N losses.
     loss_history (t, N) -> boolean flags (N,). Only the last row is used."""
@@ -745,19 +923,23 @@ def feddetect_update(flags, counts, weights, decay):
     return flags, counts, weights / weights.sum()
 
 
-def server_decide(g_losses, history, counts, weights, t, cfg):
-    """Procedure B's decisions for round t: run the defense on the reported losses, renormalise.
-    A client whose loss is NaN or inf is left out of this round's average and of detection.
-    Returns flags, counts, weights, ok (finite reporters) and `used`, the averaging weights of this
-    round (weights renormalised over the ok clients, 0 for the others)."""
+def server_decide(g_losses, history, counts, weights, t, cfg, norm_history=None):
+    """Procedure B's decisions for round t: run the defense on the reported losses (or the update
+    norms, --detect-on), renormalise. A client whose loss is NaN or inf is left out of this round's
+    average and of detection. Returns flags, counts, weights, ok (finite reporters) and `used`, the
+    averaging weights of this round (weights renormalised over the ok clients, 0 for the others)."""
     losses = np.asarray(g_losses, dtype=np.float64)
     ok = np.isfinite(losses)
     flags = np.zeros(len(losses), bool)
     if cfg.defense == "feddetect" and t > cfg.warmup and ok.sum() >= 3:
-        hist = np.asarray(history, dtype=np.float64)[:, ok]      # detection sees finite reporters only
-        hist = hist[np.isfinite(hist).all(axis=1)]
-        flags[ok] = (feddetect_paper(hist, seed=cfg.seed * 100003 + t) if cfg.detect_rule == "paper"
-                     else feddetect_calibrated(hist, cfg.detect_fpr))
+        signals = {"loss": [history], "update-norm": [norm_history], "both": [history, norm_history]}[cfg.detect_on]
+        raw = np.zeros(int(ok.sum()), bool)
+        for signal in signals:
+            hist = np.asarray(signal, dtype=np.float64)[:, ok]  # detection sees finite reporters only
+            hist = hist[np.isfinite(hist).all(axis=1)]
+            raw |= (feddetect_paper(hist, seed=cfg.seed * 100003 + t) if cfg.detect_rule == "paper"
+                    else feddetect_calibrated(hist, cfg.detect_fpr))
+        flags[ok] = raw
         flags, counts, weights = feddetect_update(flags, counts, weights, cfg.decay)
     weights = weights / weights.sum()
     used = np.where(ok, weights, 0.0)
@@ -925,28 +1107,35 @@ def setup_run(cfg):
         raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
                           "or choose another --out")
     device = pick_device(cfg.device)
+    if world > 1 and (cfg.defense in ROBUST or cfg.detect_on != "loss"):
+        raise FedGANError(f"--defense {cfg.defense} --detect-on {cfg.detect_on} needs every generator on one process; "
+                          "run it without torchrun (or use --detect-on loss)")
     if world > cfg.clients:
         raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
                           "use --nproc-per-node <= --clients")
     seed_everything(cfg.seed)
     data = load_data(cfg)
     x, y = data["train"]
-    shards = split_clients(len(y), cfg.clients, cfg.seed)
+    shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
+              else split_clients(len(y), cfg.clients, cfg.seed))
     if min(len(s) for s in shards) < 2:
         raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
                           "use fewer --clients or more data")
     bad = malicious_ids(cfg)
-    trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
     n_classes = len(data["classes"])
     g_global, _ = build_models(cfg, n_classes)
     g_global.to(device)
     owned = owned_clients(cfg.clients, rank, world)
     clients = {}
     for i in owned:
-        xi = x[shards[i]]
-        if trig is not None and i in bad:  # the attack: every training image of a malicious client
-            xi = apply_trigger(xi, trig, trigger_margin(cfg.img_size))
-        clients[i] = make_client(cfg, g_global, n_classes, xi, y[shards[i]], device, client_id=i)
+        xi, yi = x[shards[i]], y[shards[i]]
+        if i in bad:  # the attack: every training image of a malicious client
+            xp, yp = poison(xi, yi, cfg, n_classes)
+            clients[i] = make_client(cfg, g_global, n_classes, xp, yp, device, client_id=i)
+            if cfg.attack_start > 0:  # keep the clean shard for the rounds before the attack starts
+                clients[i].update(poisoned=(clients[i]["x"], clients[i]["y"]), clean=(xi.to(device), yi.to(device)))
+        else:
+            clients[i] = make_client(cfg, g_global, n_classes, xi, yi, device, client_id=i)
     return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
                 owned=owned, g=g_global, n_classes=n_classes, rank=rank, distributed=world > 1)
 
@@ -959,7 +1148,7 @@ def train(cfg, stop_after=None):
     N, lead, distributed = cfg.clients, run["rank"] == 0, run["distributed"]
     log = print if lead else (lambda *a, **k: None)
     counts, weights = np.zeros(N, dtype=np.int64), np.full(N, 1.0 / N)
-    history, start = [], 0
+    history, norm_history, start = [], [], 0
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False) if lead else None
         if distributed:
@@ -972,6 +1161,7 @@ def train(cfg, stop_after=None):
                 clients[i][k].load_state_dict(ck["clients"][i][k])
             clients[i]["rng"].set_state(ck["clients"][i]["rng"])
         counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
+        norm_history = ck.get("norm_history", [])
         set_rng_state(ck["rng"])
         if lead:
             keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
@@ -993,14 +1183,24 @@ def train(cfg, stop_after=None):
     for t in range(start, cfg.rounds):
         tr = time.time()
         g_state = {k: v.detach().clone() for k, v in g.state_dict().items()}
+        for c in clients.values():  # a late attacker trains on clean data until --attack-start
+            if "clean" in c:
+                c["x"], c["y"] = c["poisoned"] if t >= cfg.attack_start else c["clean"]
         results = {i: local_train(clients[i], g_state, cfg, device, steps[i]) for i in owned}   # procedure A
-        d_losses, g_losses = gather_losses(results, N, distributed)
+        d_losses, true_losses = gather_losses(results, N, distributed)
+        g_losses = (report_adaptive(true_losses, run["malicious"], cfg.seed * 7 + t)
+                    if cfg.adaptive and t >= cfg.attack_start else true_losses)
         history.append(g_losses)
-        decision = server_decide(g_losses, history, counts, weights, t, cfg) if lead else None
+        own_states = {i: clients[i]["g"].state_dict() for i in owned}
+        if cfg.detect_on != "loss" or cfg.defense in ROBUST:  # single process: every generator is here
+            norm_history.append(update_norms([own_states[i] for i in range(N)], g_state))
+        decision = server_decide(g_losses, history, counts, weights, t, cfg, norm_history) if lead else None
         flags, counts, weights, ok, used = broadcast_decision(decision, N, distributed)
-        if ok.any():
-            g.load_state_dict(aggregate({i: clients[i]["g"].state_dict() for i in owned if ok[i]}, used,
-                                        g_state, distributed))
+        if ok.any() and cfg.defense in ROBUST:
+            g.load_state_dict(robust_aggregate([own_states[i] for i in range(N) if ok[i]],
+                                               used[ok], g_state, cfg))
+        elif ok.any():
+            g.load_state_dict(aggregate({i: s for i, s in own_states.items() if ok[i]}, used, g_state, distributed))
         secs = time.time() - tr
         note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~ok).tolist()}" if not ok.all() else ""
         log(f"round {t + 1:4d}/{cfg.rounds}  {secs:6.1f}s  g_loss {fmt(g_losses)}  d_loss {fmt(d_losses)}  "
@@ -1010,6 +1210,8 @@ def train(cfg, stop_after=None):
         private = client_states(clients, owned, distributed) if ckpt else None  # a collective: every rank
         if lead:
             rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
+                       **({"g_loss_true": true_losses} if cfg.adaptive else {}),
+                       **({"update_norm": norm_history[-1]} if norm_history else {}),
                        counts=counts.tolist(), weights=weights.tolist(),
                        malicious=[int(i in run["malicious"]) for i in range(N)],
                        excluded=(~ok).astype(int).tolist(), seconds=round(secs, 3))
@@ -1019,7 +1221,8 @@ def train(cfg, stop_after=None):
                 save_samples(g, run["n_classes"], out / "samples" / f"round_{t + 1:04d}.png", device, cfg.seed)
             if ckpt:
                 atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
-                                 history=history, rng=rng_state(), config=dataclasses.asdict(cfg),
+                                 history=history, norm_history=norm_history, rng=rng_state(),
+                                 config=dataclasses.asdict(cfg),
                                  clients=[private[i] for i in range(N)]), out / "checkpoint.pt")
         if stop:
             return run | dict(counts=counts, weights=weights, history=history)

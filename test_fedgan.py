@@ -166,6 +166,98 @@ def test_malicious_client_trains_on_triggered_images_only():
             assert (patch == 255).all().item() == (i == 1), i
 
 
+def test_patch_random_puts_the_trigger_at_a_random_place_per_image():
+    imgs = torch.zeros(40, 1, 32, 32, dtype=torch.uint8)
+    out = fedgan.apply_trigger_random(imgs, fedgan.make_trigger(6, 1), seed=1)
+    corners = set()
+    for im in out:
+        r, c = torch.nonzero(im[0] == 255).min(0).values.tolist()
+        assert (im[0, r:r + 6, c:c + 6] == 255).all() and im.sum() == 36 * 255  # whole trigger, inside
+        corners.add((r, c))
+    assert len(corners) > 20  # places differ between images
+
+
+def test_blend_and_frequency_triggers_do_what_they_claim():
+    x = torch.full((3, 1, 32, 32), 100, dtype=torch.uint8)
+    b = fedgan.blend_trigger(x, 0.2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    p = torch.randint(0, 256, (1, 32, 32), generator=g).float()
+    assert torch.equal(b[1], (0.8 * 100 + 0.2 * p).round().to(torch.uint8))  # the formula, same pattern per image
+    nat = fedgan.synthetic_images(4, 32, 1, seed=0)[0]
+    f = fedgan.frequency_trigger(nat, 0.5, seed=3)
+    amp0, amp1 = torch.fft.rfft2(nat.float()).abs(), torch.fft.rfft2(f.float()).abs()
+    top = (amp1 - amp0).mean(0)[0].flatten().topk(8).indices  # where the amplitude grew most
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(32 // 8, 32 // 2, (8,), generator=gen)
+    cols = torch.randint(17 // 4, 16, (8,), generator=gen)
+    assert set(top.tolist()) >= set((rows * 17 + cols).tolist()) - {0}
+    assert (f.float() - nat.float()).abs().mean() < 20  # a faint pattern, not a patch
+    assert torch.equal(fedgan.flip_labels(torch.tensor([0, 1, 1, 0]), 2), torch.tensor([1, 0, 0, 1]))
+
+
+def test_adaptive_attacker_reports_a_loss_inside_the_benign_range():
+    rep = fedgan.report_adaptive([0.7, 0.8, 5.0, 0.75], [2], seed=0)
+    assert 0.7 <= rep[2] <= 0.8 and rep[:2] == [0.7, 0.8] and rep[3] == 0.75
+
+
+def test_late_attacker_trains_clean_until_attack_start():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--poison", "4", "--malicious-ids", "1", "--attack-start", "2",
+                       "--rounds", "3", "--local-steps", "1", "--sample-every", "100")
+        run = quiet(fedgan.train, cfg)
+        c = run["clients"][1]
+        assert (c["poisoned"][0][:, :, 11:15, 11:15] == 255).all() and not (c["clean"][0][:, :, 11:15, 11:15] == 255).all()
+        assert c["x"] is c["poisoned"][0]  # after round 2 it attacks
+
+
+def test_dirichlet_partition_is_disjoint_complete_and_skewed():
+    y = torch.arange(400) % 2
+    shards = fedgan.split_dirichlet(y, 4, 0.1, seed=0)
+    allidx = torch.cat(shards)
+    assert len(allidx) == 400 and len(allidx.unique()) == 400
+    skew = [abs(y[s].float().mean().item() - 0.5) for s in shards]
+    assert max(skew) > 0.3, skew  # at least one client sees mostly one class
+
+
+def _states(values):
+    return [{"w": torch.tensor([float(v), -float(v)]), "b": torch.tensor([float(v)])} for v in values]
+
+
+def test_median_and_trimmed_mean_ignore_one_wild_client():
+    s = _states([1.0, 1.2, 0.9, 1e6])
+    med = fedgan.coordinate_median(s)
+    assert torch.allclose(med["w"], torch.tensor([1.1, -1.1]))  # (1.0 + 1.2) / 2, the wild one ignored
+    tm = fedgan.trimmed_mean(s, 0.25)
+    assert torch.allclose(tm["b"], torch.tensor([1.1]))
+
+
+def test_krum_picks_a_central_update_and_clip_bounds_norms():
+    s = _states([1.0, 1.1, 0.95, 1.05, 50.0])
+    assert fedgan.krum_select(s, n_malicious=1, n_keep=1)[0] in (0, 3)  # central members of the cluster
+    assert 4 not in fedgan.krum_select(s, n_malicious=1, n_keep=4)
+    center = _states([0.0])[0]
+    clipped = fedgan.clip_updates(s, center, max_norm=2.0)
+    assert max(fedgan.update_norms(clipped, center)) <= 2.0 + 1e-9
+    assert torch.allclose(clipped[0]["w"], s[0]["w"])  # small updates are untouched
+
+
+def test_robust_defenses_run_end_to_end():
+    for defense in ("median", "trimmed-mean", "krum", "multi-krum", "clip"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = tiny_cfg(Path(tmp) / "r", "--defense", defense, "--poison", "4", "--rounds", "2", "--local-steps", "1",
+                           "--trim", "0.25")
+            run = quiet(fedgan.train, cfg)
+            assert all(torch.isfinite(v).all() for v in run["g"].state_dict().values()), defense
+    with tempfile.TemporaryDirectory() as tmp:  # FedDetect on update norms: an outsized update is flagged
+        cfg = _server_cfg(detect_rule="calibrated", detect_on="update-norm", warmup=0)
+        norms = (1.0 + 0.01 * np.random.default_rng(0).standard_normal((20, 4))).tolist()
+        for r in norms[15:]:
+            r[3] = 3.0
+        losses = [[0.7] * 4] * 20
+        f, *_ = fedgan.server_decide(losses[-1], losses, np.zeros(4, int), np.full(4, .25), 19, cfg, norms)
+        assert f.tolist() == [False, False, False, True]
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
