@@ -1186,7 +1186,12 @@ def train(cfg, stop_after=None):
         for c in clients.values():  # a late attacker trains on clean data until --attack-start
             if "clean" in c:
                 c["x"], c["y"] = c["poisoned"] if t >= cfg.attack_start else c["clean"]
-        results = {i: local_train(clients[i], g_state, cfg, device, steps[i]) for i in owned}   # procedure A
+        results = {}
+        for i in owned:  # procedure A
+            results[i] = local_train(clients[i], g_state, cfg, device, steps[i])
+            if time.time() - tr > 20:  # a long round (large images on a CPU) still shows progress
+                log(f"  round {t + 1}: client {i} done, {len(results)}/{len(owned)} here, {time.time() - tr:.0f}s",
+                    flush=True)
         d_losses, true_losses = gather_losses(results, N, distributed)
         g_losses = (report_adaptive(true_losses, run["malicious"], cfg.seed * 7 + t)
                     if cfg.adaptive and t >= cfg.attack_start else true_losses)

@@ -768,6 +768,16 @@ def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
     assert noise > 1.5 * trained, (noise, trained)
 
 
+def test_densenet121_classifier_trains_on_gray_and_rgb():
+    import eval as ev
+    for ch in (1, 3):
+        x, y = fedgan.synthetic_images(4, 32, ch, seed=0)
+        net = ev.train_classifier(x, y, 2, "densenet121", 1, 0, torch.device("cpu"), batch=4)
+        assert 0.0 <= ev.accuracy(net, x, y, torch.device("cpu")) <= 1.0
+        assert ev.recipe("densenet121", ch) == ({"opt": "adam", "lr": 1e-5, "wd": 0.0} if ch == 1 else
+                                                {"opt": "sgd", "lr": 1e-3, "wd": 1e-4})
+
+
 def test_frechet_distance_of_identical_gaussians_is_near_zero():
     import eval as ev
     a = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
