@@ -379,8 +379,9 @@ def test_nan_loss_is_excluded_without_crash_and_flags_nobody_else():
                 p.fill_(float("nan"))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            _ = [fedgan.local_train(c, run["g"].state_dict(), cfg, torch.device("cpu"), 1) for c in run["clients"].values()]
-        assert math.isnan(_[2][1]) and all(math.isfinite(r[1]) for i, r in enumerate(_) if i != 2)
+            res = [fedgan.local_train(c, run["g"].state_dict(), cfg, torch.device("cpu"), 1)
+                   for c in run["clients"].values()]
+        assert math.isnan(res[2][1]) and all(math.isfinite(r[1]) for i, r in enumerate(res) if i != 2)
 
 
 def test_calibrated_rule_quiet_on_iid_losses_and_flags_a_persistent_5_sd_excess():
