@@ -1026,10 +1026,23 @@ def to_cpu(obj):
     return obj
 
 
+PRIVATE = ("d", "opt_d", "opt_g", "scaler")  # what a client keeps between rounds, besides its data and stream
+
+
+def private_state(client):
+    """A client's private state for the checkpoint (CPU tensors)."""
+    return to_cpu({**{k: client[k].state_dict() for k in PRIVATE}, "rng": client["rng"].get_state()})
+
+
+def load_private_state(client, state):
+    for k in PRIVATE:
+        client[k].load_state_dict(state[k])
+    client["rng"].set_state(state["rng"])
+
+
 def client_states(clients, owned, distributed):
     """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
-    own = {i: to_cpu({**{k: clients[i][k].state_dict() for k in ("d", "opt_d", "opt_g", "scaler")},
-                      "rng": clients[i]["rng"].get_state()}) for i in owned}
+    own = {i: private_state(clients[i]) for i in owned}
     if not distributed:
         return own
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -1157,9 +1170,7 @@ def train(cfg, stop_after=None):
             ck = box[0]
         g.load_state_dict(ck["g"])
         for i in owned:
-            for k in ("d", "opt_d", "opt_g", "scaler"):
-                clients[i][k].load_state_dict(ck["clients"][i][k])
-            clients[i]["rng"].set_state(ck["clients"][i]["rng"])
+            load_private_state(clients[i], ck["clients"][i])
         counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
         norm_history = ck.get("norm_history", [])
         set_rng_state(ck["rng"])
