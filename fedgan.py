@@ -108,7 +108,21 @@ class Config:
     w_dim: int = opt(128, "style (w) size")
     seed: int = opt(0, "seeds data split, models, training and the detector")
     device: str = opt("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
-    amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); off on CPU")
+    amp: bool = opt(True, "mixed precision (torch.autocast): on CUDA by default; on CPU only with --amp-dtype bf16")
+    amp_dtype: str = opt("auto", "auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | bf16 | fp16",
+                         choices=["auto", "bf16", "fp16"])
+    tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (when autocast is off)")
+    channels_last: bool = opt(True, "NHWC memory format for models and batches on CUDA")
+    compile: bool = opt(False, "torch.compile the generator and discriminator (slow first round, faster after)")
+    parallel_clients: str = opt("auto", "train this process's clients side by side (torch.func.vmap over stacked "
+                                        "models; equal to one after another): auto (on CUDA when shards and steps "
+                                        "agree) | on | off", choices=["auto", "on", "off"])
+    offload: str = opt("auto", "keep each client's private state (D, optimizers, G copy) in host memory between "
+                               "its turns: auto (when N clients would not fit the GPU) | on | off",
+                       choices=["auto", "on", "off"])
+    arch: str = opt("small", "small (sized by --width/--max-channels, suits a CPU) | paper (the study's sizes: G "
+                             "channels 32768/res up to 512, D from 64 doubling to 2048 at 4x4)",
+                    choices=["small", "paper"])
     out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)")
     resume: str = opt(None, "continue the run in this folder from its checkpoint")
     ckpt_every: int = opt(5, "write checkpoint.pt (atomically) every this many rounds")
@@ -453,6 +467,25 @@ def apply_trigger_random(images, trigger, seed=0):
     return out
 
 
+def trigger_rate(images, trigger, margin, tol=0.2):
+    """The backdoor's success: the fraction of uint8 images (n, C, H, W) that show `trigger` at the
+    bottom-right, i.e. whose patch differs from it by less than tol * 255 on average AND is closer to it
+    than to a flat fill in the colour of the patch's surroundings (so a white trigger on a saturated
+    white corner does not count: it is not visible there)."""
+    s = trigger.shape[-1]
+    H, W = images.shape[-2:]
+    top, left, ring = H - margin - s, W - margin - s, max(1, s // 4)
+    x = images.float()
+    patch = x[..., top:top + s, left:left + s]
+    box = x[..., max(0, top - ring):top + s + ring, max(0, left - ring):left + s + ring]
+    mask = torch.ones(box.shape[-2:], dtype=torch.bool)
+    mask[top - max(0, top - ring):top - max(0, top - ring) + s, left - max(0, left - ring):left - max(0, left - ring) + s] = False
+    around = box[..., mask].mean(-1)[..., None, None]                                 # (n, C, 1, 1)
+    to_trigger = (patch - trigger.float()).abs().mean(dim=(1, 2, 3)) / 255
+    to_fill = (patch - around).abs().mean(dim=(1, 2, 3)) / 255
+    return float(((to_trigger < tol) & (to_trigger < to_fill)).float().mean())
+
+
 def blend_trigger(images, alpha, seed=0):
     """Chen et al. 2017's blended attack: x' = (1 - alpha) x + alpha p, p a fixed uniform-noise image."""
     g = torch.Generator().manual_seed(seed)
@@ -535,8 +568,9 @@ def modulated_conv2d(x, weight, styles, demodulate=True, padding=1):
     x = x * styles[:, :, None, None].to(x.dtype)                         # modulate   (B, Cin, H, W)
     out = F.conv2d(x, weight.to(x.dtype), padding=padding)               # (B, Cout, H, W)
     if demodulate:  # 1 / ||weight * style|| over (Cin, k, k), per sample and output channel
-        w2 = weight.float().square().sum(dim=(2, 3))                     # (Cout, Cin)
-        d = torch.rsqrt(styles.float().square() @ w2.t() + 1e-8)         # (B, Cout)
+        acc = torch.promote_types(weight.dtype, torch.float32)          # fp32 under autocast, fp64 stays fp64
+        w2 = weight.to(acc).square().sum(dim=(2, 3))                     # (Cout, Cin)
+        d = torch.rsqrt(styles.to(acc).square() @ w2.t() + 1e-8)         # (B, Cout)
         out = out * d[:, :, None, None].to(out.dtype)
     return out
 
@@ -544,21 +578,21 @@ def modulated_conv2d(x, weight, styles, demodulate=True, padding=1):
 class StyledConv(nn.Module):
     """Modulated 3x3 conv + per-pixel noise (one learned scalar) + bias + leaky ReLU (gain sqrt 2)."""
 
-    def __init__(self, c_in, c_out, w_dim, up=False):
+    def __init__(self, c_in, c_out, w_dim, up=False, res=4):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
         self.scale = 1 / math.sqrt(c_in * 9)
         self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: identity modulation
         self.noise_strength = nn.Parameter(torch.zeros(()))
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.up = up
+        self.up, self.res = up, res  # res: output size
 
-    def forward(self, x, w, rng=None):
+    def forward(self, x, w, noise):
+        """noise: (B, 1, H, W) at this layer's output size (drawn by Generator.draw_noise)."""
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = modulated_conv2d(x, self.weight * self.scale, self.affine(w))
-        noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype, generator=rng)
-        x = x + self.noise_strength.to(x.dtype) * noise + self.bias.to(x.dtype)[None, :, None, None]
+        x = x + self.noise_strength.to(x.dtype) * noise.to(x.dtype) + self.bias.to(x.dtype)[None, :, None, None]
         return F.leaky_relu(x, 0.2) * math.sqrt(2)
 
 
@@ -610,23 +644,31 @@ class Generator(nn.Module):
         res = 8
         while res <= img_size:
             self.blocks.append(nn.ModuleDict(dict(
-                conv0=StyledConv(ch(res // 2), ch(res), w_dim, up=True),
+                conv0=StyledConv(ch(res // 2), ch(res), w_dim, up=True, res=res),
                 conv1=StyledConv(ch(res), ch(res), w_dim),
                 rgb=ToRGB(ch(res), channels, w_dim))))
             res *= 2
 
     def map(self, z, y):
         normalize = lambda t: t * torch.rsqrt(t.square().mean(1, keepdim=True) + 1e-8)  # noqa: E731
-        e = self.embed(F.one_hot(y, self.n_classes).to(z.dtype))
-        return self.mapping(torch.cat([normalize(z), normalize(e)], 1))            # (B, w_dim)
+        one_hot = (y[:, None] == torch.arange(self.n_classes, device=y.device)).to(z.dtype)  # vmap-safe one_hot
+        return self.mapping(torch.cat([normalize(z), normalize(self.embed(one_hot))], 1))  # (B, w_dim)
 
-    def forward(self, z, y, rng=None):
-        """z (B, z_dim), y (B,) class ids; rng: a torch.Generator for the noise inputs (None: global RNG)."""
+    def draw_noise(self, batch, rng=None, device=None):
+        """The per-pixel noise of every StyledConv, in layer order, from one stream (float32). Drawn up
+        front so the sequential and the side-by-side client loops use the very same numbers."""
+        sizes = [4] + [r for b in self.blocks for r in (b["conv0"].res, b["conv0"].res)]
+        return [torch.randn(batch, 1, r, r, device=device, generator=rng) for r in sizes]
+
+    def forward(self, z, y, rng=None, noise=None):
+        """z (B, z_dim), y (B,) class ids; noise: draw_noise's list, or drawn here from rng (a
+        torch.Generator; None: the global stream)."""
+        noise = self.draw_noise(len(z), rng, z.device) if noise is None else noise
         w = self.map(z, y)
-        x = self.conv4(self.const.expand(len(z), -1, -1, -1).to(z.dtype), w, rng)  # (B, C4, 4, 4)
+        x = self.conv4(self.const.expand(len(z), -1, -1, -1).to(z.dtype), w, noise[0])  # (B, C4, 4, 4)
         rgb = self.rgb4(x, w)
-        for b in self.blocks:
-            x = b["conv1"](b["conv0"](x, w, rng), w, rng)                           # (B, Cr, r, r)
+        for i, b in enumerate(self.blocks):
+            x = b["conv1"](b["conv0"](x, w, noise[2 * i + 1]), w, noise[2 * i + 2])      # (B, Cr, r, r)
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + b["rgb"](x, w)
         return rgb                                                                 # (B, channels, S, S)
 
@@ -654,9 +696,18 @@ class Discriminator(nn.Module):
         return self.logit(h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)   # (B,)
 
 
+def arch_sizes(cfg):
+    """(width, max_channels) of the generator and of the discriminator. paper: StyleGAN2's channel rule
+    (32768 / resolution, at most 512) and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px)."""
+    if cfg.arch == "paper":
+        return (32768 // cfg.img_size, 512), (64, 2048)
+    return (cfg.width, cfg.max_channels), (cfg.width, cfg.max_channels)
+
+
 def build_models(cfg, n_classes):
-    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, cfg.width, cfg.max_channels)
-    d = Discriminator(cfg.img_size, cfg.channels, n_classes, cfg.width, cfg.max_channels)
+    (gw, gmax), (dw, dmax) = arch_sizes(cfg)
+    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, gw, gmax)
+    d = Discriminator(cfg.img_size, cfg.channels, n_classes, dw, dmax)
     return g, d
 
 
@@ -675,7 +726,7 @@ def load_generator(path, map_location="cpu"):
 
 def to_unit(x_uint8):
     """uint8 [0, 255] -> float [-1, 1]."""
-    return x_uint8.float().div_(127.5).sub_(1.0)
+    return x_uint8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)
 
 
 def augment(x, kind, rng=None):
@@ -699,15 +750,20 @@ def client_seed(seed, client_id):
     return seed * 1_000_003 + 7919 * (client_id + 1)
 
 
-def make_client(cfg, g_global, n_classes, x, y, device, client_id=0):
+def make_client(cfg, g_global, n_classes, x, y, device, client_id=0, home=None):
     """A client's private state: its data shard (uint8, on the device), its discriminator, both
     optimizers and its random stream (batches, latents, noise, augmentation). Its generator copy is
-    overwritten by the global one at the start of every round."""
+    overwritten by the global one at the start of every round. home: where the models live between
+    turns (default the device; 'cpu' when offloading, see client_to)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(client_seed(cfg.seed, client_id))
         _, d = build_models(cfg, n_classes)
     g = copy.deepcopy(g_global)
-    g.to(device), d.to(device)
+    g.to(home or device), d.to(home or device)
+    if cfg.channels_last and device.type == "cuda":
+        g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place, so state_dict keys stay plain; one graph serves every client (same code)
+        g.compile(), d.compile()
     betas = (0.5, 0.999)
     amp_dtype = amp_dtype_for(cfg, device)
     rng = torch.Generator(device=device).manual_seed(client_seed(cfg.seed, client_id))
@@ -718,37 +774,62 @@ def make_client(cfg, g_global, n_classes, x, y, device, client_id=0):
 
 
 def amp_dtype_for(cfg, device):
-    """None (fp32) on CPU or with --no-amp; bf16 on CUDA where supported, else fp16."""
-    if not cfg.amp or device.type != "cuda":
+    """The autocast dtype, or None for fp32. auto: bf16 on CUDA where supported, else fp16; fp32 on
+    CPU (bf16 on CPU only when asked: --amp-dtype bf16)."""
+    if not cfg.amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.amp_dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dict(bf16=torch.bfloat16, fp16=torch.float16)[cfg.amp_dtype]
+
+
+def autocast_for(cfg, device):
+    dtype = amp_dtype_for(cfg, device)
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def to_memory_format(x, cfg, device):
+    """channels_last on CUDA (tensor cores want NHWC); CPU keeps the default layout."""
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and device.type == "cuda" else x
+
+
+def next_batch(client, cursor, g, cfg, bs):
+    """One step's random draws for one client, all from its own stream and always in this order:
+    batch indices (a fresh permutation each local epoch), augmentation, latents, then the noise of the
+    D-step and of the G-step generator passes. Both client loops call it, so they see the same numbers."""
+    x_all, y_all, rng = client["x"], client["y"], client["rng"]
+    n, device = len(x_all), x_all.device
+    if cursor["pos"] + bs > n:  # a new local epoch: reshuffle
+        cursor["perm"], cursor["pos"] = torch.randperm(n, device=device, generator=rng), 0
+    idx = cursor["perm"][cursor["pos"]:cursor["pos"] + bs]
+    cursor["pos"] += bs
+    real = augment(to_unit(x_all[idx]), cfg.defense, rng)
+    z = torch.randn(bs, g.z_dim, device=device, generator=rng)
+    return dict(real=real, labels=y_all[idx], z=z,
+                noise_d=g.draw_noise(bs, rng, device), noise_g=g.draw_noise(bs, rng, device))
 
 
 def local_train(client, g_state, cfg, device, steps):
     """One round on one client: load the global generator, then `steps` of (D step, G step).
     Returns (mean D loss, mean G loss) over the round; the G loss is what FedDetect sees."""
-    g, d, x_all, y_all = client["g"], client["d"], client["x"], client["y"]
+    g, d = client["g"], client["d"]
     g.load_state_dict(g_state)
     g.train(), d.train()
-    amp_dtype = amp_dtype_for(cfg, device)
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    n, bs = len(x_all), min(cfg.batch, len(x_all))
-    rng = client["rng"]
-    perm, pos = torch.randperm(n, device=device, generator=rng), 0
+    autocast = autocast_for(cfg, device)
+    bs = min(cfg.batch, len(client["x"]))
+    cursor = dict(perm=None, pos=len(client["x"]))
     d_sum = torch.zeros((), device=device)
     g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
     for step in range(steps):
-        if pos + bs > n:  # a new local epoch: reshuffle
-            perm, pos = torch.randperm(n, device=device, generator=rng), 0
-        idx, pos = perm[pos:pos + bs], pos + bs
-        real = augment(to_unit(x_all[idx]), cfg.defense, rng)
-        labels = y_all[idx]
-        z = torch.randn(bs, g.z_dim, device=device, generator=rng)
+        b = next_batch(client, cursor, g, cfg, bs)
+        real, labels, z = to_memory_format(b["real"], cfg, device), b["labels"], b["z"]
 
         # D step: real up, fake down (eq. 4, non-saturating BCE form)
         with autocast():
             with torch.no_grad():
-                fake = g(z, labels, rng)
+                fake = g(z, labels, noise=b["noise_d"])
             d_loss = F.softplus(-d(real, labels)).mean() + F.softplus(d(fake.detach(), labels)).mean()
         client["opt_d"].zero_grad(set_to_none=True)
         client["scaler"].scale(d_loss).backward()
@@ -756,7 +837,7 @@ def local_train(client, g_state, cfg, device, steps):
 
         # G step against the freshly updated D (eq. 5, non-saturating)
         with autocast():
-            g_loss = F.softplus(-d(g(z, labels, rng), labels)).mean()
+            g_loss = F.softplus(-d(g(z, labels, noise=b["noise_g"]), labels)).mean()
         client["opt_g"].zero_grad(set_to_none=True)
         client["scaler"].scale(g_loss).backward()
         client["scaler"].step(client["opt_g"])
@@ -764,6 +845,139 @@ def local_train(client, g_state, cfg, device, steps):
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
     return (d_sum / steps).item(), (g_sum / steps).item()
+
+
+# Clients side by side: N copies of G and D become one set of parameters with a leading client axis,
+# and torch.func.vmap runs all N forward passes as one batched call (each conv becomes a grouped conv
+# over the clients). Adam is elementwise, so one Adam over the stacked tensors is exactly N Adams.
+
+
+def stack_params(modules):
+    """The parameters of N identical modules, stacked on a new client axis, as fresh leaves."""
+    per = [dict(m.named_parameters()) for m in modules]
+    return {k: torch.stack([p[k].detach() for p in per]).requires_grad_() for k in per[0]}
+
+
+def stack_buffers(modules):
+    per = [dict(m.named_buffers()) for m in modules]
+    return {k: torch.stack([b[k] for b in per]) for k in per[0]}
+
+
+def stack_adam(opts, modules, stacked):
+    """One Adam over the stacked parameters whose state is the N clients' Adam states, stacked."""
+    group = opts[0].param_groups[0]
+    opt = torch.optim.Adam(list(stacked.values()), lr=group["lr"], betas=group["betas"], eps=group["eps"])
+    per = [dict(m.named_parameters()) for m in modules]
+    for k, P in stacked.items():
+        states = [o.state.get(p[k]) for o, p in zip(opts, per)]
+        if all(states):
+            opt.state[P] = dict(step=states[0]["step"].clone(),
+                                **{s: torch.stack([st[s] for st in states]) for s in ("exp_avg", "exp_avg_sq")})
+    return opt
+
+
+def unstack(stacked, buffers, opt, modules, opts):
+    """Write client i's slice of parameters, buffers and Adam state back into its own module and Adam."""
+    for i, (m, o) in enumerate(zip(modules, opts)):
+        params, bufs = dict(m.named_parameters()), dict(m.named_buffers())
+        with torch.no_grad():
+            for k, P in stacked.items():
+                params[k].copy_(P[i])
+                st = opt.state.get(P)
+                if st:
+                    o.state[params[k]] = dict(step=st["step"].clone(), exp_avg=st["exp_avg"][i].clone(),
+                                              exp_avg_sq=st["exp_avg_sq"][i].clone())
+            for k, B in buffers.items():
+                bufs[k].copy_(B[i])
+
+
+def local_train_parallel(clients, g_state, cfg, device, steps):
+    """local_train for several clients at once (equal steps and batch sizes; no fp16 GradScaler):
+    the same draws, losses and Adam updates as running them one after another."""
+    gs, ds = [c["g"] for c in clients], [c["d"] for c in clients]
+    for g, d in zip(gs, ds):
+        g.load_state_dict(g_state)
+        g.train(), d.train()
+    pg, pd, bd = stack_params(gs), stack_params(ds), stack_buffers(ds)
+    opt_g = stack_adam([c["opt_g"] for c in clients], gs, pg)
+    opt_d = stack_adam([c["opt_d"] for c in clients], ds, pd)
+    g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
+    gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
+    disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
+    if cfg.compile:  # functional_call bypasses Module.compile, so compile the batched functions
+        gen, disc = torch.compile(gen), torch.compile(disc)
+    autocast = autocast_for(cfg, device)
+    bs = min(cfg.batch, len(clients[0]["x"]))
+    cursors = [dict(perm=None, pos=len(c["x"])) for c in clients]
+    d_sum = torch.zeros(len(clients), device=device)
+    g_sum = torch.zeros(len(clients), device=device)
+    for step in range(steps):
+        bs_ = [next_batch(c, cur, g0, cfg, bs) for c, cur in zip(clients, cursors)]
+        real, labels, z = (torch.stack([b[k] for b in bs_]) for k in ("real", "labels", "z"))  # (N, B, ...)
+        noise_d, noise_g = ([torch.stack(layer) for layer in zip(*[b[k] for b in bs_])] for k in ("noise_d", "noise_g"))
+        with autocast():
+            with torch.no_grad():
+                fake = gen(pg, z, labels, noise_d)
+            d_loss = F.softplus(-disc(pd, bd, real, labels)).mean(1) + F.softplus(disc(pd, bd, fake, labels)).mean(1)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.sum().backward()  # clients share no parameter, so each slice gets its own client's gradient
+        opt_d.step()
+        with autocast():
+            g_loss = F.softplus(-disc(pd, bd, gen(pg, z, labels, noise_g), labels)).mean(1)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.sum().backward()
+        opt_g.step()
+        d_sum += d_loss.detach().float()
+        g_sum += g_loss.detach().float()
+    unstack(pg, {}, opt_g, gs, [c["opt_g"] for c in clients])
+    unstack(pd, bd, opt_d, ds, [c["opt_d"] for c in clients])
+    return list(zip((d_sum / steps).tolist(), (g_sum / steps).tolist()))
+
+
+def client_to(client, device):
+    """Move a client's models and Adam states (not its data or random stream) to `device`: the host
+    offload that lets 100 paper-sized clients share one GPU, each brought over for its turn."""
+    for o in (client["opt_g"], client["opt_d"]):
+        o.zero_grad(set_to_none=True)  # every step recomputes them: no need to carry gradients around
+        for st in o.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the host
+                    st[k] = v.to(device, non_blocking=True)
+    client["g"].to(device), client["d"].to(device)
+
+
+def train_clients(run, g_state, cfg, steps, log=print):
+    """Procedure A for every client this process holds: side by side when run['parallel'], else one
+    after another (each brought from host memory for its turn when run['offload']). -> {id: (d, g)}."""
+    clients, owned, device = run["clients"], run["owned"], run["device"]
+    if run["parallel"]:
+        losses = local_train_parallel([clients[i] for i in owned], g_state, cfg, device, steps[owned[0]])
+        return dict(zip(owned, losses))
+    results, t0 = {}, time.time()
+    for i in owned:
+        if run["offload"]:
+            client_to(clients[i], device)
+        results[i] = local_train(clients[i], g_state, cfg, device, steps[i])
+        if run["offload"]:
+            client_to(clients[i], "cpu")
+        if time.time() - t0 > 20:  # a long round (large images on a CPU, many clients) still shows progress
+            log(f"  client {i} done, {len(results)}/{len(owned)} here, {time.time() - t0:.0f}s", flush=True)
+    return results
+
+
+def plan_clients(cfg, device, steps, batches, n_owned, client_mb):
+    """Decide --parallel-clients and --offload for this process: (parallel, offload, reason)."""
+    free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
+    offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
+    why_not = [reason for bad, reason in [
+        (n_owned < 2, "this process holds one client"),
+        (len(set(steps)) > 1 or len(set(batches)) > 1, "shards differ in size (steps or batch per round)"),
+        (amp_dtype_for(cfg, device) == torch.float16, "fp16 needs a GradScaler per client"),
+        (offload, "clients are offloaded to host memory")] if bad]
+    if cfg.parallel_clients == "on" and why_not:
+        raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
+    parallel = not why_not and (cfg.parallel_clients == "on" or (cfg.parallel_clients == "auto" and device.type == "cuda"))
+    return parallel, offload
 
 
 def steps_per_round(cfg, shard_size):
@@ -794,7 +1008,7 @@ def fedavg(states, weights):
 
 def update_norms(states, center):
     """||G_i - G||: the L2 norm of each client's generator update against the round's global model."""
-    return [math.sqrt(sum((s[k].double() - center[k].double()).square().sum().item() for k in center))
+    return [math.sqrt(sum((s[k].double() - center[k].to(s[k].device).double()).square().sum().item() for k in center))
             for s in states]
 
 
@@ -845,7 +1059,8 @@ ROBUST = ("median", "trimmed-mean", "krum", "multi-krum", "clip")
 
 def robust_aggregate(states, used, center, cfg):
     """The robust aggregators of --defense, on the ok clients' generators (states in client order).
-    Krum's f is the threat model's bound, ceil(n/2) - 1: the server does not know who attacks."""
+    Krum's f is the threat model's bound, ceil(n/2) - 1: the server does not know who attacks.
+    Krum and multi-Krum return (state, indices kept), so the run can record whom they chose."""
     n = len(states)
     f = math.ceil(n / 2) - 1
     if cfg.defense == "median":
@@ -854,7 +1069,7 @@ def robust_aggregate(states, used, center, cfg):
         return trimmed_mean(states, cfg.trim)
     if cfg.defense in ("krum", "multi-krum"):
         keep = krum_select(states, f, 1 if cfg.defense == "krum" else n - f)
-        return fedavg([states[i] for i in keep], [1.0] * len(keep))
+        return fedavg([states[i] for i in keep], [1.0] * len(keep)), keep
     clipped = clip_updates(states, center, max_norm=float(np.median(update_norms(states, center))))
     return fedavg(clipped, used)
 
@@ -1063,6 +1278,16 @@ def pick_device(name):
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
 
 
+def set_precision(cfg, device):
+    """TF32 for fp32 matmuls and convolutions on CUDA (--tf32); autocast (--amp) is separate."""
+    if amp_dtype_for(cfg, device) == torch.float16 and device.type != "cuda":
+        raise FedGANError("--amp-dtype fp16 needs CUDA (its GradScaler); on CPU use --amp-dtype bf16 or --no-amp")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -1108,6 +1333,30 @@ def save_samples(g, n_classes, path, device, seed, per_class=8):
     Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
 
 
+def generate(g, n_classes, per_class, device, seed, batch=256):
+    """per_class uint8 images (n, C, S, S) of every class from fixed latents and noise, in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(seed)
+    y_all = torch.arange(n_classes).repeat_interleave(per_class)
+    was_training, out = g.training, []
+    g.eval()
+    with torch.no_grad():
+        for y in y_all.split(batch):
+            z = torch.randn(len(y), g.z_dim, generator=gen).to(device)
+            out.append(((g(z, y.to(device), noise).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    g.train(was_training)
+    return torch.cat(out)
+
+
+def backdoor_figures(g, run, cfg, device, per_class=256):
+    """For the bottom-right patch attack: how many generated images carry the trigger, beside the same
+    rate on clean held-out real images (the rate by chance)."""
+    trig, margin = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed), trigger_margin(cfg.img_size)
+    fake = generate(g, run["n_classes"], per_class, device, cfg.seed + 12345)
+    return dict(trigger_rate=trigger_rate(fake, trig, margin),
+                trigger_rate_real=trigger_rate(run["data"]["test"][0], trig, margin))
+
+
 def fmt(xs, nd=3):
     return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
 
@@ -1120,6 +1369,7 @@ def setup_run(cfg):
         raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
                           "or choose another --out")
     device = pick_device(cfg.device)
+    set_precision(cfg, device)
     if world > 1 and (cfg.defense in ROBUST or cfg.detect_on != "loss"):
         raise FedGANError(f"--defense {cfg.defense} --detect-on {cfg.detect_on} needs every generator on one process; "
                           "run it without torchrun (or use --detect-on loss)")
@@ -1139,18 +1389,25 @@ def setup_run(cfg):
     g_global, _ = build_models(cfg, n_classes)
     g_global.to(device)
     owned = owned_clients(cfg.clients, rank, world)
+    with torch.device("meta"):  # sizes only: no memory, no random draws
+        n_params = sum(p.numel() for m in build_models(cfg, n_classes) for p in m.parameters())
+    parallel, offload = plan_clients(cfg, device, [steps_per_round(cfg, len(shards[i])) for i in owned],
+                                     [min(cfg.batch, len(shards[i])) for i in owned], len(owned),
+                                     client_mb=n_params * 4 * 4 / 2**20)  # weights, grads, Adam's two moments
+    home = torch.device("cpu") if offload else device
     clients = {}
     for i in owned:
         xi, yi = x[shards[i]], y[shards[i]]
         if i in bad:  # the attack: every training image of a malicious client
             xp, yp = poison(xi, yi, cfg, n_classes)
-            clients[i] = make_client(cfg, g_global, n_classes, xp, yp, device, client_id=i)
+            clients[i] = make_client(cfg, g_global, n_classes, xp, yp, device, client_id=i, home=home)
             if cfg.attack_start > 0:  # keep the clean shard for the rounds before the attack starts
                 clients[i].update(poisoned=(clients[i]["x"], clients[i]["y"]), clean=(xi.to(device), yi.to(device)))
         else:
-            clients[i] = make_client(cfg, g_global, n_classes, xi, yi, device, client_id=i)
+            clients[i] = make_client(cfg, g_global, n_classes, xi, yi, device, client_id=i, home=home)
     return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
-                owned=owned, g=g_global, n_classes=n_classes, rank=rank, distributed=world > 1)
+                owned=owned, g=g_global, n_classes=n_classes, rank=rank, distributed=world > 1,
+                parallel=parallel, offload=offload)
 
 
 def train(cfg, stop_after=None):
@@ -1188,7 +1445,9 @@ def train(cfg, stop_after=None):
     log(f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {N} clients "
         f"(shards {[len(s) for s in run['shards']]}, {steps[0]} steps/round), malicious {run['malicious']}, "
         f"poison {cfg.poison}px, defense {cfg.defense}"
-        f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}, "
+        f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}"
+        f"{' (' + str(amp_dtype_for(cfg, device)).replace('torch.', '') + ' autocast)' if amp_dtype_for(cfg, device) else ''}, "
+        f"clients {'side by side' if run['parallel'] else 'in turn'}{', offloaded to host' if run['offload'] else ''}, "
         f"{dist.get_world_size() if distributed else 1} process(es), out {out}")
     t0 = time.time()
     for t in range(start, cfg.rounds):
@@ -1197,12 +1456,7 @@ def train(cfg, stop_after=None):
         for c in clients.values():  # a late attacker trains on clean data until --attack-start
             if "clean" in c:
                 c["x"], c["y"] = c["poisoned"] if t >= cfg.attack_start else c["clean"]
-        results = {}
-        for i in owned:  # procedure A
-            results[i] = local_train(clients[i], g_state, cfg, device, steps[i])
-            if time.time() - tr > 20:  # a long round (large images on a CPU) still shows progress
-                log(f"  round {t + 1}: client {i} done, {len(results)}/{len(owned)} here, {time.time() - tr:.0f}s",
-                    flush=True)
+        results = train_clients(run, g_state, cfg, steps, log)  # procedure A
         d_losses, true_losses = gather_losses(results, N, distributed)
         g_losses = (report_adaptive(true_losses, run["malicious"], cfg.seed * 7 + t)
                     if cfg.adaptive and t >= cfg.attack_start else true_losses)
@@ -1212,9 +1466,14 @@ def train(cfg, stop_after=None):
             norm_history.append(update_norms([own_states[i] for i in range(N)], g_state))
         decision = server_decide(g_losses, history, counts, weights, t, cfg, norm_history) if lead else None
         flags, counts, weights, ok, used = broadcast_decision(decision, N, distributed)
+        selected = None
         if ok.any() and cfg.defense in ROBUST:
-            g.load_state_dict(robust_aggregate([own_states[i] for i in range(N) if ok[i]],
-                                               used[ok], g_state, cfg))
+            agg = robust_aggregate([own_states[i] for i in range(N) if ok[i]], used[ok], g_state, cfg)
+            if cfg.defense in ("krum", "multi-krum"):
+                agg, keep = agg
+                selected = np.zeros(N, int)
+                selected[np.flatnonzero(ok)[keep]] = 1
+            g.load_state_dict(agg)
         elif ok.any():
             g.load_state_dict(aggregate({i: s for i, s in own_states.items() if ok[i]}, used, g_state, distributed))
         secs = time.time() - tr
@@ -1228,6 +1487,7 @@ def train(cfg, stop_after=None):
             rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
                        **({"g_loss_true": true_losses} if cfg.adaptive else {}),
                        **({"update_norm": norm_history[-1]} if norm_history else {}),
+                       **({"selected": selected.tolist()} if selected is not None else {}),
                        counts=counts.tolist(), weights=weights.tolist(),
                        malicious=[int(i in run["malicious"]) for i in range(N)],
                        excluded=(~ok).astype(int).tolist(), seconds=round(secs, 3))
@@ -1244,12 +1504,13 @@ def train(cfg, stop_after=None):
             return run | dict(counts=counts, weights=weights, history=history)
     summary = None
     if lead:
-        if cfg.defense == "reconstruct" and start < cfg.rounds:
+        if cfg.defense == "reconstruct" and not (out / "generator.pt").exists():  # also when resumed after the rounds
             reconstruct(g, run, cfg, device)
             save_samples(g, run["n_classes"], out / "samples" / "reconstructed.png", device, cfg.seed)
         atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run["data"]["classes"]),
                     out / "generator.pt")
-        summary = summarize(out, cfg, run["malicious"], time.time() - t0)
+        extra = backdoor_figures(g, run, cfg, device) if cfg.attack == "patch" and cfg.poison > 0 else {}
+        summary = summarize(out, cfg, run["malicious"], time.time() - t0, extra)
     return run | dict(counts=counts, weights=weights, history=history, summary=summary)
 
 
@@ -1269,8 +1530,9 @@ def reconstruct(g, run, cfg, device):
     print(f"reconstruct: done, mean G loss {gl:.3f}")
 
 
-def summarize(out, cfg, bad, seconds):
-    """End-of-run summary: flags per client, final weights, detection rates after warm-up."""
+def summarize(out, cfg, bad, seconds, extra=None):
+    """End-of-run summary: flags per client, final weights, detection rates after warm-up (for Krum,
+    rejection rates and the attackers' mean share of the aggregate), plus `extra` (backdoor figures)."""
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     flags = np.array([r["flagged"] for r in recs])
     post = np.array([r["round"] > cfg.warmup for r in recs])
@@ -1288,6 +1550,12 @@ def summarize(out, cfg, bad, seconds):
         s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None  # counted from the first detection round
         if len(hit):  # how steadily the attacker stays flagged once found
             s["tpr_after_first_flag"] = float(flags[post][hit[0]:, mal].mean())
+    if "selected" in recs[-1] and post.any():  # Krum: a client left out of the average counts as flagged
+        sel = np.array([r["selected"] for r in recs])[post]
+        s["krum_rejected_malicious"] = float(1 - sel[:, mal].mean()) if mal.any() else None
+        s["krum_rejected_benign"] = float(1 - sel[:, ~mal].mean())
+        s["malicious_mean_share"] = float((sel[:, mal].sum(1) / sel.sum(1)).mean())
+    s.update(extra or {})
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
           f"final weights {fmt(s['final_weights'])}  malicious {s['malicious']}")
@@ -1297,6 +1565,13 @@ def summarize(out, cfg, bad, seconds):
         print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round"
               + (f"  first correct flag after {first} detection round(s)" if first else "")
               + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if mal.any() else ""))
+    if "krum_rejected_benign" in s:
+        print(f"{cfg.defense}: left out attackers in {s['krum_rejected_malicious'] or 0:.2f} and benign clients in "
+              f"{s['krum_rejected_benign']:.2f} of their rounds after warm-up; attackers' mean share "
+              f"{s['malicious_mean_share']:.3f}")
+    if "trigger_rate" in s:
+        print(f"backdoor: {s['trigger_rate']:.3f} of generated images carry the trigger "
+              f"(clean real images by chance: {s['trigger_rate_real']:.3f})")
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
     return s
 
@@ -1325,64 +1600,96 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+PAPER_SHARD = 1464  # ChestX images per client in the study (4 clients): what one round means there
+
+
 def bench(cfg):
     """Time client training steps, the server aggregation and a FedDetect call; print figures and a JSON line.
     FLOPs: forward passes counted with torch.utils.flop_counter, times 4 generator and 9 discriminator
-    forward-equivalents per image-step (D step: G fwd, D fwd+bwd on real and fake; G step: G and D fwd+bwd)."""
+    forward-equivalents per image-step (D step: G fwd, D fwd+bwd on real and fake; G step: G and D fwd+bwd).
+    The counter's own backward figures are not used: it overcounts grouped convolutions' backward.
+    With clients side by side (--parallel-clients), --clients clients are stepped together."""
     device = pick_device(cfg.device)
+    set_precision(cfg, device)
     seed_everything(cfg.seed)
     n = cfg.batch * (cfg.bench_steps + 2)
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
     g, _ = build_models(cfg, 2)
     g.to(device)
-    client = make_client(cfg, g, 2, x, y, device)
+    n_params = sum(p.numel() for p in g.parameters()) + sum(p.numel() for p in build_models(cfg, 2)[1].parameters())
+    parallel, _ = plan_clients(cfg, device, [1] * cfg.clients, [cfg.batch] * cfg.clients, cfg.clients,
+                               n_params * 16 / 2**20)
+    clients = [make_client(cfg, g, 2, x, y, device, client_id=i) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
-    local_train(client, state, cfg, device, 2)  # warm-up (allocator, kernels)
-    sync(device)
+    step = ((lambda k: local_train_parallel(clients, state, cfg, device, k)) if parallel
+            else (lambda k: local_train(clients[0], state, cfg, device, k)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    local_train(client, state, cfg, device, cfg.bench_steps)
-    sync(device)
-    step_s = (time.perf_counter() - t) / cfg.bench_steps
-    img_per_s = cfg.batch / step_s
+    step(2)  # warm-up (allocator, kernels, compilation)
+    warm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    step(cfg.bench_steps)
+    step_s = (time.perf_counter() - t) / cfg.bench_steps  # local_train reads its losses once: a sync
+    img_per_s = len(clients) * cfg.batch / step_s
     z, lab = torch.randn(cfg.batch, cfg.z_dim, device=device), y[:cfg.batch].to(device)
-    g_fl = count_forward_flops(client["g"], z, lab) / cfg.batch
-    d_fl = count_forward_flops(client["d"], to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
+    g_fl = count_forward_flops(clients[0]["g"], z, lab) / cfg.batch
+    d_fl = count_forward_flops(clients[0]["d"], to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
     step_flops = 4 * g_fl + 9 * d_fl
     gflops = step_flops * img_per_s / 1e9
-    mm = matmul_gflops(device)
+    ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the machine's fast matmul
+    mm = matmul_gflops(device, ref_dtype, n=8192 if device.type == "cuda" else 2048)
     states = [{k: v + 0.01 * i for k, v in state.items()} for i in range(cfg.clients)]
     t = time.perf_counter()
     for _ in range(5):
         fedavg(states, np.full(cfg.clients, 1.0 / cfg.clients))
+    sync(device)
     server_ms = (time.perf_counter() - t) / 5 * 1000
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
     t = time.perf_counter()
     for _ in range(5):
         feddetect_paper(hist, seed=1) if cfg.detect_rule == "paper" else feddetect_calibrated(hist, cfg.detect_fpr)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
-    shard = 1214 * 2 // cfg.clients if cfg.dataset != "synthetic" else cfg.synthetic_per_class * 2 // cfg.clients
-    round_ms = cfg.clients * steps_per_round(cfg, shard) * step_s * 1000
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+    shard = PAPER_SHARD if cfg.dataset != "synthetic" else cfg.synthetic_per_class * 2 // cfg.clients
+    steps = steps_per_round(cfg, shard)
+    round_ms = cfg.clients * steps * cfg.batch / img_per_s * 1000 + server_ms + detect_ms
+    rounds = cfg.rounds
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, width {cfg.width}, device {device}, "
-          f"threads {torch.get_num_threads()}, G {sum(p.numel() for p in g.parameters()) / 1e6:.2f}M params, "
-          f"D {sum(p.numel() for p in client['d'].parameters()) / 1e6:.2f}M params")
-    print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step)")
+    amp = amp_dtype_for(cfg, device)
+    precision = str(amp).replace("torch.", "") if amp else ("tf32" if device.type == "cuda" and cfg.tf32 else "fp32")
+    (gw, gmax), (dw, dmax) = arch_sizes(cfg)
+    print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, arch {cfg.arch} (G width {gw} max {gmax}, "
+          f"D width {dw} max {dmax}), {precision}, {len(clients)} client(s) {'side by side' if parallel else 'alone'}"
+          f"{', compiled' if cfg.compile else ''}, device {device_name(device)}, threads {torch.get_num_threads()}, "
+          f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f}M params, "
+          f"D {sum(p.numel() for p in clients[0]['d'].parameters()) / 1e6:.2f}M params")
+    print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {len(clients)} x "
+          f"{cfg.batch}; warm-up {warm_s:.1f} s)")
     print(f"  FLOPs/image   G fwd {g_fl / 1e9:.3f} G, D fwd {d_fl / 1e9:.3f} G, step (4G+9D) {step_flops / 1e9:.2f} G")
-    print(f"  achieved      {gflops:8.1f} GFLOP/s vs matmul {mm:.1f} GFLOP/s  -> ratio {gflops / mm:.2f}")
+    print(f"  achieved      {gflops / 1e3:8.3f} TFLOP/s vs {str(ref_dtype).replace('torch.', '')} matmul "
+          f"{mm / 1e3:.3f} TFLOP/s  -> ratio {gflops / mm:.2f}")
     print(f"  server        {server_ms:8.2f} ms FedAvg of {cfg.clients} generators, "
           f"{detect_ms:.2f} ms FedDetect ({cfg.detect_rule})")
-    print(f"  round         {round_ms / 1000:8.2f} s at {shard} images per client; server share "
-          f"{100 * (server_ms + detect_ms) / round_ms:.3f}%")
+    print(f"  round         {round_ms / 1000:8.2f} s at {shard} images per client ({cfg.clients} x {steps} steps); "
+          f"server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; {rounds} rounds ~ "
+          f"{rounds * round_ms / 60000:.1f} min")
     print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    res = dict(img_per_s=round(img_per_s, 2), server_ms=round(server_ms, 3), detect_ms=round(detect_ms, 3),
-               peak_rss_mb=round(peak, 1), gflops=round(gflops, 2), matmul_gflops=round(mm, 2),
-               ratio=round(gflops / mm, 3), round_s=round(round_ms / 1000, 3), img_size=cfg.img_size,
-               batch=cfg.batch, width=cfg.width, device=str(device))
+    res = dict(img_per_s=round(img_per_s, 2), step_ms=round(step_s * 1000, 2), server_ms=round(server_ms, 3),
+               detect_ms=round(detect_ms, 3), peak_mb=round(peak, 1), gflops=round(gflops, 2),
+               matmul_gflops=round(mm, 2), matmul_dtype=str(ref_dtype).replace("torch.", ""),
+               ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
+               round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),
+               img_size=cfg.img_size, batch=cfg.batch, arch=cfg.arch, width=cfg.width, precision=precision,
+               parallel=parallel, clients_stepped=len(clients), compile=cfg.compile, device=device_name(device))
     if cfg.bench_round:
         res.update(bench_round(cfg))
     print(json.dumps(res))
     return res
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
 def client_bytes(client):
@@ -1404,7 +1711,7 @@ def bench_round(cfg):
         steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
         g_state = {k: v.detach().clone() for k, v in run["g"].state_dict().items()}
         t = time.perf_counter()
-        results = {i: local_train(run["clients"][i], g_state, cfg, run["device"], steps[i]) for i in run["owned"]}
+        results = train_clients(run, g_state, cfg, steps)
         sync(run["device"])
         train_s = time.perf_counter() - t
         g_losses = [results[i][1] for i in range(cfg.clients)]

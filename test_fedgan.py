@@ -650,6 +650,9 @@ def test_bad_inputs_fail_with_one_clear_line():
         _fails_cleanly(["--malicious", "1"] + out, "without an attack")
         _fails_cleanly(["--defense", "magic"] + out, "invalid choice")
         _fails_cleanly(["--img-size", "48"] + out, "power of two")
+        _fails_cleanly(["--device", "cpu", "--amp-dtype", "fp16"] + out, "needs CUDA")
+        _fails_cleanly(["--partition", "dirichlet", "--dirichlet-alpha", "0.2", "--parallel-clients", "on"] + out,
+                       "shards differ")
         _fails_cleanly(["--resume", str(tmp / "empty")], "no checkpoint")
         keep = tmp / "o" / "precious.txt"
         keep.parent.mkdir()
@@ -797,17 +800,138 @@ def test_bench_prints_its_figures_as_json():
     with contextlib.redirect_stdout(out):
         fedgan.main(["--bench", "--img-size", "16", "--width", "8", "--batch", "8", "--bench-steps", "1"])
     res = json.loads(out.getvalue().strip().splitlines()[-1])
-    for k in ("img_per_s", "server_ms", "detect_ms", "peak_rss_mb", "gflops", "matmul_gflops", "ratio"):
+    for k in ("img_per_s", "server_ms", "detect_ms", "peak_mb", "gflops", "matmul_gflops", "ratio", "run_min"):
         assert k in res and res[k] > 0, k
+    # the FLOPs per image-step are the counted forward passes times 4 G + 9 D forward-equivalents
+    assert math.isclose(res["gflops"], (4 * res["g_fwd_gflop"] + 9 * res["d_fwd_gflop"]) * res["img_per_s"],
+                        rel_tol=0.01)
+
+
+def test_flop_count_of_one_modulated_conv_matches_its_hand_count():
+    B, cin, cout, w_dim, r = 3, 8, 16, 32, 8
+    conv = fedgan.StyledConv(cin, cout, w_dim)
+    x, w, noise = torch.randn(B, cin, r, r), torch.randn(B, w_dim), torch.randn(B, 1, r, r)
+    hand = (2 * B * cout * cin * 9 * r * r     # the 3x3 conv on the modulated input
+            + 2 * B * w_dim * cin              # the affine layer: w -> styles
+            + 2 * B * cin * cout)              # demodulation: styles^2 @ sum_k(weight^2)^T
+    assert fedgan.count_forward_flops(conv, x, w, noise) == hand
+
+
+def test_paper_arch_has_the_studys_sizes():
+    with torch.device("meta"):  # sizes only
+        cfg = fedgan.parse_args(["--dataset", "chestx", "--arch", "paper"])
+        g, d = fedgan.build_models(cfg, 2)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(count(g) / 1e6 - 24.7) < 0.1 and abs(count(d) / 1e6 - 44.7) < 0.1, (count(g), count(d))
+    assert max(b["conv1"].weight.shape[0] for b in g.blocks) == 512 and g.blocks[-1]["conv1"].weight.shape[0] == 128
+    convs = [m for m in d.features if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 64 and convs[-1].out_channels == 2048
+
+
+def state_of(run):
+    """Every client's G and D, and the global G, as one flat list of tensors."""
+    ts = list(run["g"].state_dict().values())
+    for c in run["clients"].values():
+        ts += list(c["g"].state_dict().values()) + list(c["d"].state_dict().values())
+    return ts
+
+
+def max_rel_diff(run_a, run_b):
+    """Largest |a - b| / max(1, |a|) over all models: float32 rounding of weights as large as the
+    mapping network's (equalized lr stores them x100) is ~1e-5 absolute, so scale by magnitude."""
+    return max(((a.double() - b.double()).abs() / a.double().abs().clamp(min=1)).max().item()
+               for a, b in zip(state_of(run_a), state_of(run_b)))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_parallel_clients_and_host_offload_equal_the_sequential_loop():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--rounds", "2", "--local-steps", "3", "--poison", "4", "--defense", "feddetect", "--warmup", "0")
+        # In float64 the two loops agree to rounding: they compute the same thing. In float32 each
+        # grouped conv sums in another order, and GAN training amplifies that (5e-5 seen, see below).
+        with default_dtype(torch.float64):
+            seq64 = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s64", *args, "--parallel-clients", "off"))
+            par64 = quiet(fedgan.train, tiny_cfg(Path(tmp) / "p64", *args, "--parallel-clients", "on"))
+        assert seq64["g"].const.dtype == torch.float64
+        assert max_rel_diff(seq64, par64) < 1e-10, max_rel_diff(seq64, par64)
+        seq = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "off"))
+        par = quiet(fedgan.train, tiny_cfg(Path(tmp) / "p", *args, "--parallel-clients", "on"))
+        off = quiet(fedgan.train, tiny_cfg(Path(tmp) / "o", *args, "--offload", "on"))
+        assert par["parallel"] and not seq["parallel"] and off["offload"]
+        assert np.allclose(seq["history"], par["history"], atol=1e-5)
+        assert max_rel_diff(seq, par) < 1e-3, max_rel_diff(seq, par)
+        assert all(torch.equal(a, b) for a, b in zip(state_of(seq), state_of(off)))
+        # a resume of the side-by-side run continues from the same per-client Adam states
+        ck = torch.load(Path(tmp) / "p64" / "checkpoint.pt", weights_only=False)["clients"]
+        ck_seq = torch.load(Path(tmp) / "s64" / "checkpoint.pt", weights_only=False)["clients"]
+        for i in range(4):
+            for opt in ("opt_g", "opt_d"):
+                a, b = ck[i][opt]["state"], ck_seq[i][opt]["state"]
+                assert a.keys() == b.keys() and all(int(a[k]["step"]) == int(b[k]["step"]) == 6 for k in a)
+                assert all(torch.allclose(a[k][m], b[k][m], rtol=1e-9, atol=1e-12)
+                           for k in a for m in ("exp_avg", "exp_avg_sq"))
+
+
+def test_parallel_clients_on_refuses_unequal_shards():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--partition", "dirichlet", "--dirichlet-alpha", "0.3", "--parallel-clients", "on")
+        try:
+            quiet(fedgan.train, cfg)
+        except fedgan.FedGANError as e:
+            assert "shards differ" in str(e)
+        else:
+            raise AssertionError("unequal shards were stepped side by side")
+
+
+def test_bf16_autocast_on_cpu_trains_without_nan():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--device", "cpu", "--amp-dtype", "bf16", "--rounds", "3", "--local-steps", "3")
+        run = quiet(fedgan.train, cfg)
+        assert np.isfinite(np.array(run["history"])).all()
+        assert all(torch.isfinite(v).all() for v in run["g"].state_dict().values())
+        fp32 = quiet(fedgan.train, tiny_cfg(Path(tmp) / "f", "--rounds", "3", "--local-steps", "3"))
+        assert not np.allclose(run["history"], fp32["history"])  # autocast really ran in bf16
+        assert np.allclose(run["history"], fp32["history"], rtol=0.1)  # and stayed close to fp32
+
+
+def test_compiled_training_matches_eager():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--rounds", "1", "--local-steps", "2", "--width", "8")
+        eager = quiet(fedgan.train, tiny_cfg(Path(tmp) / "e", *args))
+        comp = quiet(fedgan.train, tiny_cfg(Path(tmp) / "c", *args, "--compile"))
+        assert np.allclose(eager["history"], comp["history"], atol=1e-4)
+        assert max_rel_diff(eager, comp) < 1e-4, max_rel_diff(eager, comp)
 
 
 def test_cuda_amp_trains_without_nan():
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = tiny_cfg(Path(tmp) / "r", "--device", "cuda", "--rounds", "3", "--local-steps", "3")
-        run = quiet(fedgan.train, cfg)
-        assert np.isfinite(np.array(run["history"])).all()
+        for dtype in ("bf16", "fp16"):  # fp16 takes the GradScaler path, clients in turn
+            cfg = tiny_cfg(Path(tmp) / dtype, "--device", "cuda", "--rounds", "3", "--local-steps", "3",
+                           "--amp-dtype", dtype)
+            run = quiet(fedgan.train, cfg)
+            assert np.isfinite(np.array(run["history"])).all(), dtype
+            assert run["parallel"] == (dtype == "bf16")
+
+
+def test_cuda_parallel_clients_equal_sequential():
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp, default_dtype(torch.float64):
+        args = ("--device", "cuda", "--no-amp", "--rounds", "2", "--local-steps", "3")
+        seq = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "off"))
+        par = quiet(fedgan.train, tiny_cfg(Path(tmp) / "p", *args, "--parallel-clients", "on"))
+        assert max_rel_diff(seq, par) < 1e-8, max_rel_diff(seq, par)
 
 
 # ---------------------------------------------------------------------------------------------
