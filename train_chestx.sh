@@ -65,7 +65,14 @@ for p in 16 32 64; do
     done
 done
 
+mmss() { printf '%d:%02d' $(( $1 / 60 )) $(( $1 % 60 )); }
+
 mkdir -p "$OUT"
+exec 9> "$OUT/.lock"  # two scripts on one folder would train the same run twice
+if ! flock -n 9; then
+    echo "another train script is running on $OUT; wait for it or choose another OUT" >&2
+    exit 1
+fi
 echo "grid: ${#NAMES[@]} runs of $DATASET at ${IMG} px, $ROUNDS rounds, $CLIENTS clients -> $OUT (quick=$QUICK)"
 t_start=$SECONDS
 ran=0
@@ -97,7 +104,7 @@ for k in "${!NAMES[@]}"; do
     elapsed=$((SECONDS - t_start))
     left=$(( elapsed * (${#NAMES[@]} - k - 1) / ran ))
     grep -E "^(detector|backdoor)" "$log" | tail -n 2 | sed 's/^/    /' || true
-    echo "$tag: done in $((SECONDS - t_run)) s; elapsed $((elapsed / 60)) min, about $((left / 60)) min of training left"
+    echo "$tag: done in $(mmss $((SECONDS - t_run))); elapsed $(mmss "$elapsed"), about $(mmss "$left") of training left"
 done
 
 # eval: fidelity of every run; utility of vanilla, the 32 px attack and FedDetect against it
@@ -115,7 +122,7 @@ echo "[eval] utility study ($SEEDS seeds) -> $OUT/eval_utility (log $OUT/eval_ut
     echo "# $DATASET grid ($([ "$QUICK" = 1 ] && echo "QUICK mode, CPU-sized" || echo "paper settings"))"
     echo
     echo "${#NAMES[@]} runs at ${IMG} px, $ROUNDS rounds, $CLIENTS clients, seed $SEED; data: ${DATA[*]}."
-    echo "Training and eval took $(( (SECONDS - t_start) / 60 )) min in this invocation (finished runs skipped)."
+    echo "Training and eval took $(mmss $((SECONDS - t_start))) (min:s) in this invocation (finished runs skipped)."
     echo
     echo "## Detection (from each run's summary.json)"
     echo
@@ -136,6 +143,6 @@ EOF
     echo
     sed '1d' "$OUT/eval_fidelity/results.md"
     echo
-    sed '1d' "$OUT/eval_utility/results.md"
+    sed -e '1d' -e '/^Protocol:/d' "$OUT/eval_utility/results.md"
 } > "$OUT/results.md"
-echo "done: $OUT/results.md"
+echo "done in $(mmss $((SECONDS - t_start))): $OUT/results.md"
