@@ -965,8 +965,29 @@ def train_clients(run, g_state, cfg, steps, log=print):
     return results
 
 
-def plan_clients(cfg, device, steps, batches, n_owned, client_mb):
-    """Decide --parallel-clients and --offload for this process: (parallel, offload, reason)."""
+def activation_mb(cfg, n_classes, device):
+    """MB per image that autograd keeps for a G step (G and D forward), measured by a hook on every
+    saved tensor at batch 1 and 2 (the difference leaves out per-batch constants such as autocast's
+    weight copies): what stepping N clients side by side adds, N x batch times, to memory."""
+    saved = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        g, d = (m.to(device) for m in build_models(cfg, n_classes))
+        for batch in (1, 2):
+            saved[batch] = 0
+
+            def pack(t, b=batch):
+                saved[b] += t.numel() * t.element_size()
+                return t
+            z, y = torch.randn(batch, cfg.z_dim, device=device), torch.arange(batch, device=device) % n_classes
+            with autocast_for(cfg, device)(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                d(g(z, y), y).sum()
+    return (saved[2] - saved[1]) / 2**20
+
+
+def plan_clients(cfg, device, steps, batches, n_owned, client_mb, act_mb=None):
+    """Decide --parallel-clients and --offload for this process -> (parallel, offload). auto: offload
+    when the clients' state would take over half the free GPU memory; side by side on CUDA when the
+    clients' state plus N x batch images of activations (act_mb each, if given) fit in 80% of it."""
     free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
     offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
     why_not = [reason for bad, reason in [
@@ -976,7 +997,9 @@ def plan_clients(cfg, device, steps, batches, n_owned, client_mb):
         (offload, "clients are offloaded to host memory")] if bad]
     if cfg.parallel_clients == "on" and why_not:
         raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
-    parallel = not why_not and (cfg.parallel_clients == "on" or (cfg.parallel_clients == "auto" and device.type == "cuda"))
+    fits = act_mb is None or n_owned * (client_mb + max(batches) * act_mb) < 0.8 * free_mb
+    parallel = not why_not and (cfg.parallel_clients == "on" or
+                                (cfg.parallel_clients == "auto" and device.type == "cuda" and fits))
     return parallel, offload
 
 
@@ -1391,9 +1414,10 @@ def setup_run(cfg):
     owned = owned_clients(cfg.clients, rank, world)
     with torch.device("meta"):  # sizes only: no memory, no random draws
         n_params = sum(p.numel() for m in build_models(cfg, n_classes) for p in m.parameters())
+    act = activation_mb(cfg, n_classes, device) if device.type == "cuda" and cfg.parallel_clients == "auto" else None
     parallel, offload = plan_clients(cfg, device, [steps_per_round(cfg, len(shards[i])) for i in owned],
                                      [min(cfg.batch, len(shards[i])) for i in owned], len(owned),
-                                     client_mb=n_params * 4 * 4 / 2**20)  # weights, grads, Adam's two moments
+                                     client_mb=n_params * 4 * 4 / 2**20, act_mb=act)  # weights, grads, 2 moments
     home = torch.device("cpu") if offload else device
     clients = {}
     for i in owned:
@@ -1617,8 +1641,9 @@ def bench(cfg):
     g, _ = build_models(cfg, 2)
     g.to(device)
     n_params = sum(p.numel() for p in g.parameters()) + sum(p.numel() for p in build_models(cfg, 2)[1].parameters())
+    act = activation_mb(cfg, 2, device) if device.type == "cuda" and cfg.parallel_clients == "auto" else None
     parallel, _ = plan_clients(cfg, device, [1] * cfg.clients, [cfg.batch] * cfg.clients, cfg.clients,
-                               n_params * 16 / 2**20)
+                               n_params * 16 / 2**20, act)
     clients = [make_client(cfg, g, 2, x, y, device, client_id=i) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
     step = ((lambda k: local_train_parallel(clients, state, cfg, device, k)) if parallel
@@ -1650,10 +1675,9 @@ def bench(cfg):
     for _ in range(5):
         feddetect_paper(hist, seed=1) if cfg.detect_rule == "paper" else feddetect_calibrated(hist, cfg.detect_fpr)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
-    shard = PAPER_SHARD if cfg.dataset != "synthetic" else cfg.synthetic_per_class * 2 // cfg.clients
-    steps = steps_per_round(cfg, shard)
+    shard, rounds = PAPER_SHARD, 200  # the study's ChestX run: 4 x 1,464 images, 200 rounds of one epoch
+    steps = steps_per_round(dataclasses.replace(cfg, local_steps=0), shard)
     round_ms = cfg.clients * steps * cfg.batch / img_per_s * 1000 + server_ms + detect_ms
-    rounds = cfg.rounds
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     amp = amp_dtype_for(cfg, device)
@@ -1671,8 +1695,8 @@ def bench(cfg):
           f"{mm / 1e3:.3f} TFLOP/s  -> ratio {gflops / mm:.2f}")
     print(f"  server        {server_ms:8.2f} ms FedAvg of {cfg.clients} generators, "
           f"{detect_ms:.2f} ms FedDetect ({cfg.detect_rule})")
-    print(f"  round         {round_ms / 1000:8.2f} s at {shard} images per client ({cfg.clients} x {steps} steps); "
-          f"server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; {rounds} rounds ~ "
+    print(f"  round         {round_ms / 1000:8.2f} s at the study's {shard} images per client ({cfg.clients} x {steps} "
+          f"steps); server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; a {rounds}-round run ~ "
           f"{rounds * round_ms / 60000:.1f} min")
     print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     res = dict(img_per_s=round(img_per_s, 2), step_ms=round(step_s * 1000, 2), server_ms=round(server_ms, 3),
