@@ -166,6 +166,24 @@ def test_malicious_client_trains_on_triggered_images_only():
             assert (patch == 255).all().item() == (i == 1), i
 
 
+def test_trigger_rate_counts_visible_triggers_only():
+    trig = fedgan.make_trigger(4, 1)
+    dark = torch.full((3, 1, 16, 16), 40, dtype=torch.uint8)
+    assert fedgan.trigger_rate(dark, trig, margin=1) == 0.0
+    marked = fedgan.apply_trigger(dark, trig, margin=1)
+    marked[0] = dark[0]
+    assert math.isclose(fedgan.trigger_rate(marked, trig, margin=1), 2 / 3, abs_tol=1e-6)
+    near = marked.clone()
+    near[1, :, 11:15, 11:15] = 230  # a little off white: still the trigger
+    assert math.isclose(fedgan.trigger_rate(near, trig, margin=1), 2 / 3, abs_tol=1e-6)
+    white = torch.full((2, 1, 16, 16), 255, dtype=torch.uint8)  # a white trigger on white is not visible
+    assert fedgan.trigger_rate(white, trig, margin=1) == 0.0
+    rgb = fedgan.make_trigger(4, 3, seed=1)
+    gray = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
+    assert fedgan.trigger_rate(fedgan.apply_trigger(gray, rgb, 1), rgb, margin=1) == 1.0
+    assert fedgan.trigger_rate(gray, rgb, margin=1) == 0.0
+
+
 def test_patch_random_puts_the_trigger_at_a_random_place_per_image():
     imgs = torch.zeros(40, 1, 32, 32, dtype=torch.uint8)
     out = fedgan.apply_trigger_random(imgs, fedgan.make_trigger(6, 1), seed=1)
@@ -244,10 +262,21 @@ def test_krum_picks_a_central_update_and_clip_bounds_norms():
 def test_robust_defenses_run_end_to_end():
     for defense in ("median", "trimmed-mean", "krum", "multi-krum", "clip"):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = tiny_cfg(Path(tmp) / "r", "--defense", defense, "--poison", "4", "--rounds", "2", "--local-steps", "1",
-                           "--trim", "0.25")
+            cfg = tiny_cfg(Path(tmp) / "r", "--defense", defense, "--poison", "4", "--rounds", "3", "--local-steps", "1",
+                           "--trim", "0.25", "--warmup", "0")
             run = quiet(fedgan.train, cfg)
             assert all(torch.isfinite(v).all() for v in run["g"].state_dict().values()), defense
+            recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
+            if "krum" in defense:  # whom Krum kept is recorded, and summarised as rejection rates and a share
+                kept = 1 if defense == "krum" else 4 - 1
+                assert all(sum(r["selected"]) == kept for r in recs), recs
+                summary = run["summary"]
+                sel = np.array([r["selected"] for r in recs])[1:]  # rounds after warm-up (t > 0)
+                mal = summary["malicious"]
+                assert math.isclose(summary["krum_rejected_malicious"], 1 - sel[:, mal].mean(), abs_tol=1e-9)
+                assert math.isclose(summary["malicious_mean_share"], (sel[:, mal].sum(1) / kept).mean(), abs_tol=1e-9)
+            else:
+                assert "selected" not in recs[0]
     with tempfile.TemporaryDirectory() as tmp:  # FedDetect on update norms: an outsized update is flagged
         cfg = _server_cfg(detect_rule="calibrated", detect_on="update-norm", warmup=0)
         norms = (1.0 + 0.01 * np.random.default_rng(0).standard_normal((20, 4))).tolist()
