@@ -444,9 +444,11 @@ def evaluate(a):
                    "LPIPS v0.1 linear weights", input="[-1, 1], gray repeated to RGB, no resizing"),
         fid=dict(features="penultimate layer (128-d) of SmallCNN trained on the real training data",
                  epochs=a.fid_epochs, n_synth_per_class=a.n_synth, real="held-out test split")))
-    results["protocol_text"] = (f"LPIPS: per class, mean over {a.pairs} random (synthetic, real held-out test) pairs "
-                                f"of that class, seed {a.seed}, ± standard error. Domain FID: {a.n_synth} synthetic "
-                                f"images per class against the test split.")
+    results["protocol_text"] = " ".join(
+        [f"LPIPS: per class, mean over {a.pairs} random (synthetic, real held-out test) pairs of that class, "
+         f"seed {a.seed}, ± standard error."] * ("lpips" in a.metrics) +
+        [f"Domain FID: {a.n_synth} synthetic images per class against the test split."] * ("fid" in a.metrics) +
+        [f"Utility: {a.classifier} classifier, {a.epochs} epochs, {a.seeds} seeds."] * ("utility" in a.metrics))
     fid_nets = {}
     for name, r in runs.items():
         res = results["runs"].setdefault(name, {})
