@@ -558,15 +558,28 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
 
 
-def modulated_conv2d(x, weight, styles, demodulate=True, padding=1):
+def blur_up(x):
+    """The [1, 3, 3, 1] low-pass that follows a stride-2 transposed conv in StyleGAN2 (gain 4 keeps the
+    mean): (B, C, 2H+1, 2W+1) -> (B, C, 2H, 2W)."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :]) / 16.0                                  # sums to 4
+    return F.conv2d(x, k.expand(x.shape[1], 1, 4, 4), padding=1, groups=x.shape[1])
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, padding=1, up=False):
     """StyleGAN2's modulated convolution in its cheap form: scale input, shared conv, scale output.
 
     x (B, Cin, H, W); weight (Cout, Cin, k, k), already scaled; styles (B, Cin).
     Equal to convolving each sample with weight * styles (demodulated per output channel), but one
     ordinary conv for the batch: no grouped conv, so it is fast and its FLOPs are counted right.
+    up: StyleGAN2's upsampling conv, a stride-2 transposed conv at the input resolution then a blur
+    (output 2H x 2W), a quarter of the FLOPs of upsampling first and convolving at the output size.
     """
     x = x * styles[:, :, None, None].to(x.dtype)                         # modulate   (B, Cin, H, W)
-    out = F.conv2d(x, weight.to(x.dtype), padding=padding)               # (B, Cout, H, W)
+    if up:
+        out = blur_up(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2))  # (B, Cout, 2H, 2W)
+    else:
+        out = F.conv2d(x, weight.to(x.dtype), padding=padding)           # (B, Cout, H, W)
     if demodulate:  # 1 / ||weight * style|| over (Cin, k, k), per sample and output channel
         acc = torch.promote_types(weight.dtype, torch.float32)          # fp32 under autocast, fp64 stays fp64
         w2 = weight.to(acc).square().sum(dim=(2, 3))                     # (Cout, Cin)
@@ -578,20 +591,21 @@ def modulated_conv2d(x, weight, styles, demodulate=True, padding=1):
 class StyledConv(nn.Module):
     """Modulated 3x3 conv + per-pixel noise (one learned scalar) + bias + leaky ReLU (gain sqrt 2)."""
 
-    def __init__(self, c_in, c_out, w_dim, up=False, res=4):
+    def __init__(self, c_in, c_out, w_dim, up=False, res=4, up_mode="bilinear"):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
         self.scale = 1 / math.sqrt(c_in * 9)
         self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: identity modulation
         self.noise_strength = nn.Parameter(torch.zeros(()))
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.up, self.res = up, res  # res: output size
+        self.up, self.res, self.up_mode = up, res, up_mode  # res: output size; up_mode: bilinear | transpose
 
     def forward(self, x, w, noise):
         """noise: (B, 1, H, W) at this layer's output size (drawn by Generator.draw_noise)."""
-        if self.up:
+        transpose = self.up and self.up_mode == "transpose"
+        if self.up and not transpose:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w))
+        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w), up=transpose)
         x = x + self.noise_strength.to(x.dtype) * noise.to(x.dtype) + self.bias.to(x.dtype)[None, :, None, None]
         return F.leaky_relu(x, 0.2) * math.sqrt(2)
 
@@ -625,10 +639,10 @@ class Generator(nn.Module):
     """
 
     def __init__(self, img_size=32, channels=1, n_classes=2, z_dim=64, w_dim=128, width=32, max_channels=256,
-                 map_layers=4):
+                 map_layers=4, up_mode="bilinear"):
         super().__init__()
         self.kwargs = dict(img_size=img_size, channels=channels, n_classes=n_classes, z_dim=z_dim, w_dim=w_dim,
-                           width=width, max_channels=max_channels, map_layers=map_layers)
+                           width=width, max_channels=max_channels, map_layers=map_layers, up_mode=up_mode)
         self.z_dim, self.n_classes = z_dim, n_classes
         self.embed = EqualLinear(n_classes, w_dim)
         layers, d = [], z_dim + w_dim
@@ -644,7 +658,7 @@ class Generator(nn.Module):
         res = 8
         while res <= img_size:
             self.blocks.append(nn.ModuleDict(dict(
-                conv0=StyledConv(ch(res // 2), ch(res), w_dim, up=True, res=res),
+                conv0=StyledConv(ch(res // 2), ch(res), w_dim, up=True, res=res, up_mode=up_mode),
                 conv1=StyledConv(ch(res), ch(res), w_dim),
                 rgb=ToRGB(ch(res), channels, w_dim))))
             res *= 2
@@ -698,7 +712,8 @@ class Discriminator(nn.Module):
 
 def arch_sizes(cfg):
     """(width, max_channels) of the generator and of the discriminator. paper: StyleGAN2's channel rule
-    (32768 / resolution, at most 512) and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px)."""
+    (32768 / resolution, at most 512) and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px); its
+    generator also upsamples as StyleGAN2 does (build_models: up_mode 'transpose')."""
     if cfg.arch == "paper":
         return (32768 // cfg.img_size, 512), (64, 2048)
     return (cfg.width, cfg.max_channels), (cfg.width, cfg.max_channels)
@@ -706,7 +721,8 @@ def arch_sizes(cfg):
 
 def build_models(cfg, n_classes):
     (gw, gmax), (dw, dmax) = arch_sizes(cfg)
-    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, gw, gmax)
+    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, gw, gmax,
+                  up_mode="transpose" if cfg.arch == "paper" else "bilinear")
     d = Discriminator(cfg.img_size, cfg.channels, n_classes, dw, dmax)
     return g, d
 

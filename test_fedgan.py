@@ -855,6 +855,25 @@ def test_paper_arch_has_the_studys_sizes():
     assert max(b["conv1"].weight.shape[0] for b in g.blocks) == 512 and g.blocks[-1]["conv1"].weight.shape[0] == 128
     convs = [m for m in d.features if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].out_channels == 64 and convs[-1].out_channels == 2048
+    with torch.device("meta"):  # FLOPs from shapes alone: the study's 90.7 G (generator) and 5.5 G per image
+        y = torch.tensor([1])
+        g_fl = fedgan.count_forward_flops(g, torch.randn(1, 64), y) / 1e9
+        d_fl = fedgan.count_forward_flops(d, torch.randn(1, 1, 256, 256), y) / 1e9
+    assert abs(g_fl - 90.7) < 0.2 and abs(d_fl - 5.4) < 0.1, (g_fl, d_fl)
+
+
+def test_upsampling_modulated_conv_equals_per_sample_transposed_conv():
+    torch.manual_seed(0)
+    x, w, styles = torch.randn(3, 6, 5, 5), torch.randn(4, 6, 3, 3) / 8, torch.rand(3, 6) + 0.5
+    out = fedgan.modulated_conv2d(x, w, styles, up=True)
+    assert out.shape == (3, 4, 10, 10)
+    for i in range(3):  # StyleGAN2's definition: modulate and demodulate the weights per sample
+        wi = w * styles[i][None, :, None, None]
+        wi = wi * torch.rsqrt(wi.square().sum((1, 2, 3)) + 1e-8)[:, None, None, None]
+        ref = fedgan.blur_up(F.conv_transpose2d(x[i:i + 1], wi.transpose(0, 1), stride=2))
+        assert torch.allclose(out[i:i + 1], ref, atol=1e-5)
+    flat = fedgan.blur_up(torch.ones(1, 2, 9, 9))  # the blur keeps a constant's level x4 (upsampling gain)
+    assert torch.allclose(flat[..., 2:-2, 2:-2], torch.full_like(flat[..., 2:-2, 2:-2], 4.0))
 
 
 def state_of(run):
