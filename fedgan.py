@@ -121,7 +121,8 @@ class Config:
                                "its turns: auto (when N clients would not fit the GPU) | on | off",
                        choices=["auto", "on", "off"])
     arch: str = opt("small", "small (sized by --width/--max-channels, suits a CPU) | paper (the study's sizes: G "
-                             "channels 32768/res up to 512, D from 64 doubling to 2048 at 4x4)",
+                             "channels 32768/res up to 512 with StyleGAN2's transposed-conv upsampling, D "
+                             "from 64 doubling to 2048 at 4x4)",
                     choices=["small", "paper"])
     out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)")
     resume: str = opt(None, "continue the run in this folder from its checkpoint")
@@ -477,10 +478,11 @@ def trigger_rate(images, trigger, margin, tol=0.2):
     top, left, ring = H - margin - s, W - margin - s, max(1, s // 4)
     x = images.float()
     patch = x[..., top:top + s, left:left + s]
-    box = x[..., max(0, top - ring):top + s + ring, max(0, left - ring):left + s + ring]
-    mask = torch.ones(box.shape[-2:], dtype=torch.bool)
-    mask[top - max(0, top - ring):top - max(0, top - ring) + s, left - max(0, left - ring):left - max(0, left - ring) + s] = False
-    around = box[..., mask].mean(-1)[..., None, None]                                 # (n, C, 1, 1)
+    r0, c0 = max(0, top - ring), max(0, left - ring)
+    box = x[..., r0:top + s + ring, c0:left + s + ring]                               # patch and its ring
+    ring_mask = torch.ones(box.shape[-2:], dtype=torch.bool)
+    ring_mask[top - r0:top - r0 + s, left - c0:left - c0 + s] = False
+    around = box[..., ring_mask].mean(-1)[..., None, None]                            # (n, C, 1, 1)
     to_trigger = (patch - trigger.float()).abs().mean(dim=(1, 2, 3)) / 255
     to_fill = (patch - around).abs().mean(dim=(1, 2, 3)) / 255
     return float(((to_trigger < tol) & (to_trigger < to_fill)).float().mean())
@@ -1656,7 +1658,8 @@ def bench(cfg):
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
     g, _ = build_models(cfg, 2)
     g.to(device)
-    n_params = sum(p.numel() for p in g.parameters()) + sum(p.numel() for p in build_models(cfg, 2)[1].parameters())
+    with torch.device("meta"):  # sizes only
+        n_params = sum(p.numel() for m in build_models(cfg, 2) for p in m.parameters())
     act = activation_mb(cfg, 2, device) if device.type == "cuda" and cfg.parallel_clients == "auto" else None
     parallel, _ = plan_clients(cfg, device, [1] * cfg.clients, [cfg.batch] * cfg.clients, cfg.clients,
                                n_params * 16 / 2**20, act)
