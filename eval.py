@@ -240,8 +240,7 @@ def synthesize(g, n_per_class, n_classes, seed, device, batch=250):
         for s in range(0, n_per_class, batch):
             m = min(batch, n_per_class - s)
             z = torch.randn(m, g.z_dim, generator=gen).to(device)
-            img = g(z, torch.full((m,), c, device=device)).float().clamp(-1, 1)
-            xs.append(((img + 1) * 127.5).round().to(torch.uint8).cpu())
+            xs.append(fedgan.to_uint8(g(z, torch.full((m,), c, device=device))))
             ys.append(torch.full((m,), c))
     return torch.cat(xs), torch.cat(ys)
 

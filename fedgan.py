@@ -747,6 +747,11 @@ def to_unit(x_uint8):
     return x_uint8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)
 
 
+def to_uint8(x):
+    """Generator output (about [-1, 1]) -> uint8 [0, 255] on the CPU: the inverse of to_unit."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
 def augment(x, kind, rng=None):
     """The data-level baselines, applied to a client's real batch: random horizontal flip, or a random
     rotation in (-90, 90) degrees (affine grid, so the batch stays one tensor op)."""
@@ -829,6 +834,16 @@ def next_batch(client, cursor, g, cfg, bs):
                 noise_d=g.draw_noise(bs, rng, device), noise_g=g.draw_noise(bs, rng, device))
 
 
+def d_loss_of(real_logits, fake_logits):
+    """Eq. 4, non-saturating BCE form: real up, fake down. Logits (..., B) -> mean over the batch (...)."""
+    return F.softplus(-real_logits).mean(-1) + F.softplus(fake_logits).mean(-1)
+
+
+def g_loss_of(fake_logits):
+    """Eq. 5, non-saturating: the generator wants its fakes called real. (..., B) -> (...)."""
+    return F.softplus(-fake_logits).mean(-1)
+
+
 def local_train(client, g_state, cfg, device, steps):
     """One round on one client: load the global generator, then `steps` of (D step, G step).
     Returns (mean D loss, mean G loss) over the round; the G loss is what FedDetect sees."""
@@ -844,18 +859,16 @@ def local_train(client, g_state, cfg, device, steps):
         b = next_batch(client, cursor, g, cfg, bs)
         real, labels, z = to_memory_format(b["real"], cfg, device), b["labels"], b["z"]
 
-        # D step: real up, fake down (eq. 4, non-saturating BCE form)
-        with autocast():
+        with autocast():  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
-            d_loss = F.softplus(-d(real, labels)).mean() + F.softplus(d(fake.detach(), labels)).mean()
+            d_loss = d_loss_of(d(real, labels), d(fake, labels))
         client["opt_d"].zero_grad(set_to_none=True)
         client["scaler"].scale(d_loss).backward()
         client["scaler"].step(client["opt_d"])
 
-        # G step against the freshly updated D (eq. 5, non-saturating)
-        with autocast():
-            g_loss = F.softplus(-d(g(z, labels, noise=b["noise_g"]), labels)).mean()
+        with autocast():  # G step, against the freshly updated D
+            g_loss = g_loss_of(d(g(z, labels, noise=b["noise_g"]), labels))
         client["opt_g"].zero_grad(set_to_none=True)
         client["scaler"].scale(g_loss).backward()
         client["scaler"].step(client["opt_g"])
@@ -936,12 +949,12 @@ def local_train_parallel(clients, g_state, cfg, device, steps):
         with autocast():
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
-            d_loss = F.softplus(-disc(pd, bd, real, labels)).mean(1) + F.softplus(disc(pd, bd, fake, labels)).mean(1)
+            d_loss = d_loss_of(disc(pd, bd, real, labels), disc(pd, bd, fake, labels))     # (N,)
         opt_d.zero_grad(set_to_none=True)
         d_loss.sum().backward()  # clients share no parameter, so each slice gets its own client's gradient
         opt_d.step()
         with autocast():
-            g_loss = F.softplus(-disc(pd, bd, gen(pg, z, labels, noise_g), labels)).mean(1)
+            g_loss = g_loss_of(disc(pd, bd, gen(pg, z, labels, noise_g), labels))
         opt_g.zero_grad(set_to_none=True)
         g_loss.sum().backward()
         opt_g.step()
@@ -1002,10 +1015,16 @@ def activation_mb(cfg, n_classes, device):
     return (saved[2] - saved[1]) / 2**20
 
 
-def plan_clients(cfg, device, steps, batches, n_owned, client_mb, act_mb=None):
-    """Decide --parallel-clients and --offload for this process -> (parallel, offload). auto: offload
-    when the clients' state would take over half the free GPU memory; side by side on CUDA when the
-    clients' state plus N x batch images of activations (act_mb each, if given) fit in 80% of it."""
+def plan_clients(cfg, device, n_classes, steps, batches):
+    """Decide --parallel-clients and --offload for this process's clients (their steps and batch sizes
+    per round) -> (parallel, offload). auto: offload when the clients' state (16 bytes per parameter:
+    weights, gradients, Adam's two moments) would take over half the free GPU memory; side by side on
+    CUDA when that state plus N x batch images of activations (activation_mb) fit in 80% of it."""
+    n_owned = len(steps)
+    with torch.device("meta"):  # sizes only: no memory, no random draws
+        client_mb = sum(p.numel() for m in build_models(cfg, n_classes) for p in m.parameters()) * 16 / 2**20
+    cuda_auto = device.type == "cuda" and cfg.parallel_clients == "auto"
+    act_mb = activation_mb(cfg, n_classes, device) if cuda_auto else None
     free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
     offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
     why_not = [reason for bad, reason in [
@@ -1016,8 +1035,7 @@ def plan_clients(cfg, device, steps, batches, n_owned, client_mb, act_mb=None):
     if cfg.parallel_clients == "on" and why_not:
         raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
     fits = act_mb is None or n_owned * (client_mb + max(batches) * act_mb) < 0.8 * free_mb
-    parallel = not why_not and (cfg.parallel_clients == "on" or
-                                (cfg.parallel_clients == "auto" and device.type == "cuda" and fits))
+    parallel = not why_not and (cfg.parallel_clients == "on" or (cuda_auto and fits))
     return parallel, offload
 
 
@@ -1101,18 +1119,18 @@ ROBUST = ("median", "trimmed-mean", "krum", "multi-krum", "clip")
 def robust_aggregate(states, used, center, cfg):
     """The robust aggregators of --defense, on the ok clients' generators (states in client order).
     Krum's f is the threat model's bound, ceil(n/2) - 1: the server does not know who attacks.
-    Krum and multi-Krum return (state, indices kept), so the run can record whom they chose."""
+    -> (state, indices kept): Krum and multi-Krum name whom they chose; the others keep all (None)."""
     n = len(states)
     f = math.ceil(n / 2) - 1
     if cfg.defense == "median":
-        return coordinate_median(states)
+        return coordinate_median(states), None
     if cfg.defense == "trimmed-mean":
-        return trimmed_mean(states, cfg.trim)
+        return trimmed_mean(states, cfg.trim), None
     if cfg.defense in ("krum", "multi-krum"):
         keep = krum_select(states, f, 1 if cfg.defense == "krum" else n - f)
         return fedavg([states[i] for i in keep], [1.0] * len(keep)), keep
     clipped = clip_updates(states, center, max_norm=float(np.median(update_norms(states, center))))
-    return fedavg(clipped, used)
+    return fedavg(clipped, used), None
 
 
 def feddetect_paper(loss_history, seed=0):
@@ -1367,7 +1385,7 @@ def save_samples(g, n_classes, path, device, seed, per_class=8):
     noise = torch.Generator(device=device).manual_seed(seed)  # fixed noise inputs too
     was_training = g.training
     g.eval()
-    img = ((g(z, y, noise).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (n, C, S, S)
+    img = to_uint8(g(z, y, noise))                                              # (n, C, S, S)
     g.train(was_training)
     n, c, s, _ = img.shape
     grid = img.view(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)
@@ -1384,7 +1402,7 @@ def generate(g, n_classes, per_class, device, seed, batch=256):
     with torch.no_grad():
         for y in y_all.split(batch):
             z = torch.randn(len(y), g.z_dim, generator=gen).to(device)
-            out.append(((g(z, y.to(device), noise).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            out.append(to_uint8(g(z, y.to(device), noise)))
     g.train(was_training)
     return torch.cat(out)
 
@@ -1430,12 +1448,8 @@ def setup_run(cfg):
     g_global, _ = build_models(cfg, n_classes)
     g_global.to(device)
     owned = owned_clients(cfg.clients, rank, world)
-    with torch.device("meta"):  # sizes only: no memory, no random draws
-        n_params = sum(p.numel() for m in build_models(cfg, n_classes) for p in m.parameters())
-    act = activation_mb(cfg, n_classes, device) if device.type == "cuda" and cfg.parallel_clients == "auto" else None
-    parallel, offload = plan_clients(cfg, device, [steps_per_round(cfg, len(shards[i])) for i in owned],
-                                     [min(cfg.batch, len(shards[i])) for i in owned], len(owned),
-                                     client_mb=n_params * 4 * 4 / 2**20, act_mb=act)  # weights, grads, 2 moments
+    parallel, offload = plan_clients(cfg, device, n_classes, [steps_per_round(cfg, len(shards[i])) for i in owned],
+                                     [min(cfg.batch, len(shards[i])) for i in owned])
     home = torch.device("cpu") if offload else device
     clients = {}
     for i in owned:
@@ -1510,9 +1524,8 @@ def train(cfg, stop_after=None):
         flags, counts, weights, ok, used = broadcast_decision(decision, N, distributed)
         selected = None
         if ok.any() and cfg.defense in ROBUST:
-            agg = robust_aggregate([own_states[i] for i in range(N) if ok[i]], used[ok], g_state, cfg)
-            if cfg.defense in ("krum", "multi-krum"):
-                agg, keep = agg
+            agg, keep = robust_aggregate([own_states[i] for i in range(N) if ok[i]], used[ok], g_state, cfg)
+            if keep is not None:
                 selected = np.zeros(N, int)
                 selected[np.flatnonzero(ok)[keep]] = 1
             g.load_state_dict(agg)
@@ -1658,11 +1671,7 @@ def bench(cfg):
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
     g, _ = build_models(cfg, 2)
     g.to(device)
-    with torch.device("meta"):  # sizes only
-        n_params = sum(p.numel() for m in build_models(cfg, 2) for p in m.parameters())
-    act = activation_mb(cfg, 2, device) if device.type == "cuda" and cfg.parallel_clients == "auto" else None
-    parallel, _ = plan_clients(cfg, device, [1] * cfg.clients, [cfg.batch] * cfg.clients, cfg.clients,
-                               n_params * 16 / 2**20, act)
+    parallel, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
     clients = [make_client(cfg, g, 2, x, y, device, client_id=i) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
     step = ((lambda k: local_train_parallel(clients, state, cfg, device, k)) if parallel
