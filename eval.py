@@ -145,12 +145,11 @@ def lpips_per_class(g, real_x, real_y, n_classes, features, lin_weights, pairs, 
     for c in range(n_classes):
         reals = real_x[real_y == c]
         pick = torch.randint(len(reals), (pairs,), generator=gen)
+        fakes = fedgan.generate(g, torch.full((pairs,), c), seed + 7919 * (c + 1))  # its own latents and noise
         d = []
         for s in range(0, pairs, batch):
-            m = min(batch, pairs - s)
-            z = torch.randn(m, g.z_dim, generator=gen).to(device)
-            fake = g(z, torch.full((m,), c, device=device)).float().clamp(-1, 1)
-            real = fedgan.to_unit(reals[pick[s:s + m]]).to(device)
+            fake = fedgan.to_unit(fakes[s:s + batch]).to(device)
+            real = fedgan.to_unit(reals[pick[s:s + batch]]).to(device)
             d.append(lpips(fake, real, features, lin_weights).cpu())
         d = torch.cat(d).double()
         out[c] = dict(mean=d.mean().item(), se=(d.std() / math.sqrt(len(d))).item(), pairs=pairs)
@@ -231,18 +230,11 @@ def accuracy(net, x, y, device, batch=256):
     return hits / len(x)
 
 
-@torch.no_grad()
-def synthesize(g, n_per_class, n_classes, seed, device, batch=250):
-    """n_per_class images of every class from generator g, as uint8 (n, C, H, W) and labels."""
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c in range(n_classes):
-        for s in range(0, n_per_class, batch):
-            m = min(batch, n_per_class - s)
-            z = torch.randn(m, g.z_dim, generator=gen).to(device)
-            xs.append(fedgan.to_uint8(g(z, torch.full((m,), c, device=device))))
-            ys.append(torch.full((m,), c))
-    return torch.cat(xs), torch.cat(ys)
+def synthesize(g, n_per_class, n_classes, seed):
+    """n_per_class images of every class from generator g, as uint8 (n, C, H, W) and labels; the
+    latents and noise come from `seed` alone (fedgan.generate), whatever was evaluated before."""
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    return fedgan.generate(g, y, seed), y
 
 
 def balanced(x, y, n_classes):
@@ -284,7 +276,7 @@ def features_of(net, x, device, batch=256):
 
 def domain_fid(feature_net, g, real_x, real_y, n_classes, n_synth, seed, device):
     """Per class and overall, real held-out images against n_synth synthetic images per class."""
-    sx, sy = synthesize(g, n_synth, n_classes, seed, device)
+    sx, sy = synthesize(g, n_synth, n_classes, seed)
     fr, fs = features_of(feature_net, real_x, device), features_of(feature_net, sx, device)
     res = {c: frechet_distance(fr[real_y == c], fs[sy == c]) for c in range(n_classes)}
     res["overall"] = frechet_distance(fr, fs)
@@ -373,7 +365,10 @@ def load_run(folder, data_root, device):
     if not (folder / "generator.pt").exists() or not (folder / "config.json").exists():
         raise EvalError(f"{folder} is not a finished fedgan run (needs config.json and generator.pt); "
                         "train one with python fedgan.py --out DIR")
-    cfg = fedgan.Config(**json.loads((folder / "config.json").read_text()))
+    try:
+        cfg = fedgan.config_from_json(json.loads((folder / "config.json").read_text()), folder / "config.json")
+    except ValueError:
+        raise EvalError(f"{folder}/config.json is not valid JSON; restore it from the run")
     if data_root:
         cfg.data_root = data_root
     return cfg, fedgan.load_generator(folder / "generator.pt", map_location=device).to(device)
@@ -416,7 +411,6 @@ def parse_args(argv):
 
 def evaluate(a):
     device = fedgan.pick_device(a.device)
-    torch.manual_seed(a.seed)  # the generators' noise inputs come from the global stream
     t0 = time.time()
     say = lambda msg: print(f"[eval {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     features = lin = None
@@ -430,14 +424,14 @@ def evaluate(a):
         key = data_key(cfg)
         if key not in datasets:
             try:
-                datasets[key] = fedgan.load_data(fedgan.finalize(cfg))
+                datasets[key] = fedgan.data_of(fedgan.finalize(cfg))
             except fedgan.FedGANError as e:
                 raise EvalError(str(e))
         runs[Path(folder).name] = dict(cfg=cfg, g=g.eval(), data=datasets[key])
     if len(datasets) > 1 and "utility" in a.metrics:
         raise EvalError("the runs use different data (dataset, size or channels); evaluate one dataset at a time")
     first = next(iter(runs.values()))
-    classes, n_classes = first["data"]["classes"], len(first["data"]["classes"])
+    classes, n_classes = first["data"].classes, len(first["data"].classes)
     results = dict(classes=classes, runs={}, protocol=dict(
         lpips=dict(pairs_per_class=a.pairs, seed=a.seed, real="held-out test split", net="AlexNet (torchvision) + "
                    "LPIPS v0.1 linear weights", input="[-1, 1], gray repeated to RGB, no resizing"),
@@ -451,7 +445,7 @@ def evaluate(a):
     fid_nets = {}
     for name, r in runs.items():
         res = results["runs"].setdefault(name, {})
-        tx, ty = r["data"]["test"]
+        tx, ty = r["data"].test
         if "lpips" in a.metrics:
             say(f"{name}: LPIPS, {a.pairs} pairs per class")
             res["lpips"] = {str(c): v for c, v in lpips_per_class(r["g"], tx, ty, n_classes, features, lin, a.pairs,
@@ -459,8 +453,8 @@ def evaluate(a):
         if "fid" in a.metrics:
             key = data_key(r["cfg"])
             if key not in fid_nets:
-                say(f"training the domain-FID feature classifier on {len(r['data']['train'][1])} real images")
-                fid_nets[key] = train_classifier(*r["data"]["train"], n_classes, "small", a.fid_epochs, a.seed,
+                say(f"training the domain-FID feature classifier on {len(r['data'].train[1])} real images")
+                fid_nets[key] = train_classifier(*r["data"].train, n_classes, "small", a.fid_epochs, a.seed,
                                                  device)
             say(f"{name}: domain FID")
             res["fid"] = {str(k): v for k, v in domain_fid(fid_nets[key], r["g"], tx, ty, n_classes, a.n_synth,
@@ -474,12 +468,12 @@ def utility_study(a, runs, n_classes, device, say):
     """Accuracy on the balanced test set of classifiers trained on n real images per class, alone or
     with n_synth synthetic images per class from each generator, over a.seeds seeds."""
     data = next(iter(runs.values()))["data"]
-    (rx, ry), (tx, ty) = data["train"], balanced(*data["test"], n_classes)
+    (rx, ry), (tx, ty) = data.train, balanced(*data.test, n_classes)
     names = ["real only"] + [f"+ {n}" for n in runs]
     acc = {n: np.zeros((len(a.n_real), a.seeds)) for n in names}
     total, done, t_start = len(a.n_real) * a.seeds * len(names), 0, time.time()
     for seed in range(a.seeds):
-        synth = {f"+ {n}": synthesize(r["g"], a.n_synth, n_classes, 1000 + seed, device) for n, r in runs.items()}
+        synth = {f"+ {n}": synthesize(r["g"], a.n_synth, n_classes, 1000 + seed) for n, r in runs.items()}
         for i, n in enumerate(a.n_real):
             xr, yr = sample_per_class(rx, ry, n, n_classes, seed)
             for name in names:

@@ -9,14 +9,18 @@ losses, finds it and decays its weight (Algorithm 1 of the paper).
     python fedgan.py                                          # embedded synthetic data, a few minutes on CPU
     python fedgan.py --dataset chestx --poison 64 --defense feddetect
     python fedgan.py --dataset chestx --data-root pneumoniamnist.npz --img-size 32 --poison 8 \
-                     --defense feddetect --detect-rule calibrated
-    python fedgan.py --resume runs/NAME                       # continue a stopped run
+                     --detector calibrated --aggregator multi-krum
+    python fedgan.py --resume runs/NAME [--rounds 400]        # continue (or extend) a stopped run
     python fedgan.py --bench --img-size 64                    # speed figures, last line JSON
+
+One round is procedure A on every client (`client_update`) and procedure B on the server
+(`server_round`); the defense is composed once, before the first round, from four orthogonal parts:
+an augmentation, a detector, an aggregator and a post-hoc step (`make_defense`).
 
 References: Jin et al., "Backdoor Attack and Defense in Federated GAN-based Medical Image Synthesis"
 (FedDetect); Karras et al. 2020, StyleGAN2 (modulated convolution, equalized learning rate);
 Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMahan et al. 2017, FedAvg;
-Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM (the calibrated rule).
+Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM.
 """
 import argparse
 import copy
@@ -31,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,97 +46,120 @@ import torch.nn.functional as F
 from isoforest import IsolationForest
 
 # ------------------------------------------------------------------------------------------------
-# Config
+# Config: the only place that knows every flag. Functions below take the plain values they use.
 # ------------------------------------------------------------------------------------------------
 
 
-def opt(default, help, **kw):
-    """A dataclass field whose help text becomes --help (CleanRL style)."""
-    return field(default=default, metadata={"help": help, **kw})
+def opt(default, help, group="training", **kw):
+    """A dataclass field whose help text becomes --help (CleanRL style), shown under `group`."""
+    return field(default=default, metadata={"help": help, "group": group, **kw})
 
 
 @dataclass
 class Config:
     # data
-    dataset: str = opt("synthetic", "synthetic (embedded, made from the seed) | chestx | isic",
+    dataset: str = opt("synthetic", "synthetic (embedded, made from the seed) | chestx | isic", "data",
                        choices=["synthetic", "chestx", "isic"])
-    data_root: str = opt(None, "class-per-folder tree (Kermany train/test layout too) or MedMNIST-style .npz; "
-                               "default: data/<dataset> or ../shared/data/<dataset>")
-    img_size: int = opt(None, "training resolution, a power of two in 16..256 (preset: synthetic 32, chestx/isic 256)")
-    channels: int = opt(None, "1 gray or 3 RGB (preset: chestx 1, isic 3, synthetic 1; synthetic 3 = lesion-like RGB)")
-    synthetic_per_class: int = opt(256, "synthetic data: training images per class (test: a quarter of that)")
-    test_frac: float = opt(0.1, "held-out fraction per class when the data has no test split")
-    # federation
-    clients: int = opt(4, "number of clients N; the training set is split at random into N equal shards")
-    malicious: int = opt(None, "number K of malicious clients, chosen at random from the seed (default 1 when --poison > 0)")
-    malicious_ids: str = opt(None, "explicit malicious client ids, comma separated (overrides --malicious)")
-    poison: int = opt(0, "trigger size in pixels at the training resolution; 0 = no attack")
-    trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color",
-                       choices=["auto", "white", "color"])
+    data_root: str = opt(None, "class-per-folder tree (Kermany train/test layout too) or MedMNIST-style .npz "
+                               "(default: data/<name>, else ../shared/data/<name>; name chest_xray or isic)", "data")
+    img_size: int = opt(None, "training resolution, a power of two in 16..256 (preset: synthetic 32, chestx/isic 256)",
+                        "data")
+    channels: int = opt(None, "1 gray or 3 RGB (preset: chestx 1, isic 3, synthetic 1; synthetic 3 = lesion-like RGB)",
+                        "data")
+    synthetic_per_class: int = opt(256, "synthetic data: training images per class (test: a quarter of that)", "data")
+    test_frac: float = opt(0.1, "held-out fraction per class when the data has no test split", "data")
+    clients: int = opt(4, "number of clients N; the training set is split into N shards", "data")
+    partition: str = opt("iid", "client shards: iid (random, equal) | dirichlet (class mix ~ Dir(alpha) per client)",
+                         "data", choices=["iid", "dirichlet"])
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small = very non-IID", "data")
+    # attack
+    poison: int = opt(0, "trigger size in pixels at the training resolution; 0 = no patch attack", "attack")
     attack: str = opt("patch", "what malicious clients do to their data: patch (the paper's trigger, bottom-right; "
                                "needs --poison) | patch-random (trigger at a random place per image) | blend (a fixed "
                                "noise image mixed in at --blend-alpha) | frequency (a fixed pattern added to the "
-                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted)",
+                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted)", "attack",
                       choices=["patch", "patch-random", "blend", "frequency", "label-flip"])
-    blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks")
-    attack_start: int = opt(0, "round from which malicious clients train on poisoned data (clean before it)")
+    trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
+                       choices=["auto", "white", "color"])
+    blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks, in (0, 1]", "attack")
+    malicious: int = opt(None, "number K of malicious clients, chosen at random from the seed "
+                               "(default 1 when attacking)", "attack")
+    malicious_ids: str = opt(None, "explicit malicious client ids, comma separated (overrides --malicious)", "attack")
+    attack_start: int = opt(0, "round from which malicious clients train on poisoned data (clean before it)", "attack")
     adaptive: bool = opt(False, "malicious clients report a loss drawn from the benign clients' range of the round, "
-                                "while still training on poisoned data (an attacker who knows FedDetect)")
-    partition: str = opt("iid", "client shards: iid (random, equal) | dirichlet (class mix ~ Dir(alpha) per client)",
-                         choices=["iid", "dirichlet"])
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small = very non-IID")
-    defense: str = opt("none", "none | feddetect | flip | rotate | reconstruct | median | trimmed-mean | krum | "
-                               "multi-krum | clip (robust aggregators act on the generators each round)",
+                                "while still training on poisoned data (an attacker who knows the detector)", "attack")
+    # defense: a shortcut, then the four parts it stands for
+    defense: str = opt("none", "the paper-facing shortcut for one part below: feddetect (= --detector paper) | flip | "
+                               "rotate (= --augment) | reconstruct (= --posthoc) | median | trimmed-mean | krum | "
+                               "multi-krum | clip (= --aggregator) | none", "defense",
                        choices=["none", "feddetect", "flip", "rotate", "reconstruct", "median", "trimmed-mean",
                                 "krum", "multi-krum", "clip"])
-    trim: float = opt(0.1, "trimmed-mean: fraction cut at each end per coordinate")
-    detect_on: str = opt("loss", "FedDetect's signal: loss (the paper) | update-norm (||G_i - G||) | both",
+    augment: str = opt(None, "augmentation of every client's real batches: none | flip | rotate (default none)",
+                       "defense: augmentation", choices=["none", "flip", "rotate"])
+    detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
+                              "z-score + CUSUM, false alarms held to --detect-fpr) (default none; --detect-rule is "
+                              "the old name)", "defense: detector", choices=["none", "paper", "calibrated"],
+                        aliases=["--detect-rule"])
+    detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
+                                 "seen by the server) | both", "defense: detector",
                          choices=["loss", "update-norm", "both"])
-    detect_rule: str = opt("paper", "FedDetect rule: paper (Algorithm 1, isolation forest) | calibrated "
-                                    "(robust z-score + CUSUM, false alarms held to --detect-fpr)",
-                           choices=["paper", "calibrated"])
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
-                                   "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)")
-    warmup: int = opt(10, "FedDetect warm-up m: detection runs in rounds t > m (t counted from 0)")
-    decay: float = opt(None, "FedDetect decay d in (0, 1) (preset: chestx 0.8, isic 0.9, synthetic 0.8)")
-    reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning")
-    reconstruct_epochs: int = opt(200, "reconstruct: fine-tuning epochs over that benign set")
+                                   "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
+                            "defense: detector")
+    warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
+    decay: float = opt(None, "weight decay d in (0, 1) of a flagged client (preset: chestx 0.8, isic 0.9, "
+                             "synthetic 0.8)", "defense: detector")
+    aggregator: str = opt(None, "how the server combines generators: fedavg | median | trimmed-mean | krum | "
+                                "multi-krum | clip (updates clipped to the median norm) (default fedavg)",
+                          "defense: aggregator",
+                          choices=["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"])
+    trim: float = opt(0.1, "trimmed-mean: fraction cut at each end per coordinate, in [0, 0.5)",
+                      "defense: aggregator")
+    posthoc: str = opt(None, "after the last round: none | reconstruct (fine-tune the server generator on benign "
+                             "real images) (default none)", "defense: post-hoc", choices=["none", "reconstruct"])
+    reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning",
+                                     "defense: post-hoc")
+    reconstruct_epochs: int = opt(200, "reconstruct: fine-tuning epochs over that benign set", "defense: post-hoc")
     # training
     rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
     lr: float = opt(2e-4, "Adam learning rate for G and D (betas 0.5, 0.999)")
+    arch: str = opt("small", "small (sized by --width/--max-channels, suits a CPU) | paper (the study's sizes: G "
+                             "channels 32768/res up to 512 with StyleGAN2's transposed-conv upsampling, D "
+                             "from 64 doubling to 2048 at 4x4)", choices=["small", "paper"])
     width: int = opt(32, "model width: generator channels = min(max, width * img_size / res); "
                          "discriminator starts at width and doubles")
     max_channels: int = opt(256, "channel cap for both networks")
     z_dim: int = opt(64, "latent size")
     w_dim: int = opt(128, "style (w) size")
     seed: int = opt(0, "seeds data split, models, training and the detector")
-    device: str = opt("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
-    amp: bool = opt(True, "mixed precision (torch.autocast): on CUDA by default; on CPU only with --amp-dtype bf16")
+    # speed (may change on --resume: they do not change the experiment)
+    device: str = opt("auto", "auto | cpu | cuda", "speed", choices=["auto", "cpu", "cuda"])
+    amp: bool = opt(True, "mixed precision (torch.autocast): on CUDA by default; on CPU only with --amp-dtype bf16",
+                    "speed")
     amp_dtype: str = opt("auto", "auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | bf16 | fp16",
-                         choices=["auto", "bf16", "fp16"])
-    tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (when autocast is off)")
-    channels_last: bool = opt(True, "NHWC memory format for models and batches on CUDA")
-    compile: bool = opt(False, "torch.compile the generator and discriminator (slow first round, faster after)")
+                         "speed", choices=["auto", "bf16", "fp16"])
+    tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (when autocast is off)", "speed")
+    channels_last: bool = opt(True, "NHWC memory format for models and batches on CUDA", "speed")
+    compile: bool = opt(False, "torch.compile the generator and discriminator (slow first round, faster after)", "speed")
     parallel_clients: str = opt("auto", "train this process's clients side by side (torch.func.vmap over stacked "
                                         "models; equal to one after another): auto (on CUDA when shards and steps "
-                                        "agree) | on | off", choices=["auto", "on", "off"])
+                                        "agree) | on | off", "speed", choices=["auto", "on", "off"])
     offload: str = opt("auto", "keep each client's private state (D, optimizers, G copy) in host memory between "
-                               "its turns: auto (when N clients would not fit the GPU) | on | off",
+                               "its turns: auto (when N clients would not fit the GPU) | on | off", "speed",
                        choices=["auto", "on", "off"])
-    arch: str = opt("small", "small (sized by --width/--max-channels, suits a CPU) | paper (the study's sizes: G "
-                             "channels 32768/res up to 512 with StyleGAN2's transposed-conv upsampling, D "
-                             "from 64 doubling to 2048 at 4x4)",
-                    choices=["small", "paper"])
-    out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)")
-    resume: str = opt(None, "continue the run in this folder from its checkpoint")
-    ckpt_every: int = opt(5, "write checkpoint.pt (atomically) every this many rounds")
-    sample_every: int = opt(5, "write samples/round_NNNN.png every this many rounds")
-    bench: bool = opt(False, "time training steps, server aggregation and FedDetect; print figures and a JSON line")
-    bench_steps: int = opt(5, "bench: timed training steps")
+    # run folder
+    out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)", "run")
+    resume: str = opt(None, "continue the run in this folder; --rounds extends it, speed and output flags may "
+                            "change, the experiment's flags may not", "run")
+    ckpt_every: int = opt(5, "write checkpoint.pt (atomically) every this many rounds", "run")
+    sample_every: int = opt(5, "write samples/round_NNNN.png every this many rounds", "run")
+    bench: bool = opt(False, "time training steps, server aggregation and FedDetect; print figures and a JSON line",
+                      "benchmark")
+    bench_steps: int = opt(5, "bench: timed training steps", "benchmark")
     bench_round: bool = opt(False, "bench: also time one whole federated round of --clients clients on the chosen "
-                                   "data (round time, server share, memory per client)")
+                                   "data (round time, server share, memory per client)", "benchmark")
 
 
 PRESETS = {  # flags given on the command line win over these
@@ -140,6 +168,12 @@ PRESETS = {  # flags given on the command line win over these
     "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200),
 }
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
+SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
+                     reconstruct=("posthoc", "reconstruct"))  # every other --defense value is an aggregator
+PART_DEFAULTS = dict(augment="none", detector="none", aggregator="fedavg", posthoc="none")
+# What --resume may change: how fast and where it runs, how often it writes, and how long it goes on.
+RESUMABLE = {"rounds", "device", "amp", "amp_dtype", "tf32", "channels_last", "compile", "parallel_clients",
+             "offload", "ckpt_every", "sample_every", "resume"}
 
 
 class FedGANError(Exception):
@@ -148,28 +182,42 @@ class FedGANError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
-        sys.stderr.write(f"fedgan.py: error: {message} (see python fedgan.py --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
         sys.exit(2)
 
 
-def parse_args(argv=None):
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_flags(argv=None):
+    """The flags given on the command line, as {field: value} (defaults left out, prefixes refused)."""
+    p = _Parser(prog="fedgan.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
     for f in dataclasses.fields(Config):
-        name = "--" + f.name.replace("_", "-")
+        g = f.metadata["group"]
+        group = groups.get(g) or groups.setdefault(g, p.add_argument_group(g))
+        names = ["--" + f.name.replace("_", "-")] + f.metadata.get("aliases", [])
+        help = f.metadata["help"] + ("" if f.default is None or "(default" in f.metadata["help"]
+                                     else f" (default {f.default})")
         if f.type is bool:
-            p.add_argument(name, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help,
+                               action=argparse.BooleanOptionalAction)
         else:
-            p.add_argument(name, default=f.default, type=f.type, choices=f.metadata.get("choices"),
-                           help=f.metadata["help"])
-    cfg = Config(**vars(p.parse_args(argv)))
-    return cfg if cfg.resume else finalize(cfg)
+            group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=f.type, help=help,
+                               choices=f.metadata.get("choices"), metavar=f.name.upper())
+    return vars(p.parse_args(argv))
+
+
+def parse_args(argv=None):
+    """Config from the command line, presets filled and every value checked (not for --resume)."""
+    return finalize(Config(**parse_flags(argv)))
 
 
 def finalize(cfg):
-    """Fill presets and check every value before anything is read or written."""
+    """Fill presets, resolve the defense into its parts and check every value before anything is read
+    or written."""
     for k, v in PRESETS[cfg.dataset].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    resolve_defense(cfg)
     s = cfg.img_size
     if s < 16 or s > 256 or s & (s - 1):
         raise FedGANError(f"--img-size {s} is not a power of two in 16..256; use 16, 32, 64, 128 or 256")
@@ -177,8 +225,7 @@ def finalize(cfg):
         raise FedGANError(f"--channels {cfg.channels} must be 1 (gray) or 3 (RGB)")
     if cfg.clients < 2:
         raise FedGANError(f"--clients {cfg.clients}: a federation needs at least 2 clients")
-    if not 0 < cfg.decay < 1:
-        raise FedGANError(f"--decay {cfg.decay} must lie in (0, 1), e.g. 0.8")
+    check_ranges(cfg)
     if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
                           f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
@@ -188,23 +235,50 @@ def finalize(cfg):
     if ids and not attacking(cfg):
         raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels) or another "
                           "--attack, or drop --malicious/--malicious-ids")
-    if cfg.adaptive and cfg.defense != "feddetect":
-        raise FedGANError("--adaptive fakes the loss FedDetect reads; use it with --defense feddetect")
-    if not 0 <= cfg.trim < 0.5:
-        raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
+    if cfg.adaptive and cfg.detector == "none":
+        raise FedGANError("--adaptive fakes the loss a detector reads; use it with --detector paper|calibrated "
+                          "(or --defense feddetect)")
     if len(ids) >= cfg.clients / 2:
         raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
                           f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
     if any(i < 0 or i >= cfg.clients for i in ids):
         raise FedGANError(f"--malicious-ids {cfg.malicious_ids} names a client outside 0..{cfg.clients - 1}")
-    if not 0 < cfg.detect_fpr < 0.5:
-        raise FedGANError(f"--detect-fpr {cfg.detect_fpr} must lie in (0, 0.5), e.g. 0.01")
-    for k in ("rounds", "batch", "width", "ckpt_every", "sample_every", "bench_steps"):
-        if getattr(cfg, k) < 1:
-            raise FedGANError(f"--{k.replace('_', '-')} must be at least 1")
     if cfg.out is None:
         cfg.out = f"runs/{cfg.dataset}_{cfg.defense}_p{cfg.poison}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
+
+
+def resolve_defense(cfg):
+    """--defense X is a shortcut for one part (FedDetect = a detector, flip = an augmentation, ...);
+    parts given as their own flags win, and a part may not contradict the shortcut."""
+    if cfg.defense != "none":
+        part, value = SHORTCUT_PART.get(cfg.defense, ("aggregator", cfg.defense))
+        given = getattr(cfg, part)
+        if given is None:
+            setattr(cfg, part, value)
+        elif given != value and not (part == "detector" and given != "none"):  # feddetect: any rule
+            raise FedGANError(f"--defense {cfg.defense} sets --{part} {value}, but --{part} {given} was given; "
+                              f"drop one of them")
+    for part, value in PART_DEFAULTS.items():
+        if getattr(cfg, part) is None:
+            setattr(cfg, part, value)
+
+
+def check_ranges(cfg):
+    """Every numeric flag inside the range where it means something."""
+    at_least = dict(rounds=1, batch=1, width=1, max_channels=1, z_dim=1, w_dim=1, ckpt_every=1, sample_every=1,
+                    bench_steps=1, synthetic_per_class=2, reconstruct_per_class=1, reconstruct_epochs=1,
+                    local_steps=0, warmup=-1, attack_start=0)
+    for k, lo in at_least.items():
+        if getattr(cfg, k) < lo:
+            raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
+    between = dict(lr=(0, 1, "(0, 1)"), decay=(0, 1, "(0, 1)"), detect_fpr=(0, 0.5, "(0, 0.5)"),
+                   test_frac=(0, 1, "(0, 1)"), blend_alpha=(0, 1.0000001, "(0, 1]"), dirichlet_alpha=(0, 1e6, "> 0"))
+    for k, (lo, hi, text) in between.items():
+        if not lo < getattr(cfg, k) < hi:
+            raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must lie in {text}")
+    if not 0 <= cfg.trim < 0.5:
+        raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
 
 
 def attacking(cfg):
@@ -223,6 +297,22 @@ def malicious_ids(cfg):
     if k < 0:
         raise FedGANError(f"--malicious {k} must be >= 0")
     return sorted(np.random.default_rng(cfg.seed + 7).permutation(cfg.clients)[:k].tolist())
+
+
+def config_from_json(d, where):
+    """A Config from config.json, also one written before the defense had parts (detect_rule)."""
+    d = {k: v for k, v in d.items() if k != "environment"}
+    if "detect_rule" in d:  # written before --detector: the rule applied only under --defense feddetect
+        rule = d.pop("detect_rule")
+        d.setdefault("detector", rule if d.get("defense") == "feddetect" else "none")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise FedGANError(f"{where} holds settings this fedgan.py does not know ({', '.join(unknown)}); "
+                          "it was written by another version")
+    return Config(**d)
+
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,35 +448,48 @@ def default_data_root(dataset):
     return f"data/{names[dataset]}"
 
 
-def load_data(cfg):
-    """-> dict(train=(x, y), test=(x, y), classes=[...]) at cfg.img_size and cfg.channels."""
-    if cfg.dataset == "synthetic":
-        train = synthetic_images(cfg.synthetic_per_class, cfg.img_size, cfg.channels, cfg.seed)
-        test = synthetic_images(max(cfg.synthetic_per_class // 4, 1), cfg.img_size, cfg.channels, cfg.seed + 1)
-        classes = ["normal", "pneumonia"] if cfg.channels == 1 else ["benign", "malignant"]
-        return dict(train=train, test=test, classes=classes)
-    root = Path(cfg.data_root or default_data_root(cfg.dataset))
+@dataclass
+class Data:
+    """An image set at the training size: uint8 images (n, C, H, W) and int64 labels (n,) per split."""
+    train: tuple
+    test: tuple
+    classes: list
+
+
+def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=256, test_frac=0.1):
+    """The training and held-out images at img_size and channels."""
+    if dataset == "synthetic":
+        train = synthetic_images(synthetic_per_class, img_size, channels, seed)
+        test = synthetic_images(max(synthetic_per_class // 4, 1), img_size, channels, seed + 1)
+        return Data(train, test, ["normal", "pneumonia"] if channels == 1 else ["benign", "malignant"])
+    root = Path(data_root or default_data_root(dataset))
     if not root.exists():
         raise FedGANError(f"data root {root} does not exist; pass --data-root to a class-per-folder tree "
                           f"or a .npz file (see README: Data)")
     if root.is_file():
-        train, test, n_classes = read_npz(root, cfg.img_size, cfg.channels)
-        known = CLASS_NAMES.get(cfg.dataset, [])  # MedMNIST orders labels as we do (0 normal, 1 pneumonia)
+        train, test, n_classes = read_npz(root, img_size, channels)
+        known = CLASS_NAMES.get(dataset, [])  # MedMNIST orders labels as we do (0 normal, 1 pneumonia)
         classes = known if len(known) == n_classes else [str(c) for c in range(n_classes)]
     else:
         split_root = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
         base = split_root.get("train", root)
-        classes = class_folders(base, cfg.dataset)
+        classes = class_folders(base, dataset)
         if len(classes) < 2:
             raise FedGANError(f"{base} holds {len(classes)} class folder(s) {classes}; a conditional GAN needs "
-                              f"at least 2 (e.g. {'/, '.join(CLASS_NAMES.get(cfg.dataset, ['a', 'b']))}/)")
-        train = read_folder(base, classes, cfg.img_size, cfg.channels)
-        test = read_folder(split_root["test"], classes, cfg.img_size, cfg.channels) if "test" in split_root else None
+                              f"at least 2 (e.g. {'/, '.join(CLASS_NAMES.get(dataset, ['a', 'b']))}/)")
+        train = read_folder(base, classes, img_size, channels)
+        test = read_folder(split_root["test"], classes, img_size, channels) if "test" in split_root else None
     if len(train[1].unique()) < 2:
         raise FedGANError(f"{root} has images of {len(train[1].unique())} class; at least 2 are needed")
     if test is None:  # carve a per-class held-out split, the same for every run on this data
-        train, test = holdout_split(*train, cfg.test_frac, seed=0)
-    return dict(train=train, test=test, classes=classes)
+        train, test = holdout_split(*train, test_frac, seed=0)
+    return Data(train, test, classes)
+
+
+def data_of(cfg):
+    """load_data with a Config's values (the edge)."""
+    return load_data(cfg.dataset, cfg.data_root, cfg.img_size, cfg.channels, cfg.seed, cfg.synthetic_per_class,
+                     cfg.test_frac)
 
 
 def holdout_split(x, y, frac, seed):
@@ -516,18 +619,17 @@ def flip_labels(labels, n_classes):
     return (labels + 1) % n_classes
 
 
-def poison(x, y, cfg, n_classes):
-    """A malicious client's training data under cfg.attack."""
-    if cfg.attack == "label-flip":
+def poison(x, y, attack, n_classes, trigger=None, margin=0, alpha=0.2, seed=0):
+    """A malicious client's training data under `attack`; trigger (C, s, s) for the patch attacks."""
+    if attack == "label-flip":
         return x, flip_labels(y, n_classes)
-    if cfg.attack == "blend":
-        return blend_trigger(x, cfg.blend_alpha, seed=cfg.seed), y
-    if cfg.attack == "frequency":
-        return frequency_trigger(x, cfg.blend_alpha, seed=cfg.seed), y
-    trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
-    if cfg.attack == "patch-random":
-        return apply_trigger_random(x, trig, seed=cfg.seed), y
-    return apply_trigger(x, trig, trigger_margin(cfg.img_size)), y
+    if attack == "blend":
+        return blend_trigger(x, alpha, seed=seed), y
+    if attack == "frequency":
+        return frequency_trigger(x, alpha, seed=seed), y
+    if attack == "patch-random":
+        return apply_trigger_random(x, trigger, seed=seed), y
+    return apply_trigger(x, trigger, margin), y
 
 
 def report_adaptive(g_losses, malicious, seed):
@@ -542,7 +644,6 @@ def report_adaptive(g_losses, malicious, seed):
     return losses.tolist()
 
 
-# ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
 
@@ -652,7 +753,7 @@ class Generator(nn.Module):
             layers += [EqualLinear(d, w_dim, lr_mul=0.01), nn.LeakyReLU(0.2)]
             d = w_dim
         self.mapping = nn.Sequential(*layers)
-        ch = functools.partial(channels_at, img_size=img_size, width=width, max_channels=max_channels)
+        ch = lambda res: channels_at(res, img_size, width, max_channels)  # noqa: E731
         self.const = nn.Parameter(torch.randn(1, ch(4), 4, 4))
         self.conv4 = StyledConv(ch(4), ch(4), w_dim)
         self.rgb4 = ToRGB(ch(4), channels, w_dim)
@@ -712,21 +813,22 @@ class Discriminator(nn.Module):
         return self.logit(h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)   # (B,)
 
 
-def arch_sizes(cfg):
-    """(width, max_channels) of the generator and of the discriminator. paper: StyleGAN2's channel rule
-    (32768 / resolution, at most 512) and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px); its
-    generator also upsamples as StyleGAN2 does (build_models: up_mode 'transpose')."""
-    if cfg.arch == "paper":
-        return (32768 // cfg.img_size, 512), (64, 2048)
-    return (cfg.width, cfg.max_channels), (cfg.width, cfg.max_channels)
+def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max_channels=256, z_dim=64,
+                 w_dim=128):
+    """(generator, discriminator). arch 'paper': StyleGAN2's channel rule (32768 / resolution, at most 512)
+    with its transposed-conv upsampling, and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px);
+    'small': both sized by width and max_channels, the generator upsampling bilinearly."""
+    paper = arch == "paper"
+    gw, gmax = (32768 // img_size, 512) if paper else (width, max_channels)
+    dw, dmax = (64, 2048) if paper else (width, max_channels)
+    g = Generator(img_size, channels, n_classes, z_dim, w_dim, gw, gmax, up_mode="transpose" if paper else "bilinear")
+    return g, Discriminator(img_size, channels, n_classes, dw, dmax)
 
 
-def build_models(cfg, n_classes):
-    (gw, gmax), (dw, dmax) = arch_sizes(cfg)
-    g = Generator(cfg.img_size, cfg.channels, n_classes, cfg.z_dim, cfg.w_dim, gw, gmax,
-                  up_mode="transpose" if cfg.arch == "paper" else "bilinear")
-    d = Discriminator(cfg.img_size, cfg.channels, n_classes, dw, dmax)
-    return g, d
+def arch_of(cfg):
+    """build_models' keyword arguments from a Config (the edge)."""
+    return dict(img_size=cfg.img_size, channels=cfg.channels, arch=cfg.arch, width=cfg.width,
+                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim)
 
 
 def load_generator(path, map_location="cpu"):
@@ -738,7 +840,7 @@ def load_generator(path, map_location="cpu"):
 
 
 # ------------------------------------------------------------------------------------------------
-# Client (Algorithm 1, procedure A)
+# Client (Algorithm 1, procedure A): client_update
 # ------------------------------------------------------------------------------------------------
 
 
@@ -767,69 +869,91 @@ def augment(x, kind, rng=None):
     return x
 
 
+@dataclass
+class Local:
+    """How every client trains in a round, resolved from Config once."""
+    batch: int = 32
+    lr: float = 2e-4
+    augment: str = "none"                     # none | flip | rotate: the data-level defenses
+    amp_dtype: Optional[torch.dtype] = None   # autocast dtype, None = fp32
+    channels_last: bool = False               # NHWC batches and models (CUDA)
+    compile: bool = False
+
+
+@dataclass
+class Client:
+    """A client's private state: its data shard (uint8, on the device), its generator copy (overwritten
+    by the global one every round), its discriminator, both optimizers and its random stream (batches,
+    latents, noise, augmentation). A late attacker keeps its clean shard for the rounds before it attacks."""
+    id: int
+    x: torch.Tensor                  # (n, C, H, W) uint8: the shard it trains on (poisoned for an attacker)
+    y: torch.Tensor                  # (n,) int64
+    g: nn.Module
+    d: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rng: torch.Generator
+    local: Local
+    clean: Optional[tuple] = None    # (x, y) before attack_start, for a late attacker
+    attack_start: int = 0
+
+
 def client_seed(seed, client_id):
     """Each client's own seed: its discriminator's init and its random stream depend on nothing else,
     so a client draws the same numbers whichever process or order runs it."""
     return seed * 1_000_003 + 7919 * (client_id + 1)
 
 
-def make_client(cfg, g_global, n_classes, x, y, device, client_id=0, home=None):
-    """A client's private state: its data shard (uint8, on the device), its discriminator, both
-    optimizers and its random stream (batches, latents, noise, augmentation). Its generator copy is
-    overwritten by the global one at the start of every round. home: where the models live between
-    turns (default the device; 'cpu' when offloading, see client_to)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(client_seed(cfg.seed, client_id))
-        _, d = build_models(cfg, n_classes)
+def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, clean=None, attack_start=0):
+    """A client around its shard and discriminator d; home: where its models live between turns
+    (default the device; 'cpu' when offloading, see client_to)."""
     g = copy.deepcopy(g_global)
     g.to(home or device), d.to(home or device)
-    if cfg.channels_last and device.type == "cuda":
+    if local.channels_last:
         g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
-    if cfg.compile:  # in place, so state_dict keys stay plain; one graph serves every client (same code)
+    if local.compile:  # in place, so state_dict keys stay plain; one graph serves every client (same code)
         g.compile(), d.compile()
     betas = (0.5, 0.999)
-    amp_dtype = amp_dtype_for(cfg, device)
-    rng = torch.Generator(device=device).manual_seed(client_seed(cfg.seed, client_id))
-    return dict(x=x.to(device), y=y.to(device), g=g, d=d, rng=rng,
-                opt_g=torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=betas),
-                opt_d=torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=betas),
-                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+    return Client(client_id, x.to(device), y.to(device), g, d,
+                  opt_g=torch.optim.Adam(g.parameters(), lr=local.lr, betas=betas),
+                  opt_d=torch.optim.Adam(d.parameters(), lr=local.lr, betas=betas),
+                  scaler=torch.amp.GradScaler(device.type, enabled=local.amp_dtype == torch.float16),
+                  rng=torch.Generator(device=device).manual_seed(client_seed(seed, client_id)), local=local,
+                  clean=None if clean is None else (clean[0].to(device), clean[1].to(device)),
+                  attack_start=attack_start)
 
 
-def amp_dtype_for(cfg, device):
-    """The autocast dtype, or None for fp32. auto: bf16 on CUDA where supported, else fp16; fp32 on
-    CPU (bf16 on CPU only when asked: --amp-dtype bf16)."""
-    if not cfg.amp:
-        return None
-    if cfg.amp_dtype == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dict(bf16=torch.bfloat16, fp16=torch.float16)[cfg.amp_dtype]
+def new_discriminator(client_id, seed, n_classes, arch):
+    """Client client_id's discriminator, initialised from its own seed (the global stream is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(client_seed(seed, client_id))
+        return build_models(n_classes, **arch)[1]
 
 
-def autocast_for(cfg, device):
-    dtype = amp_dtype_for(cfg, device)
-    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+def shard(client, t):
+    """The (x, y) a client trains on in round t: a late attacker is clean before its attack starts."""
+    return client.clean if client.clean is not None and t < client.attack_start else (client.x, client.y)
 
 
-def to_memory_format(x, cfg, device):
-    """channels_last on CUDA (tensor cores want NHWC); CPU keeps the default layout."""
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and device.type == "cuda" else x
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def next_batch(client, cursor, g, cfg, bs):
+def next_batch(client, x_all, y_all, cursor, g, bs):
     """One step's random draws for one client, all from its own stream and always in this order:
     batch indices (a fresh permutation each local epoch), augmentation, latents, then the noise of the
     D-step and of the G-step generator passes. Both client loops call it, so they see the same numbers."""
-    x_all, y_all, rng = client["x"], client["y"], client["rng"]
+    rng = client.rng
     n, device = len(x_all), x_all.device
     if cursor["pos"] + bs > n:  # a new local epoch: reshuffle
         cursor["perm"], cursor["pos"] = torch.randperm(n, device=device, generator=rng), 0
     idx = cursor["perm"][cursor["pos"]:cursor["pos"] + bs]
     cursor["pos"] += bs
-    real = augment(to_unit(x_all[idx]), cfg.defense, rng)
+    real = augment(to_unit(x_all[idx]), client.local.augment, rng)
     z = torch.randn(bs, g.z_dim, device=device, generator=rng)
+    if client.local.channels_last:
+        real = real.contiguous(memory_format=torch.channels_last)
     return dict(real=real, labels=y_all[idx], z=z,
                 noise_d=g.draw_noise(bs, rng, device), noise_g=g.draw_noise(bs, rng, device))
 
@@ -844,38 +968,39 @@ def g_loss_of(fake_logits):
     return F.softplus(-fake_logits).mean(-1)
 
 
-def local_train(client, g_state, cfg, device, steps):
-    """One round on one client: load the global generator, then `steps` of (D step, G step).
-    Returns (mean D loss, mean G loss) over the round; the G loss is what FedDetect sees."""
-    g, d = client["g"], client["d"]
+def client_update(client, g_state, steps, t=0):
+    """Procedure A: load the global generator, then `steps` of (D step, G step) on round t's shard.
+    -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees."""
+    g, d, local = client.g, client.d, client.local
+    x, y = shard(client, t)
+    device = x.device
     g.load_state_dict(g_state)
     g.train(), d.train()
-    autocast = autocast_for(cfg, device)
-    bs = min(cfg.batch, len(client["x"]))
-    cursor = dict(perm=None, pos=len(client["x"]))
+    bs = min(local.batch, len(x))
+    cursor = dict(perm=None, pos=len(x))
     d_sum = torch.zeros((), device=device)
     g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
-    for step in range(steps):
-        b = next_batch(client, cursor, g, cfg, bs)
-        real, labels, z = to_memory_format(b["real"], cfg, device), b["labels"], b["z"]
+    for _ in range(steps):
+        b = next_batch(client, x, y, cursor, g, bs)
+        real, labels, z = b["real"], b["labels"], b["z"]
 
-        with autocast():  # D step
+        with autocast(device, local.amp_dtype):  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
             d_loss = d_loss_of(d(real, labels), d(fake, labels))
-        client["opt_d"].zero_grad(set_to_none=True)
-        client["scaler"].scale(d_loss).backward()
-        client["scaler"].step(client["opt_d"])
+        client.opt_d.zero_grad(set_to_none=True)
+        client.scaler.scale(d_loss).backward()
+        client.scaler.step(client.opt_d)
 
-        with autocast():  # G step, against the freshly updated D
+        with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
             g_loss = g_loss_of(d(g(z, labels, noise=b["noise_g"]), labels))
-        client["opt_g"].zero_grad(set_to_none=True)
-        client["scaler"].scale(g_loss).backward()
-        client["scaler"].step(client["opt_g"])
-        client["scaler"].update()
+        client.opt_g.zero_grad(set_to_none=True)
+        client.scaler.scale(g_loss).backward()
+        client.scaler.step(client.opt_g)
+        client.scaler.update()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
-    return (d_sum / steps).item(), (g_sum / steps).item()
+    return g.state_dict(), ((d_sum / steps).item(), (g_sum / steps).item())
 
 
 # Clients side by side: N copies of G and D become one set of parameters with a leading client axis,
@@ -922,220 +1047,237 @@ def unstack(stacked, buffers, opt, modules, opts):
                 bufs[k].copy_(B[i])
 
 
-def local_train_parallel(clients, g_state, cfg, device, steps):
-    """local_train for several clients at once (equal steps and batch sizes; no fp16 GradScaler):
-    the same draws, losses and Adam updates as running them one after another."""
-    gs, ds = [c["g"] for c in clients], [c["d"] for c in clients]
+def client_update_parallel(clients, g_state, steps, t=0):
+    """client_update for several clients at once (equal steps and batch sizes; no fp16 GradScaler):
+    the same draws, losses and Adam updates as running them one after another. -> [(state, losses)]."""
+    gs, ds, local = [c.g for c in clients], [c.d for c in clients], clients[0].local
     for g, d in zip(gs, ds):
         g.load_state_dict(g_state)
         g.train(), d.train()
     pg, pd, bd = stack_params(gs), stack_params(ds), stack_buffers(ds)
-    opt_g = stack_adam([c["opt_g"] for c in clients], gs, pg)
-    opt_d = stack_adam([c["opt_d"] for c in clients], ds, pd)
+    opt_g = stack_adam([c.opt_g for c in clients], gs, pg)
+    opt_d = stack_adam([c.opt_d for c in clients], ds, pd)
     g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
     gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
     disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
-    if cfg.compile:  # functional_call bypasses Module.compile, so compile the batched functions
+    if local.compile:  # functional_call bypasses Module.compile, so compile the batched functions
         gen, disc = torch.compile(gen), torch.compile(disc)
-    autocast = autocast_for(cfg, device)
-    bs = min(cfg.batch, len(clients[0]["x"]))
-    cursors = [dict(perm=None, pos=len(c["x"])) for c in clients]
+    shards = [shard(c, t) for c in clients]
+    device = shards[0][0].device
+    bs = min(local.batch, len(shards[0][0]))
+    cursors = [dict(perm=None, pos=len(x)) for x, _ in shards]
     d_sum = torch.zeros(len(clients), device=device)
     g_sum = torch.zeros(len(clients), device=device)
-    for step in range(steps):
-        bs_ = [next_batch(c, cur, g0, cfg, bs) for c, cur in zip(clients, cursors)]
+    for _ in range(steps):
+        bs_ = [next_batch(c, x, y, cur, g0, bs) for c, (x, y), cur in zip(clients, shards, cursors)]
         real, labels, z = (torch.stack([b[k] for b in bs_]) for k in ("real", "labels", "z"))  # (N, B, ...)
         noise_d, noise_g = ([torch.stack(layer) for layer in zip(*[b[k] for b in bs_])] for k in ("noise_d", "noise_g"))
-        with autocast():
+        with autocast(device, local.amp_dtype):
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
             d_loss = d_loss_of(disc(pd, bd, real, labels), disc(pd, bd, fake, labels))     # (N,)
         opt_d.zero_grad(set_to_none=True)
         d_loss.sum().backward()  # clients share no parameter, so each slice gets its own client's gradient
         opt_d.step()
-        with autocast():
+        with autocast(device, local.amp_dtype):
             g_loss = g_loss_of(disc(pd, bd, gen(pg, z, labels, noise_g), labels))
         opt_g.zero_grad(set_to_none=True)
         g_loss.sum().backward()
         opt_g.step()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
-    unstack(pg, {}, opt_g, gs, [c["opt_g"] for c in clients])
-    unstack(pd, bd, opt_d, ds, [c["opt_d"] for c in clients])
-    return list(zip((d_sum / steps).tolist(), (g_sum / steps).tolist()))
+    unstack(pg, {}, opt_g, gs, [c.opt_g for c in clients])
+    unstack(pd, bd, opt_d, ds, [c.opt_d for c in clients])
+    losses = zip((d_sum / steps).tolist(), (g_sum / steps).tolist())
+    return [(c.g.state_dict(), dl_gl) for c, dl_gl in zip(clients, losses)]
 
 
 def client_to(client, device):
     """Move a client's models and Adam states (not its data or random stream) to `device`: the host
     offload that lets 100 paper-sized clients share one GPU, each brought over for its turn."""
-    for o in (client["opt_g"], client["opt_d"]):
+    for o in (client.opt_g, client.opt_d):
         o.zero_grad(set_to_none=True)  # every step recomputes them: no need to carry gradients around
         for st in o.state.values():
             for k, v in st.items():
                 if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the host
                     st[k] = v.to(device, non_blocking=True)
-    client["g"].to(device), client["d"].to(device)
+    client.g.to(device), client.d.to(device)
 
 
-def train_clients(run, g_state, cfg, steps, log=print):
-    """Procedure A for every client this process holds: side by side when run['parallel'], else one
-    after another (each brought from host memory for its turn when run['offload']). -> {id: (d, g)}."""
-    clients, owned, device = run["clients"], run["owned"], run["device"]
-    if run["parallel"]:
-        losses = local_train_parallel([clients[i] for i in owned], g_state, cfg, device, steps[owned[0]])
-        return dict(zip(owned, losses))
-    results, t0 = {}, time.time()
-    for i in owned:
-        if run["offload"]:
-            client_to(clients[i], device)
-        results[i] = local_train(clients[i], g_state, cfg, device, steps[i])
-        if run["offload"]:
-            client_to(clients[i], "cpu")
-        if time.time() - t0 > 20:  # a long round (large images on a CPU, many clients) still shows progress
-            log(f"  client {i} done, {len(results)}/{len(owned)} here, {time.time() - t0:.0f}s", flush=True)
-    return results
+@dataclass
+class Federation:
+    """This process's side of the federation: its clients and how it runs them."""
+    clients: dict              # {id: Client} held by this process (all of them without torchrun)
+    steps: list                # local steps per round of every client (N,)
+    malicious: list            # ids of the attackers (ground truth, for logs and the attack itself)
+    device: torch.device
+    parallel: bool = False     # this process's clients side by side (client_update_parallel)
+    offload: bool = False      # client state in host memory between turns
+    distributed: bool = False  # torchrun: every rank holds some clients
+    adaptive: bool = False     # attackers report a loss from the benign range (report_adaptive)
+    attack_start: int = 0
+    seed: int = 0
+    sizes: list = field(default_factory=list)  # shard size of every client (N,)
+
+    @property
+    def n_clients(self):
+        return len(self.steps)
 
 
-def activation_mb(cfg, n_classes, device):
-    """MB per image that autograd keeps for a G step (G and D forward), measured by a hook on every
-    saved tensor at batch 1 and 2 (the difference leaves out per-batch constants such as autocast's
-    weight copies): what stepping N clients side by side adds, N x batch times, to memory."""
-    saved = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        g, d = (m.to(device) for m in build_models(cfg, n_classes))
-        for batch in (1, 2):
-            saved[batch] = 0
-
-            def pack(t, b=batch):
-                saved[b] += t.numel() * t.element_size()
-                return t
-            z, y = torch.randn(batch, cfg.z_dim, device=device), torch.arange(batch, device=device) % n_classes
-            with autocast_for(cfg, device)(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                d(g(z, y), y).sum()
-    return (saved[2] - saved[1]) / 2**20
+@dataclass
+class Reports:
+    """What the clients send besides their generators: one value per client (N,)."""
+    d_loss: list
+    g_loss: list               # as reported (an adaptive attacker lies here)
+    g_loss_true: list          # as trained
 
 
-def plan_clients(cfg, device, n_classes, steps, batches):
-    """Decide --parallel-clients and --offload for this process's clients (their steps and batch sizes
-    per round) -> (parallel, offload). auto: offload when the clients' state (16 bytes per parameter:
-    weights, gradients, Adam's two moments) would take over half the free GPU memory; side by side on
-    CUDA when that state plus N x batch images of activations (activation_mb) fit in 80% of it."""
-    n_owned = len(steps)
-    with torch.device("meta"):  # sizes only: no memory, no random draws
-        client_mb = sum(p.numel() for m in build_models(cfg, n_classes) for p in m.parameters()) * 16 / 2**20
-    cuda_auto = device.type == "cuda" and cfg.parallel_clients == "auto"
-    act_mb = activation_mb(cfg, n_classes, device) if cuda_auto else None
-    free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
-    offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
-    why_not = [reason for bad, reason in [
-        (n_owned < 2, "this process holds one client"),
-        (len(set(steps)) > 1 or len(set(batches)) > 1, "shards differ in size (steps or batch per round)"),
-        (amp_dtype_for(cfg, device) == torch.float16, "fp16 needs a GradScaler per client"),
-        (offload, "clients are offloaded to host memory")] if bad]
-    if cfg.parallel_clients == "on" and why_not:
-        raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
-    fits = act_mb is None or n_owned * (client_mb + max(batches) * act_mb) < 0.8 * free_mb
-    parallel = not why_not and (cfg.parallel_clients == "on" or (cuda_auto and fits))
-    return parallel, offload
+def client_updates(fed, g_state, t, log=print):
+    """Procedure A on every client this process holds (side by side, or in turn, each brought from host
+    memory when offloading), then every client's losses on every rank. The attack lives here too: an
+    adaptive attacker replaces its loss before it is sent. -> ({id: generator state}, Reports)."""
+    owned = sorted(fed.clients)
+    if fed.parallel:
+        results = dict(zip(owned, client_update_parallel([fed.clients[i] for i in owned], g_state,
+                                                          fed.steps[owned[0]], t)))
+    else:
+        results, t0 = {}, time.time()
+        for i in owned:
+            if fed.offload:
+                client_to(fed.clients[i], fed.device)
+            results[i] = client_update(fed.clients[i], g_state, fed.steps[i], t)
+            if fed.offload:
+                client_to(fed.clients[i], "cpu")
+            if time.time() - t0 > 20:  # a long round (large images on a CPU, many clients) still shows progress
+                log(f"  client {i} done, {len(results)}/{len(owned)} here, {time.time() - t0:.0f}s", flush=True)
+    d_losses, true_losses = gather_losses({i: r[1] for i, r in results.items()}, fed.n_clients, fed.distributed)
+    reported = (report_adaptive(true_losses, fed.malicious, fed.seed * 7 + t)
+                if fed.adaptive and t >= fed.attack_start else true_losses)
+    return {i: r[0] for i, r in results.items()}, Reports(d_losses, reported, true_losses)
 
 
-def steps_per_round(cfg, shard_size):
-    return cfg.local_steps if cfg.local_steps > 0 else max(1, shard_size // cfg.batch)
+def steps_per_round(local_steps, batch, shard_size):
+    return local_steps if local_steps > 0 else max(1, shard_size // batch)
 
 
 # ------------------------------------------------------------------------------------------------
-# Server (Algorithm 1, procedure B): aggregation and the FedDetect rules (each copyable alone)
+# Server (Algorithm 1, procedure B): aggregators and detection rules, each a plain function that
+# copies alone (torch, numpy, math), then the server round that composes them.
+# Aggregators take a list of models, each a state dict {name: tensor} or Flower's NDArrays (a list of
+# numpy arrays in state_dict order), and return one model of the same kind; integer buffers stay integer.
 # ------------------------------------------------------------------------------------------------
-
-
-def weighted_sum(states, weights):
-    """sum_i w_i * state_i per key, accumulated in float64; weights used as given."""
-    out = {}
-    for k in states[0]:
-        acc = torch.zeros(states[0][k].shape, dtype=torch.float64, device=states[0][k].device)
-        for w, s in zip(weights, states):
-            acc.add_(s[k].double(), alpha=float(w))
-        out[k] = acc
-    return out
 
 
 def fedavg(states, weights):
-    """FedAvg: the weighted average of state dicts, sum_i w_i * state_i with the weights normalised."""
+    """FedAvg: sum_i w_i * state_i with the weights normalised, accumulated in float64."""
     w = np.asarray(weights, dtype=np.float64)
-    return {k: v.to(states[0][k].dtype) for k, v in weighted_sum(states, w / w.sum()).items()}
-
-
-def update_norms(states, center):
-    """||G_i - G||: the L2 norm of each client's generator update against the round's global model."""
-    return [math.sqrt(sum((s[k].double() - center[k].to(s[k].device).double()).square().sum().item() for k in center))
-            for s in states]
-
-
-def _stacked(states, k):
-    return torch.stack([s[k].double() for s in states])                  # (n, *shape)
+    w = w / w.sum()
+    keys = list(states[0]) if isinstance(states[0], dict) else range(len(states[0]))
+    out = []
+    for k in keys:
+        first = torch.as_tensor(states[0][k])
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for wi, s in zip(w, states):
+            acc.add_(torch.as_tensor(s[k]).to(first.device, torch.float64), alpha=float(wi))
+        out.append(acc.to(first.dtype) if first.is_floating_point() else acc.round().to(first.dtype))
+    if isinstance(states[0], dict):
+        return dict(zip(keys, out))
+    return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
 
 
 def coordinate_median(states):
     """Per-coordinate median of the clients' models (mean of the two middle values when n is even)."""
     n = len(states)
-    out = {}
-    for k in states[0]:
-        v = _stacked(states, k).sort(0).values
+    keys = list(states[0]) if isinstance(states[0], dict) else range(len(states[0]))
+    out = []
+    for k in keys:
+        first = torch.as_tensor(states[0][k])
+        v = torch.stack([torch.as_tensor(s[k]).double() for s in states]).sort(0).values    # (n, *shape)
         med = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-        out[k] = med.to(states[0][k].dtype)
-    return out
+        out.append(med.to(first.dtype) if first.is_floating_point() else med.round().to(first.dtype))
+    if isinstance(states[0], dict):
+        return dict(zip(keys, out))
+    return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
 
 
 def trimmed_mean(states, beta):
     """Per-coordinate mean after cutting the floor(beta * n) largest and smallest values."""
     n = len(states)
     cut = int(beta * n)
-    return {k: _stacked(states, k).sort(0).values[cut:n - cut].mean(0).to(states[0][k].dtype) for k in states[0]}
+    keys = list(states[0]) if isinstance(states[0], dict) else range(len(states[0]))
+    out = []
+    for k in keys:
+        first = torch.as_tensor(states[0][k])
+        v = torch.stack([torch.as_tensor(s[k]).double() for s in states]).sort(0).values    # (n, *shape)
+        m = v[cut:n - cut].mean(0)
+        out.append(m.to(first.dtype) if first.is_floating_point() else m.round().to(first.dtype))
+    if isinstance(states[0], dict):
+        return dict(zip(keys, out))
+    return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
 
 
 def krum_select(states, n_malicious, n_keep=1):
     """Krum / multi-Krum (Blanchard et al. 2017): score each model by the summed squared distance to its
     n - f - 2 nearest others; return the indices of the n_keep lowest scores (the most central)."""
-    flat = torch.stack([torch.cat([s[k].double().flatten() for k in s]) for s in states])
-    d = torch.cdist(flat, flat).square()
-    n = len(states)
-    m = max(1, n - n_malicious - 2)
+    flat = torch.stack([torch.cat([torch.as_tensor(s[k]).double().flatten().cpu()
+                                   for k in (s if isinstance(s, dict) else range(len(s)))]) for s in states])
+    d = torch.cdist(flat, flat).square()                                     # (n, n)
+    m = max(1, len(states) - n_malicious - 2)
     scores = d.sort(1).values[:, 1:m + 1].sum(1)      # column 0 is the distance to itself
     return scores.argsort()[:n_keep].tolist()
 
 
+def update_norms(states, center):
+    """||G_i - G||: the L2 norm of each client's update against the round's global model (list (n,))."""
+    keys = list(center) if isinstance(center, dict) else range(len(center))
+    sq = [sum(float((torch.as_tensor(s[k]).double() - torch.as_tensor(center[k]).to(torch.as_tensor(s[k]).device)
+                     .double()).square().sum()) for k in keys) for s in states]
+    return [math.sqrt(v) for v in sq]
+
+
 def clip_updates(states, center, max_norm):
     """Scale each update G_i - G down to at most max_norm (norm-clipped FedAvg's first step)."""
+    keys = list(center) if isinstance(center, dict) else range(len(center))
     out = []
-    for s, norm in zip(states, update_norms(states, center)):
-        f = min(1.0, max_norm / max(norm, 1e-12))
-        out.append({k: (center[k].double() + f * (s[k].double() - center[k].double())).to(s[k].dtype) for k in s})
+    for s in states:
+        c = [torch.as_tensor(center[k]).double() for k in keys]
+        u = [torch.as_tensor(s[k]).double() - ck.to(torch.as_tensor(s[k]).device) for k, ck in zip(keys, c)]
+        f = min(1.0, max_norm / max(math.sqrt(sum(float(x.square().sum()) for x in u)), 1e-12))
+        new = [(ck.to(x.device) + f * x).to(torch.as_tensor(s[k]).dtype) for k, ck, x in zip(keys, c, u)]
+        out.append(dict(zip(keys, new)) if isinstance(s, dict) else
+                   [n.numpy() if isinstance(s[k], np.ndarray) else n for k, n in zip(keys, new)])
     return out
 
 
-ROBUST = ("median", "trimmed-mean", "krum", "multi-krum", "clip")
+def threat_bound(n):
+    """f, the most attackers the threat model allows among n clients (a minority): ceil(n/2) - 1."""
+    return math.ceil(n / 2) - 1
 
 
-def robust_aggregate(states, used, center, cfg):
-    """The robust aggregators of --defense, on the ok clients' generators (states in client order).
-    Krum's f is the threat model's bound, ceil(n/2) - 1: the server does not know who attacks.
-    -> (state, indices kept): Krum and multi-Krum name whom they chose; the others keep all (None)."""
-    n = len(states)
-    f = math.ceil(n / 2) - 1
-    if cfg.defense == "median":
-        return coordinate_median(states), None
-    if cfg.defense == "trimmed-mean":
-        return trimmed_mean(states, cfg.trim), None
-    if cfg.defense in ("krum", "multi-krum"):
-        keep = krum_select(states, f, 1 if cfg.defense == "krum" else n - f)
-        return fedavg([states[i] for i in keep], [1.0] * len(keep)), keep
-    clipped = clip_updates(states, center, max_norm=float(np.median(update_norms(states, center))))
-    return fedavg(clipped, used), None
+def krum_average(states, weights, n_keep):
+    """Keep Krum's n_keep most central models (f = threat_bound), average them with their weights.
+    -> (model, kept indices)."""
+    keep = krum_select(states, threat_bound(len(states)), n_keep)
+    return fedavg([states[i] for i in keep], np.asarray(weights, dtype=np.float64)[keep]), keep
+
+
+def aggregator(name, trim=0.1):
+    """The aggregation rule called `name`: (states, weights, center) -> (model, kept indices or None).
+    A new aggregator is one function above and one entry here (and its name in --aggregator's choices).
+    The median and the trimmed mean are unweighted (a detector's weights do not enter them)."""
+    return {
+        "fedavg": lambda s, w, c: (fedavg(s, w), None),
+        "median": lambda s, w, c: (coordinate_median(s), None),
+        "trimmed-mean": lambda s, w, c: (trimmed_mean(s, trim), None),
+        "krum": lambda s, w, c: krum_average(s, w, 1),
+        "multi-krum": lambda s, w, c: krum_average(s, w, len(s) - threat_bound(len(s))),
+        "clip": lambda s, w, c: (fedavg(clip_updates(s, c, float(np.median(update_norms(s, c)))), w), None),
+    }[name]
 
 
 def feddetect_paper(loss_history, seed=0):
     """The paper's detector: isolation forest (contamination 'auto') on this round's N losses.
-    loss_history (t, N) -> boolean flags (N,). Only the last row is used."""
+    loss_history (t, N) -> boolean flags (N,). Only the last row is used. Needs IsolationForest."""
     losses = np.asarray(loss_history, dtype=np.float64)[-1]
     return IsolationForest(n_estimators=100, seed=seed).fit_predict(losses) == -1
 
@@ -1144,23 +1286,12 @@ def robust_excess(loss_history, window=10):
     """Each client's excess loss over the round's median, in units of a robust spread (1.4826 * MAD of
     those excesses pooled over the last `window` rounds and all clients). (t, N) -> (t, N)."""
     L = np.asarray(loss_history, dtype=np.float64)
-    resid = L - np.median(L, axis=1, keepdims=True)
-    z = np.zeros_like(resid)
-    for t in range(len(L)):
-        past = resid[max(0, t - window + 1):t + 1]
-        spread = 1.4826 * np.median(np.abs(past))
-        floor = 1e-3 * np.abs(np.median(L[t])) + 1e-8  # losses that agree to 0.1% are equal
-        z[t] = resid[t] / max(spread, floor)
-    return z
-
-
-@functools.lru_cache(maxsize=None)
-def cusum_threshold(n_clients, fpr, drift=2.0, window=10, rounds=20000, seed=0):
-    """The CUSUM alarm level h that i.i.d. Gaussian losses cross in a fraction `fpr` of client-rounds,
-    found by simulating `rounds` rounds of the same statistic (so no threshold is tuned on attacks)."""
-    L = np.random.default_rng(seed).standard_normal((rounds, n_clients))
-    s = cusum(robust_excess(L, window), drift)
-    return float(np.quantile(s[window:], 1.0 - fpr))
+    resid = L - np.median(L, axis=1, keepdims=True)                         # (t, N)
+    padded = np.concatenate([np.full((window - 1, L.shape[1]), np.nan), np.abs(resid)])
+    past = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)  # (t, N, window), NaN before t = 0
+    spread = 1.4826 * np.nanmedian(past.reshape(len(L), -1), axis=1)         # (t,)
+    floor = 1e-3 * np.abs(np.median(L, axis=1)) + 1e-8  # losses that agree to 0.1% are equal
+    return resid / np.maximum(spread, floor)[:, None]
 
 
 def cusum(z, drift):
@@ -1172,6 +1303,18 @@ def cusum(z, drift):
     return out
 
 
+def cusum_threshold(n_clients, fpr, drift=2.0, window=10, rounds=20000, seed=0, _memo={}):
+    """The CUSUM alarm level h that i.i.d. Gaussian losses cross in a fraction `fpr` of client-rounds,
+    found by simulating `rounds` rounds of the same statistic (so no threshold is tuned on attacks).
+    Memoised per arguments in _memo (a default argument, so the function copies alone)."""
+    key = (n_clients, fpr, drift, window, rounds, seed)
+    if key not in _memo:
+        L = np.random.default_rng(seed).standard_normal((rounds, n_clients))
+        s = cusum(robust_excess(L, window), drift)
+        _memo[key] = float(np.quantile(s[window:], 1.0 - fpr))
+    return _memo[key]
+
+
 def feddetect_calibrated(loss_history, fpr=0.001, drift=2.0, window=10):
     """A detector with a notion of scale: flag a client whose loss stays high relative to the others.
 
@@ -1179,10 +1322,18 @@ def feddetect_calibrated(loss_history, fpr=0.001, drift=2.0, window=10):
     CUSUM accumulates the part above `drift` spreads; a client is flagged while its sum exceeds the level
     that i.i.d. losses would reach in a fraction `fpr` of client-rounds. One noisy round cannot cross
     it; a persistently high loss (a client whose discriminator learned the trigger) crosses it fast.
-    loss_history (t, N) -> boolean flags (N,)."""
+    loss_history (t, N) -> boolean flags (N,). Needs robust_excess, cusum and cusum_threshold."""
     L = np.asarray(loss_history, dtype=np.float64)
     h = cusum_threshold(L.shape[1], float(fpr), drift, window)
     return cusum(robust_excess(L, window), drift)[-1] > h
+
+
+def detector(name, fpr=0.001):
+    """The detection rule called `name`: (history (t, N), seed) -> flags (N,), or None for no detector.
+    A new detector is one function above and one entry here (and its name in --detector's choices)."""
+    return dict(none=None,
+                paper=lambda history, seed: feddetect_paper(history, seed),
+                calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
 
 
 def feddetect_update(flags, counts, weights, decay):
@@ -1197,50 +1348,86 @@ def feddetect_update(flags, counts, weights, decay):
     return flags, counts, weights / weights.sum()
 
 
-def server_decide(g_losses, history, counts, weights, t, cfg, norm_history=None):
-    """Procedure B's decisions for round t: run the defense on the reported losses (or the update
-    norms, --detect-on), renormalise. A client whose loss is NaN or inf is left out of this round's
-    average and of detection. Returns flags, counts, weights, ok (finite reporters) and `used`, the
-    averaging weights of this round (weights renormalised over the ok clients, 0 for the others)."""
-    losses = np.asarray(g_losses, dtype=np.float64)
+@dataclass
+class Defense:
+    """A defense, composed once before the first round from four orthogonal parts."""
+    augment: str = "none"                   # client side: flip | rotate the real batches
+    detect: Optional[Callable] = None       # (history (t, N), seed) -> flags (N,); see detector()
+    signals: tuple = ("loss",)              # what detect reads: "loss" (reported) and/or "update-norm"
+    warmup: int = 10                        # detection runs in rounds t > warmup
+    decay: float = 0.8                      # Algorithm 1's d
+    aggregate: Callable = aggregator("fedavg")  # (states, weights, center) -> (model, kept or None)
+    posthoc: Optional[Callable] = None      # g -> None, after the last round (reconstruct)
+    seed: int = 0                           # seeds the paper rule's forest, per round
+
+
+def make_defense(augment="none", detector_name="none", detect_on="loss", fpr=0.001, warmup=10, decay=0.8,
+                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0):
+    """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included)."""
+    signals = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm")}[detect_on]
+    return Defense(augment, detector(detector_name, fpr), signals, warmup, decay, aggregator(aggregator_name, trim),
+                   posthoc, seed)
+
+
+@dataclass
+class ServerState:
+    """What the server carries from round to round."""
+    counts: np.ndarray                                  # (N,) c_i: times each client was flagged
+    weights: np.ndarray                                 # (N,) w_i, summing to 1
+    loss_history: list = field(default_factory=list)    # (t, N) reported generator losses
+    norm_history: list = field(default_factory=list)    # (t, N) ||G_i - G||
+
+    @staticmethod
+    def fresh(n):
+        return ServerState(np.zeros(n, dtype=np.int64), np.full(n, 1.0 / n))
+
+
+@dataclass
+class Decision:
+    """One round's outcome, per client (N,)."""
+    flags: np.ndarray       # flagged and acted on (Algorithm 1)
+    ok: np.ndarray          # reported a finite loss (the others sit this round out)
+    used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
+    selected: Optional[np.ndarray] = None  # Krum's choice (1 kept, 0 left out), when the aggregator chooses
+
+
+def decide(server, defense, losses, t):
+    """Detection and Algorithm 1's weight update for round t, on the histories already recorded.
+    A client whose loss is NaN or inf is left out of this round's average and of detection."""
+    losses = np.asarray(losses, dtype=np.float64)
     ok = np.isfinite(losses)
     flags = np.zeros(len(losses), bool)
-    if cfg.defense == "feddetect" and t > cfg.warmup and ok.sum() >= 3:
-        signals = {"loss": [history], "update-norm": [norm_history], "both": [history, norm_history]}[cfg.detect_on]
+    if defense.detect is not None and t > defense.warmup and ok.sum() >= 3:
+        histories = dict(loss=server.loss_history, **{"update-norm": server.norm_history})
         raw = np.zeros(int(ok.sum()), bool)
-        for signal in signals:
-            hist = np.asarray(signal, dtype=np.float64)[:, ok]  # detection sees finite reporters only
-            hist = hist[np.isfinite(hist).all(axis=1)]
-            raw |= (feddetect_paper(hist, seed=cfg.seed * 100003 + t) if cfg.detect_rule == "paper"
-                    else feddetect_calibrated(hist, cfg.detect_fpr))
+        for signal in defense.signals:
+            hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]  # detection sees finite reporters only
+            raw |= defense.detect(hist[np.isfinite(hist).all(axis=1)], defense.seed * 100003 + t)
         flags[ok] = raw
-        flags, counts, weights = feddetect_update(flags, counts, weights, cfg.decay)
-    weights = weights / weights.sum()
-    used = np.where(ok, weights, 0.0)
-    used = used / used.sum() if ok.any() else used
-    return flags, counts, weights, ok, used
+        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, defense.decay)
+    server.weights = server.weights / server.weights.sum()
+    used = np.where(ok, server.weights, 0.0)
+    return Decision(flags, ok, used / used.sum() if ok.any() else used)
 
 
-def server_step(g_states, g_losses, history, counts, weights, t, cfg):
-    """Procedure B in one process: decide, then the weighted FedAvg of the generators."""
-    flags, counts, weights, ok, used = server_decide(g_losses, history, counts, weights, t, cfg)
-    g_new = aggregate({i: s for i, s in enumerate(g_states) if ok[i]}, used, g_states[0]) if ok.any() else None
-    return g_new, flags, counts, weights, ok
-
-
-def aggregate(own_states, used, template, distributed=False):
-    """FedAvg of generators: sum_i used_i * G_i over the clients this process holds ({id: state}),
-    then, across processes, one all-reduce of that float64 partial sum. One code path for both."""
-    ids = sorted(own_states)
-    if ids:
-        partial = weighted_sum([own_states[i] for i in ids], [used[i] for i in ids])
-    else:
-        partial = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in template.items()}
+def server_round(server, defense, g_states, losses, center, t, distributed=False):
+    """Procedure B: record the reports, detect, reweight, aggregate. g_states {id: generator state}
+    holds every client in one process, and this rank's clients under torchrun (where rank 0's decision
+    is broadcast and FedAvg is one all-reduce). -> (new global state or None if nobody is ok, Decision)."""
+    server.loss_history.append(list(losses))
+    server.norm_history.append(norms_of_all(g_states, center, len(losses), distributed))
+    decision = decide(server, defense, losses, t)
     if distributed:
-        flat = torch.cat([v.flatten() for v in partial.values()])
-        collective(dist.all_reduce, flat)
-        partial = dict(zip(partial, flat.split([v.numel() for v in partial.values()])))
-    return {k: v.view(template[k].shape).to(template[k].dtype) for k, v in partial.items()}
+        decision = broadcast_decision(server, decision)
+        return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
+    if not decision.ok.any():
+        return None, decision
+    ok = np.flatnonzero(decision.ok)
+    g_new, kept = defense.aggregate([g_states[i] for i in ok], decision.used[ok], center)
+    if kept is not None:
+        decision.selected = np.zeros(len(losses), int)
+        decision.selected[ok[kept]] = 1
+    return g_new, decision
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1277,17 +1464,372 @@ def gather_losses(results, n_clients, distributed):
     return buf[0].tolist(), buf[1].tolist()
 
 
-def broadcast_decision(decision, n_clients, distributed):
-    """Rank 0's (flags, counts, weights, ok, used) sent to every rank as one tensor."""
-    if not distributed:
-        return decision
-    buf = torch.zeros(5, n_clients, dtype=torch.float64)
-    if dist.get_rank() == 0:
-        for row, v in enumerate(decision):
-            buf[row] = torch.as_tensor(np.asarray(v, dtype=np.float64))
+def norms_of_all(g_states, center, n_clients, distributed):
+    """||G_i - G|| of every client on every rank: each rank measures its own clients, then one all-reduce."""
+    buf = torch.zeros(n_clients, dtype=torch.float64)
+    for i, s in g_states.items():
+        buf[i] = update_norms([s], center)[0]
+    if distributed:
+        collective(dist.all_reduce, buf)
+    return buf.tolist()
+
+
+def broadcast_decision(server, decision):
+    """Rank 0's decision and server weights on every rank (one tensor), so all ranks stay identical."""
+    buf = torch.tensor(np.stack([decision.flags, server.counts, server.weights, decision.ok, decision.used]),
+                       dtype=torch.float64)
     collective(dist.broadcast, buf, src=0)
     b = buf.numpy()
-    return b[0] > 0.5, b[1].astype(np.int64), b[2].copy(), b[3] > 0.5, b[4].copy()
+    server.counts, server.weights = b[1].astype(np.int64), b[2].copy()
+    return Decision(b[0] > 0.5, b[3] > 0.5, b[4].copy())
+
+
+def fedavg_across_ranks(own_states, used, template):
+    """FedAvg over ranks: sum_i used_i * G_i over this rank's clients in float64, one all-reduce of that
+    partial sum, then the cast back. `used` is already normalised over all clients."""
+    partial = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in template.items()}
+    for i, s in own_states.items():
+        for k in partial:
+            partial[k].add_(s[k].to(partial[k].device, torch.float64), alpha=float(used[i]))
+    flat = torch.cat([v.flatten() for v in partial.values()])
+    collective(dist.all_reduce, flat)
+    return {k: v.view(template[k].shape).to(template[k].dtype)
+            for k, v in zip(partial, flat.split([v.numel() for v in partial.values()]))}
+
+
+def client_states(fed):
+    """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
+    own = {i: private_state(c) for i, c in fed.clients.items()}
+    if not fed.distributed:
+        return own
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    collective(dist.gather_object, own, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if parts else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Run: set-up (the edge that reads Config), the loop, checkpoints, samples, the end of a run
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
+
+
+def amp_dtype_for(amp, amp_dtype, device):
+    """The autocast dtype, or None for fp32. auto: bf16 on CUDA where supported, else fp16; fp32 on
+    CPU (bf16 on CPU only when asked: --amp-dtype bf16)."""
+    if not amp:
+        return None
+    if amp_dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dict(bf16=torch.bfloat16, fp16=torch.float16)[amp_dtype]
+
+
+def set_precision(cfg, device):
+    """TF32 for fp32 matmuls and convolutions on CUDA (--tf32); autocast (--amp) is separate."""
+    if amp_dtype_for(cfg.amp, cfg.amp_dtype, device) == torch.float16 and device.type != "cuda":
+        raise FedGANError("--amp-dtype fp16 needs CUDA (its GradScaler); on CPU use --amp-dtype bf16 or --no-amp")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
+
+
+def local_of(cfg, device):
+    """The clients' training settings from a Config (the edge)."""
+    return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
+                 cfg.channels_last and device.type == "cuda", cfg.compile)
+
+
+def activation_mb(arch, n_classes, device, amp_dtype):
+    """MB per image that autograd keeps for a G step (G and D forward), measured by a hook on every
+    saved tensor at batch 1 and 2 (the difference leaves out per-batch constants such as autocast's
+    weight copies): what stepping N clients side by side adds, N x batch times, to memory."""
+    saved = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        g, d = (m.to(device) for m in build_models(n_classes, **arch))
+        for batch in (1, 2):
+            saved[batch] = 0
+
+            def pack(t, b=batch):
+                saved[b] += t.numel() * t.element_size()
+                return t
+            z, y = torch.randn(batch, g.z_dim, device=device), torch.arange(batch, device=device) % n_classes
+            with autocast(device, amp_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                d(g(z, y), y).sum()
+    return (saved[2] - saved[1]) / 2**20
+
+
+def plan_clients(cfg, device, n_classes, steps, batches):
+    """Decide --parallel-clients and --offload for this process's clients (their steps and batch sizes
+    per round) -> (parallel, offload). auto: offload when the clients' state (16 bytes per parameter:
+    weights, gradients, Adam's two moments) would take over half the free GPU memory; side by side on
+    CUDA when that state plus N x batch images of activations (activation_mb) fit in 80% of it."""
+    n_owned, amp_dtype = len(steps), amp_dtype_for(cfg.amp, cfg.amp_dtype, device)
+    with torch.device("meta"):  # sizes only: no memory, no random draws
+        client_mb = sum(p.numel() for m in build_models(n_classes, **arch_of(cfg)) for p in m.parameters()) * 16 / 2**20
+    cuda_auto = device.type == "cuda" and cfg.parallel_clients == "auto"
+    act_mb = activation_mb(arch_of(cfg), n_classes, device, amp_dtype) if cuda_auto else None
+    free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
+    offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
+    why_not = [reason for bad, reason in [
+        (n_owned < 2, "this process holds one client"),
+        (len(set(steps)) > 1 or len(set(batches)) > 1, "shards differ in size (steps or batch per round)"),
+        (amp_dtype == torch.float16, "fp16 needs a GradScaler per client"),
+        (offload, "clients are offloaded to host memory")] if bad]
+    if cfg.parallel_clients == "on" and why_not:
+        raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
+    fits = act_mb is None or n_owned * (client_mb + max(batches) * act_mb) < 0.8 * free_mb
+    parallel = not why_not and (cfg.parallel_clients == "on" or (cuda_auto and fits))
+    return parallel, offload
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """Everything one process needs for the rounds."""
+    out: Path
+    lead: bool                  # rank 0: writes the run folder
+    g: nn.Module                # the global generator
+    fed: Federation
+    server: ServerState
+    defense: Defense
+    data: Data
+    start: int = 0              # first round to run (after a resume)
+    seconds: float = 0.0        # training time before this session (after a resume)
+    summary: Optional[dict] = None
+
+
+def setup_run(cfg):
+    """Check the out folder, load data, build this process's clients and compose the defense; restore
+    a checkpoint when resuming. Nothing is written yet."""
+    out = Path(cfg.out)
+    rank, world = dist_rank_world()
+    check_out_folder(out, cfg.resume)
+    device = pick_device(cfg.device)
+    set_precision(cfg, device)
+    if world > 1 and cfg.aggregator != "fedavg":
+        raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
+                          "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
+    if world > cfg.clients:
+        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
+                          "use --nproc-per-node <= --clients")
+    seed_everything(cfg.seed)
+    data = data_of(cfg)
+    x, y = data.train
+    shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
+              else split_clients(len(y), cfg.clients, cfg.seed))
+    if min(len(s) for s in shards) < 2:
+        raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
+                          "use fewer --clients or more data")
+    bad, n_classes = malicious_ids(cfg), len(data.classes)
+    g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
+    owned = owned_clients(cfg.clients, rank, world)
+    steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
+    parallel, offload = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
+                                     [min(cfg.batch, len(shards[i])) for i in owned])
+    defense = defense_of(cfg, data, device)
+    local = local_of(cfg, device)
+    trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
+    clients = {}
+    for i in owned:
+        xi, yi = x[shards[i]], y[shards[i]]
+        d = new_discriminator(i, cfg.seed, n_classes, arch_of(cfg))
+        if i in bad:  # the attack: every training image of a malicious client
+            xp, yp = poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size), cfg.blend_alpha,
+                            cfg.seed)
+            clean = (xi, yi) if cfg.attack_start > 0 else None  # a late attacker trains clean until it starts
+            clients[i] = make_client(i, xp, yp, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
+                                     clean, cfg.attack_start)
+        else:
+            clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None)
+    fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
+                     cfg.seed, [len(s) for s in shards])
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data)
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        load_checkpoint(run, cfg.rounds)
+    return run
+
+
+def defense_of(cfg, data, device):
+    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here."""
+    posthoc = None
+    if cfg.posthoc == "reconstruct":
+        local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
+        posthoc = functools.partial(reconstruct, x=data.train[0], y=data.train[1], n_classes=len(data.classes),
+                                    per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
+                                    seed=cfg.seed, arch=arch_of(cfg), device=device)
+    return make_defense(cfg.augment, cfg.detector, cfg.detect_on, cfg.detect_fpr, cfg.warmup, cfg.decay,
+                        cfg.aggregator, cfg.trim, posthoc, cfg.seed)
+
+
+def check_out_folder(out, resume):
+    """A new run needs a new or empty folder it can write; a resumed one, its own folder."""
+    if dist_rank_world()[0] != 0 or resume:
+        return
+    if out.exists() and not out.is_dir():
+        raise FedGANError(f"--out {out} is a file; choose a folder path")
+    if out.exists() and any(out.iterdir()):
+        raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
+                          "or choose another --out")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise FedGANError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
+
+
+def train(cfg):
+    """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
+    rank 0 alone writes the run folder."""
+    run = setup_run(cfg)
+    log = print if run.lead else (lambda *a, **k: None)
+    if run.lead:
+        start_folder(run, cfg)
+    log(describe(run, cfg))
+    t0 = time.time() - run.seconds
+    for t in range(run.start, cfg.rounds):
+        tr = time.time()
+        center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}           # this round's G
+        g_states, reports = client_updates(run.fed, center, t, log)                        # procedure A
+        g_new, decision = server_round(run.server, run.defense, g_states, reports.g_loss, center, t,
+                                       run.fed.distributed)                                # procedure B
+        if g_new is not None:
+            run.g.load_state_dict(g_new)
+        last = t + 1 == cfg.rounds
+        if run.lead:
+            log_round(run, t, cfg.rounds, reports, decision, time.time() - tr)
+            if (t + 1) % cfg.sample_every == 0 or last:
+                save_samples(run.g, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
+        if (t + 1) % cfg.ckpt_every == 0 or last:
+            save_checkpoint(run, t + 1, cfg, time.time() - t0)  # gathers client state: every rank calls it
+    if run.lead and (run.start < cfg.rounds or not (run.out / "summary.json").exists()):
+        run.summary = finish(run, cfg, time.time() - t0)
+    elif run.lead:
+        log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
+    return run
+
+
+def describe(run, cfg):
+    """The run's first log line."""
+    fed, amp = run.fed, amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
+    parts = [cfg.augment != "none" and f"augment {cfg.augment}",
+             cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
+             cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]
+    return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {cfg.clients} clients "
+            f"(shards {fed.sizes}, {fed.steps[0]} steps/round), malicious {fed.malicious}, "
+            f"attack {cfg.attack if fed.malicious else 'none'}, defense: {', '.join(p for p in parts if p)}, "
+            f"device {fed.device}{' (' + str(amp).replace('torch.', '') + ' autocast)' if amp else ''}, "
+            f"clients {'side by side' if fed.parallel else 'in turn'}{', offloaded to host' if fed.offload else ''}, "
+            f"{dist_rank_world()[1]} process(es), out {run.out}"
+            + (f", resuming at round {run.start}/{cfg.rounds}" if run.start else ""))
+
+
+def fmt(xs, nd=3):
+    return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
+
+
+def json_safe(v):
+    """NaN and inf are not JSON: they become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return [json_safe(x) for x in v] if isinstance(v, list) else v
+
+
+def log_round(run, t, rounds, reports, decision, secs):
+    """The round's line on stdout and in metrics.jsonl (lists by client id)."""
+    server, n = run.server, len(decision.flags)
+    note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~decision.ok).tolist()}" if not decision.ok.all() else ""
+    print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
+          f"w {fmt(server.weights)}  flagged {np.flatnonzero(decision.flags).tolist()}{note}", flush=True)
+    rec = dict(round=t, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
+               **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
+               update_norm=server.norm_history[-1],
+               **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
+               counts=server.counts.tolist(), weights=server.weights.tolist(),
+               malicious=[int(i in run.fed.malicious) for i in range(n)],
+               excluded=(~decision.ok).astype(int).tolist(), seconds=round(secs, 3))
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({k: json_safe(v) for k, v in rec.items()}) + "\n")
+
+
+def start_folder(run, cfg):
+    """config.json (what runs: every setting, and the device, precision and versions it ran with) and,
+    for a fresh run, an empty metrics.jsonl; after a resume, metrics.jsonl keeps the rounds before it."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "samples").mkdir(exist_ok=True)
+    record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg))
+    atomic_write_text(run.out / "config.json", json.dumps(record, indent=2))
+    metrics = run.out / "metrics.jsonl"
+    keep = []
+    if run.start and metrics.exists():
+        for ln in metrics.read_text().splitlines():
+            try:
+                if json.loads(ln)["round"] < run.start:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill: it is past the checkpoint anyway
+                pass
+    atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+
+
+def environment(run, cfg):
+    import importlib.metadata
+    import subprocess
+    amp = amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        tv = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        tv = None
+    return dict(device=device_name(run.fed.device), precision=str(amp).replace("torch.", "") if amp else "fp32",
+                parallel_clients=run.fed.parallel, offload=run.fed.offload, processes=dist_rank_world()[1],
+                torch=torch.__version__, torchvision=tv, numpy=np.__version__, git_commit=commit)
+
+
+def atomic_write_text(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """The global random streams, as what torch.load(weights_only=True) accepts (tensors, ints, tuples)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(),
+             numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, cached=cached))
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def to_cpu(obj):
@@ -1300,297 +1842,125 @@ def to_cpu(obj):
     return obj
 
 
-PRIVATE = ("d", "opt_d", "opt_g", "scaler")  # what a client keeps between rounds, besides its data and stream
-
-
 def private_state(client):
-    """A client's private state for the checkpoint (CPU tensors)."""
-    return to_cpu({**{k: client[k].state_dict() for k in PRIVATE}, "rng": client["rng"].get_state()})
+    """A client's private state for the checkpoint (CPU tensors): what it keeps between rounds."""
+    return to_cpu(dict(d=client.d.state_dict(), opt_d=client.opt_d.state_dict(), opt_g=client.opt_g.state_dict(),
+                       scaler=client.scaler.state_dict(), rng=client.rng.get_state()))
 
 
 def load_private_state(client, state):
-    for k in PRIVATE:
-        client[k].load_state_dict(state[k])
-    client["rng"].set_state(state["rng"])
+    client.d.load_state_dict(state["d"])
+    client.opt_d.load_state_dict(state["opt_d"])
+    client.opt_g.load_state_dict(state["opt_g"])
+    client.scaler.load_state_dict(state["scaler"])
+    client.rng.set_state(state["rng"])
 
 
-def client_states(clients, owned, distributed):
-    """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
-    own = {i: private_state(clients[i]) for i in owned}
-    if not distributed:
-        return own
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    collective(dist.gather_object, own, parts, dst=0)
-    return {k: v for p in parts for k, v in p.items()} if parts else None
+def save_checkpoint(run, rounds_done, cfg, seconds):
+    """checkpoint.pt, atomically: one dict of plain values and tensors (loads with weights_only=True)."""
+    private = client_states(run.fed)  # a collective under torchrun: every rank calls it
+    if run.lead:
+        s = run.server
+        atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(), weights=s.weights.tolist(),
+                         history=s.loss_history, norm_history=s.norm_history, rng=rng_state(), seconds=seconds,
+                         config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
+                    run.out / "checkpoint.pt")
 
 
-# ------------------------------------------------------------------------------------------------
-# Run loop, checkpoints, samples, benchmark
-# ------------------------------------------------------------------------------------------------
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FedGANError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); it is damaged "
+                          f"or was written by an older fedgan.py: delete it to restart the run from round 0")
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
-
-
-def set_precision(cfg, device):
-    """TF32 for fp32 matmuls and convolutions on CUDA (--tf32); autocast (--amp) is separate."""
-    if amp_dtype_for(cfg, device) == torch.float16 and device.type != "cuda":
-        raise FedGANError("--amp-dtype fp16 needs CUDA (its GradScaler); on CPU use --amp-dtype bf16 or --no-amp")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def load_checkpoint(run, rounds):
+    """Restore the global generator, server state, every client this process holds and the random streams."""
+    ck = read_checkpoint(run.out / "checkpoint.pt") if run.lead else None
+    if run.fed.distributed:
+        box = [ck]
+        collective(dist.broadcast_object_list, box, src=0)
+        ck = box[0]
+    if ck["round"] > rounds:
+        raise FedGANError(f"{run.out} is at round {ck['round']}; --rounds {rounds} would shorten it: give --rounds "
+                          f">= {ck['round']}")
+    run.g.load_state_dict(ck["g"])
+    for i, c in run.fed.clients.items():
+        load_private_state(c, ck["clients"][i])
+    run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
+                             ck["history"], ck["norm_history"])
+    set_rng_state(ck["rng"])
+    run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
 
 
 @torch.no_grad()
-def save_samples(g, n_classes, path, device, seed, per_class=8):
-    """A grid PNG: one row per class, the same latents every time (so rounds can be compared)."""
-    from PIL import Image
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(per_class, g.z_dim, generator=gen).repeat(n_classes, 1).to(device)
-    y = torch.arange(n_classes).repeat_interleave(per_class).to(device)
-    noise = torch.Generator(device=device).manual_seed(seed)  # fixed noise inputs too
-    was_training = g.training
-    g.eval()
-    img = to_uint8(g(z, y, noise))                                              # (n, C, S, S)
-    g.train(was_training)
-    n, c, s, _ = img.shape
-    grid = img.view(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)
-    Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
-
-
-def generate(g, n_classes, per_class, device, seed, batch=256):
-    """per_class uint8 images (n, C, S, S) of every class from fixed latents and noise, in eval mode."""
+def generate(g, labels, seed, batch=256):
+    """uint8 images (n, C, S, S) of the classes `labels` (n,), in eval mode; latents and noise come from
+    `seed` alone, so the same call gives the same images whatever ran before it."""
+    device = next(g.parameters(), torch.empty(0)).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator(device=device).manual_seed(seed)
-    y_all = torch.arange(n_classes).repeat_interleave(per_class)
     was_training, out = g.training, []
     g.eval()
-    with torch.no_grad():
-        for y in y_all.split(batch):
-            z = torch.randn(len(y), g.z_dim, generator=gen).to(device)
-            out.append(to_uint8(g(z, y.to(device), noise)))
+    for y in torch.as_tensor(labels).split(batch):
+        z = torch.randn(len(y), g.z_dim, generator=gen).to(device)
+        out.append(to_uint8(g(z, y.to(device), noise)))
     g.train(was_training)
     return torch.cat(out)
 
 
-def backdoor_figures(g, run, cfg, device, per_class=256):
+def save_samples(g, path, seed, per_class=8):
+    """A grid PNG: one row per class, the same latents every time (so rounds can be compared)."""
+    from PIL import Image
+    img = generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)     # (n, C, S, S)
+    n, c, s, _ = img.shape
+    grid = img.view(g.n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(g.n_classes * s, per_class * s, c)
+    Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
+
+
+def backdoor_figures(g, trigger, margin, real_images, seed, per_class=256):
     """For the bottom-right patch attack: how many generated images carry the trigger, beside the same
     rate on clean held-out real images (the rate by chance)."""
-    trig, margin = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed), trigger_margin(cfg.img_size)
-    fake = generate(g, run["n_classes"], per_class, device, cfg.seed + 12345)
-    return dict(trigger_rate=trigger_rate(fake, trig, margin),
-                trigger_rate_real=trigger_rate(run["data"]["test"][0], trig, margin))
+    fake = generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
+    return dict(trigger_rate=trigger_rate(fake, trigger, margin), trigger_rate_real=trigger_rate(real_images, trigger,
+                                                                                                 margin))
 
 
-def fmt(xs, nd=3):
-    return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
-
-
-def setup_run(cfg):
-    """Check the out folder, load data, build this process's clients. Nothing is written yet."""
-    out = Path(cfg.out)
-    rank, world = dist_rank_world()
-    if rank == 0 and not cfg.resume and out.exists() and any(out.iterdir()):
-        raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
-                          "or choose another --out")
-    device = pick_device(cfg.device)
-    set_precision(cfg, device)
-    if world > 1 and (cfg.defense in ROBUST or cfg.detect_on != "loss"):
-        raise FedGANError(f"--defense {cfg.defense} --detect-on {cfg.detect_on} needs every generator on one process; "
-                          "run it without torchrun (or use --detect-on loss)")
-    if world > cfg.clients:
-        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
-                          "use --nproc-per-node <= --clients")
-    seed_everything(cfg.seed)
-    data = load_data(cfg)
-    x, y = data["train"]
-    shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
-              else split_clients(len(y), cfg.clients, cfg.seed))
-    if min(len(s) for s in shards) < 2:
-        raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
-                          "use fewer --clients or more data")
-    bad = malicious_ids(cfg)
-    n_classes = len(data["classes"])
-    g_global, _ = build_models(cfg, n_classes)
-    g_global.to(device)
-    owned = owned_clients(cfg.clients, rank, world)
-    parallel, offload = plan_clients(cfg, device, n_classes, [steps_per_round(cfg, len(shards[i])) for i in owned],
-                                     [min(cfg.batch, len(shards[i])) for i in owned])
-    home = torch.device("cpu") if offload else device
-    clients = {}
-    for i in owned:
-        xi, yi = x[shards[i]], y[shards[i]]
-        if i in bad:  # the attack: every training image of a malicious client
-            xp, yp = poison(xi, yi, cfg, n_classes)
-            clients[i] = make_client(cfg, g_global, n_classes, xp, yp, device, client_id=i, home=home)
-            if cfg.attack_start > 0:  # keep the clean shard for the rounds before the attack starts
-                clients[i].update(poisoned=(clients[i]["x"], clients[i]["y"]), clean=(xi.to(device), yi.to(device)))
-        else:
-            clients[i] = make_client(cfg, g_global, n_classes, xi, yi, device, client_id=i, home=home)
-    return dict(out=out, device=device, data=data, shards=shards, malicious=bad, clients=clients,
-                owned=owned, g=g_global, n_classes=n_classes, rank=rank, distributed=world > 1,
-                parallel=parallel, offload=offload)
-
-
-def train(cfg, stop_after=None):
-    """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
-    rank 0 alone writes the run folder. stop_after=k returns after round k (to test resume)."""
-    run = setup_run(cfg)
-    out, device, clients, g, owned = run["out"], run["device"], run["clients"], run["g"], run["owned"]
-    N, lead, distributed = cfg.clients, run["rank"] == 0, run["distributed"]
-    log = print if lead else (lambda *a, **k: None)
-    counts, weights = np.zeros(N, dtype=np.int64), np.full(N, 1.0 / N)
-    history, norm_history, start = [], [], 0
-    if cfg.resume:
-        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False) if lead else None
-        if distributed:
-            box = [ck]
-            collective(dist.broadcast_object_list, box, src=0)
-            ck = box[0]
-        g.load_state_dict(ck["g"])
-        for i in owned:
-            load_private_state(clients[i], ck["clients"][i])
-        counts, weights, history, start = np.array(ck["counts"]), np.array(ck["weights"]), ck["history"], ck["round"]
-        norm_history = ck.get("norm_history", [])
-        set_rng_state(ck["rng"])
-        if lead:
-            keep = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
-                    if json.loads(ln)["round"] < start]
-            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
-        log(f"resuming {out} at round {start}/{cfg.rounds}")
-    elif lead:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        (out / "metrics.jsonl").write_text("")
-
-    steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
-    log(f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {N} clients "
-        f"(shards {[len(s) for s in run['shards']]}, {steps[0]} steps/round), malicious {run['malicious']}, "
-        f"poison {cfg.poison}px, defense {cfg.defense}"
-        f"{' (' + cfg.detect_rule + ')' if cfg.defense == 'feddetect' else ''}, device {device}"
-        f"{' (' + str(amp_dtype_for(cfg, device)).replace('torch.', '') + ' autocast)' if amp_dtype_for(cfg, device) else ''}, "
-        f"clients {'side by side' if run['parallel'] else 'in turn'}{', offloaded to host' if run['offload'] else ''}, "
-        f"{dist.get_world_size() if distributed else 1} process(es), out {out}")
-    t0 = time.time()
-    for t in range(start, cfg.rounds):
-        tr = time.time()
-        g_state = {k: v.detach().clone() for k, v in g.state_dict().items()}
-        for c in clients.values():  # a late attacker trains on clean data until --attack-start
-            if "clean" in c:
-                c["x"], c["y"] = c["poisoned"] if t >= cfg.attack_start else c["clean"]
-        results = train_clients(run, g_state, cfg, steps, log)  # procedure A
-        d_losses, true_losses = gather_losses(results, N, distributed)
-        g_losses = (report_adaptive(true_losses, run["malicious"], cfg.seed * 7 + t)
-                    if cfg.adaptive and t >= cfg.attack_start else true_losses)
-        history.append(g_losses)
-        own_states = {i: clients[i]["g"].state_dict() for i in owned}
-        if cfg.detect_on != "loss" or cfg.defense in ROBUST:  # single process: every generator is here
-            norm_history.append(update_norms([own_states[i] for i in range(N)], g_state))
-        decision = server_decide(g_losses, history, counts, weights, t, cfg, norm_history) if lead else None
-        flags, counts, weights, ok, used = broadcast_decision(decision, N, distributed)
-        selected = None
-        if ok.any() and cfg.defense in ROBUST:
-            agg, keep = robust_aggregate([own_states[i] for i in range(N) if ok[i]], used[ok], g_state, cfg)
-            if keep is not None:
-                selected = np.zeros(N, int)
-                selected[np.flatnonzero(ok)[keep]] = 1
-            g.load_state_dict(agg)
-        elif ok.any():
-            g.load_state_dict(aggregate({i: s for i, s in own_states.items() if ok[i]}, used, g_state, distributed))
-        secs = time.time() - tr
-        note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~ok).tolist()}" if not ok.all() else ""
-        log(f"round {t + 1:4d}/{cfg.rounds}  {secs:6.1f}s  g_loss {fmt(g_losses)}  d_loss {fmt(d_losses)}  "
-            f"w {fmt(weights)}  flagged {np.flatnonzero(flags).tolist()}{note}", flush=True)
-        last, stop = t + 1 == cfg.rounds, stop_after is not None and t + 1 == stop_after
-        ckpt = (t + 1) % cfg.ckpt_every == 0 or last or stop
-        private = client_states(clients, owned, distributed) if ckpt else None  # a collective: every rank
-        if lead:
-            rec = dict(round=t, d_loss=d_losses, g_loss=g_losses, flagged=flags.astype(int).tolist(),
-                       **({"g_loss_true": true_losses} if cfg.adaptive else {}),
-                       **({"update_norm": norm_history[-1]} if norm_history else {}),
-                       **({"selected": selected.tolist()} if selected is not None else {}),
-                       counts=counts.tolist(), weights=weights.tolist(),
-                       malicious=[int(i in run["malicious"]) for i in range(N)],
-                       excluded=(~ok).astype(int).tolist(), seconds=round(secs, 3))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if (t + 1) % cfg.sample_every == 0 or last:
-                save_samples(g, run["n_classes"], out / "samples" / f"round_{t + 1:04d}.png", device, cfg.seed)
-            if ckpt:
-                atomic_save(dict(round=t + 1, g=g.state_dict(), counts=counts.tolist(), weights=weights.tolist(),
-                                 history=history, norm_history=norm_history, rng=rng_state(),
-                                 config=dataclasses.asdict(cfg),
-                                 clients=[private[i] for i in range(N)]), out / "checkpoint.pt")
-        if stop:
-            return run | dict(counts=counts, weights=weights, history=history)
-    summary = None
-    if lead:
-        if cfg.defense == "reconstruct" and not (out / "generator.pt").exists():  # also when resumed after the rounds
-            reconstruct(g, run, cfg, device)
-            save_samples(g, run["n_classes"], out / "samples" / "reconstructed.png", device, cfg.seed)
-        atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run["data"]["classes"]),
-                    out / "generator.pt")
-        extra = backdoor_figures(g, run, cfg, device) if cfg.attack == "patch" and cfg.poison > 0 else {}
-        summary = summarize(out, cfg, run["malicious"], time.time() - t0, extra)
-    return run | dict(counts=counts, weights=weights, history=history, summary=summary)
-
-
-def reconstruct(g, run, cfg, device):
+def reconstruct(g, x, y, n_classes, per_class, epochs, local, seed, arch, device):
     """Model reconstruction baseline: fine-tune the server generator against a fresh discriminator on
-    a benign set of real images (reconstruct_per_class per class, from the clean training data)."""
-    x, y = run["data"]["train"]
-    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    a benign set of real images (per_class per class, from the clean training data)."""
+    gen = torch.Generator().manual_seed(seed + 11)
     idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=gen)]
-                     [:cfg.reconstruct_per_class] for c in range(run["n_classes"])])
-    fix = dataclasses.replace(cfg, defense="none")  # the benign set gets no augmentation
-    server = make_client(fix, g, run["n_classes"], x[idx], y[idx], device, client_id=-1)
-    steps = cfg.reconstruct_epochs * steps_per_round(dataclasses.replace(cfg, local_steps=0), len(idx))
+                     [:per_class] for c in range(n_classes)])
+    server = make_client(-1, x[idx], y[idx], g, new_discriminator(-1, seed, n_classes, arch), local, seed, device)
+    steps = epochs * steps_per_round(0, local.batch, len(idx))
     print(f"reconstruct: fine-tuning the server generator on {len(idx)} benign images for {steps} steps")
-    _, gl = local_train(server, g.state_dict(), fix, device, steps)
-    g.load_state_dict(server["g"].state_dict())
+    state, (_, gl) = client_update(server, g.state_dict(), steps)
+    g.load_state_dict(state)
     print(f"reconstruct: done, mean G loss {gl:.3f}")
 
 
-def summarize(out, cfg, bad, seconds, extra=None):
-    """End-of-run summary: flags per client, final weights, detection rates after warm-up (for Krum,
-    rejection rates and the attackers' mean share of the aggregate), plus `extra` (backdoor figures)."""
+def finish(run, cfg, seconds):
+    """After the last round: the post-hoc step, generator.pt, the backdoor figures and summary.json."""
+    if run.defense.posthoc is not None:
+        run.defense.posthoc(run.g)
+        save_samples(run.g, run.out / "samples" / "reconstructed.png", cfg.seed)
+    atomic_save(dict(kwargs=run.g.kwargs, state_dict=run.g.state_dict(), classes=run.data.classes, rounds=cfg.rounds),
+                run.out / "generator.pt")
+    extra = {}
+    if cfg.attack == "patch" and cfg.poison > 0:
+        trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
+        extra = backdoor_figures(run.g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
+    return summarize(run.out, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
+
+
+def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
+    """End-of-run summary from metrics.jsonl: flags per client, final weights, detection rates after
+    warm-up (for Krum, rejection rates and the attackers' mean share of the aggregate), plus `extra`."""
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     flags = np.array([r["flagged"] for r in recs])
-    post = np.array([r["round"] > cfg.warmup for r in recs])
+    post = np.array([r["round"] > warmup for r in recs])
     mal = np.array(recs[-1]["malicious"], bool)
     s = dict(rounds=len(recs), seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
@@ -1611,24 +1981,29 @@ def summarize(out, cfg, bad, seconds, extra=None):
         s["krum_rejected_benign"] = float(1 - sel[:, ~mal].mean())
         s["malicious_mean_share"] = float((sel[:, mal].sum(1) / sel.sum(1)).mean())
     s.update(extra or {})
-    (out / "summary.json").write_text(json.dumps(s, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(s, indent=2))
     print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
           f"final weights {fmt(s['final_weights'])}  malicious {s['malicious']}")
-    if "fpr_after_warmup" in s and cfg.defense == "feddetect":
+    if "fpr_after_warmup" in s and detecting:
         tpr = "n/a" if s.get("tpr_after_warmup") is None else f"{s['tpr_after_warmup']:.2f}"
         first = s.get("rounds_to_first_correct_flag")
         print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round"
               + (f"  first correct flag after {first} detection round(s)" if first else "")
               + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if mal.any() else ""))
     if "krum_rejected_benign" in s:
-        print(f"{cfg.defense}: left out attackers in {s['krum_rejected_malicious'] or 0:.2f} and benign clients in "
-              f"{s['krum_rejected_benign']:.2f} of their rounds after warm-up; attackers' mean share "
+        print(f"{aggregator_name}: left out attackers in {s['krum_rejected_malicious'] or 0:.2f} and benign clients "
+              f"in {s['krum_rejected_benign']:.2f} of their rounds after warm-up; attackers' mean share "
               f"{s['malicious_mean_share']:.3f}")
     if "trigger_rate" in s:
         print(f"backdoor: {s['trigger_rate']:.3f} of generated images carry the trigger "
               f"(clean real images by chance: {s['trigger_rate_real']:.3f})")
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
     return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------
 
 
 def count_forward_flops(model, *inputs):
@@ -1669,13 +2044,14 @@ def bench(cfg):
     seed_everything(cfg.seed)
     n = cfg.batch * (cfg.bench_steps + 2)
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
-    g, _ = build_models(cfg, 2)
-    g.to(device)
+    g = build_models(2, **arch_of(cfg))[0].to(device)
     parallel, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
-    clients = [make_client(cfg, g, 2, x, y, device, client_id=i) for i in range(cfg.clients if parallel else 1)]
+    local = local_of(cfg, device)
+    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device)
+               for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
-    step = ((lambda k: local_train_parallel(clients, state, cfg, device, k)) if parallel
-            else (lambda k: local_train(clients[0], state, cfg, device, k)))
+    step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
+            else (lambda k: client_update(clients[0], state, k)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
@@ -1683,46 +2059,50 @@ def bench(cfg):
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
     step(cfg.bench_steps)
-    step_s = (time.perf_counter() - t) / cfg.bench_steps  # local_train reads its losses once: a sync
+    step_s = (time.perf_counter() - t) / cfg.bench_steps  # client_update reads its losses once: a sync
     img_per_s = len(clients) * cfg.batch / step_s
     z, lab = torch.randn(cfg.batch, cfg.z_dim, device=device), y[:cfg.batch].to(device)
-    g_fl = count_forward_flops(clients[0]["g"], z, lab) / cfg.batch
-    d_fl = count_forward_flops(clients[0]["d"], to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
+    g_fl = count_forward_flops(clients[0].g, z, lab) / cfg.batch
+    d_fl = count_forward_flops(clients[0].d, to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
     step_flops = 4 * g_fl + 9 * d_fl
     gflops = step_flops * img_per_s / 1e9
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the machine's fast matmul
     mm = matmul_gflops(device, ref_dtype, n=8192 if device.type == "cuda" else 2048)
     states = [{k: v + 0.01 * i for k, v in state.items()} for i in range(cfg.clients)]
+    rule = aggregator(cfg.aggregator, cfg.trim)
+    rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)  # warm: first calls allocate
     t = time.perf_counter()
     for _ in range(5):
-        fedavg(states, np.full(cfg.clients, 1.0 / cfg.clients))
+        rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)
     sync(device)
     server_ms = (time.perf_counter() - t) / 5 * 1000
+    rule_name = cfg.detector if cfg.detector != "none" else "paper"
+    detect = detector(rule_name, cfg.detect_fpr)
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
+    detect(hist, 1)  # warm every cache (the calibrated rule simulates its threshold once per N)
     t = time.perf_counter()
     for _ in range(5):
-        feddetect_paper(hist, seed=1) if cfg.detect_rule == "paper" else feddetect_calibrated(hist, cfg.detect_fpr)
+        detect(hist, 1)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     shard, rounds = PAPER_SHARD, 200  # the study's ChestX run: 4 x 1,464 images, 200 rounds of one epoch
-    steps = steps_per_round(dataclasses.replace(cfg, local_steps=0), shard)
+    steps = steps_per_round(0, cfg.batch, shard)
     round_ms = cfg.clients * steps * cfg.batch / img_per_s * 1000 + server_ms + detect_ms
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    amp = amp_dtype_for(cfg, device)
+    amp = local.amp_dtype
     precision = str(amp).replace("torch.", "") if amp else ("tf32" if device.type == "cuda" and cfg.tf32 else "fp32")
-    (gw, gmax), (dw, dmax) = arch_sizes(cfg)
-    print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, arch {cfg.arch} (G width {gw} max {gmax}, "
-          f"D width {dw} max {dmax}), {precision}, {len(clients)} client(s) {'side by side' if parallel else 'alone'}"
-          f"{', compiled' if cfg.compile else ''}, device {device_name(device)}, threads {torch.get_num_threads()}, "
+    print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, arch {cfg.arch}, {precision}, "
+          f"{len(clients)} client(s) {'side by side' if parallel else 'alone'}{', compiled' if cfg.compile else ''}, "
+          f"device {device_name(device)}, threads {torch.get_num_threads()}, "
           f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f}M params, "
-          f"D {sum(p.numel() for p in clients[0]['d'].parameters()) / 1e6:.2f}M params")
+          f"D {sum(p.numel() for p in clients[0].d.parameters()) / 1e6:.2f}M params")
     print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {len(clients)} x "
           f"{cfg.batch}; warm-up {warm_s:.1f} s)")
     print(f"  FLOPs/image   G fwd {g_fl / 1e9:.3f} G, D fwd {d_fl / 1e9:.3f} G, step (4G+9D) {step_flops / 1e9:.2f} G")
     print(f"  achieved      {gflops / 1e3:8.3f} TFLOP/s vs {str(ref_dtype).replace('torch.', '')} matmul "
           f"{mm / 1e3:.3f} TFLOP/s  -> ratio {gflops / mm:.2f}")
-    print(f"  server        {server_ms:8.2f} ms FedAvg of {cfg.clients} generators, "
-          f"{detect_ms:.2f} ms FedDetect ({cfg.detect_rule})")
+    print(f"  server        {server_ms:8.2f} ms {cfg.aggregator} of {cfg.clients} generators, "
+          f"{detect_ms:.2f} ms FedDetect ({rule_name}, warm)")
     print(f"  round         {round_ms / 1000:8.2f} s at the study's {shard} images per client ({cfg.clients} x {steps} "
           f"steps); server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; a {rounds}-round run ~ "
           f"{rounds * round_ms / 60000:.1f} min")
@@ -1746,36 +2126,32 @@ def device_name(device):
 
 def client_bytes(client):
     """Bytes of the tensors a client holds: data shard, G copy and D (with grads, buffers), both Adams."""
-    tensors = [client["x"], client["y"]]
-    for m in (client["g"], client["d"]):
+    tensors = [client.x, client.y]
+    for m in (client.g, client.d):
         tensors += list(m.state_dict().values()) + [p.grad for p in m.parameters() if p.grad is not None]
-    for o in (client["opt_g"], client["opt_d"]):
+    for o in (client.opt_g, client.opt_d):
         tensors += [v for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def bench_round(cfg):
     """One real federated round at cfg.clients clients: every client's local epoch, then the server
-    step (FedDetect decision + FedAvg), timed apart; memory held per client."""
+    round (detection + aggregation), timed apart; memory held per client."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         run = setup_run(dataclasses.replace(cfg, out=str(Path(tmp) / "r"), resume=None))
-        steps = [steps_per_round(cfg, len(s)) for s in run["shards"]]
-        g_state = {k: v.detach().clone() for k, v in run["g"].state_dict().items()}
+        center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}
         t = time.perf_counter()
-        results = train_clients(run, g_state, cfg, steps)
-        sync(run["device"])
+        g_states, reports = client_updates(run.fed, center, 0)
+        sync(run.fed.device)
         train_s = time.perf_counter() - t
-        g_losses = [results[i][1] for i in range(cfg.clients)]
-        counts, weights = np.zeros(cfg.clients, dtype=np.int64), np.full(cfg.clients, 1.0 / cfg.clients)
-        t = time.perf_counter()
-        server_cfg = dataclasses.replace(cfg, defense="feddetect", warmup=-1)  # time detection too
-        _, _, _, ok, used = server_decide(g_losses, [g_losses], counts, weights, 0, server_cfg)
-        aggregate({i: run["clients"][i]["g"].state_dict() for i in run["owned"]}, used, g_state)
+        defense = dataclasses.replace(run.defense, detect=run.defense.detect or detector("paper"), warmup=-1)
+        t = time.perf_counter()  # time detection too, on a server that has seen one round
+        server_round(run.server, defense, g_states, reports.g_loss, center, 0)
         server_s = time.perf_counter() - t
-        per_client = sum(client_bytes(c) for c in run["clients"].values()) / cfg.clients / 2**20
+        per_client = sum(client_bytes(c) for c in run.fed.clients.values()) / cfg.clients / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"  round         {cfg.clients} clients, {sum(steps)} local steps: {train_s + server_s:.2f} s; server "
+    print(f"  round         {cfg.clients} clients, {sum(run.fed.steps)} local steps: {train_s + server_s:.2f} s; server "
           f"{server_s * 1000:.1f} ms ({100 * server_s / (train_s + server_s):.2f}% of the round); "
           f"{per_client:.1f} MB of tensors per client; peak RSS {peak:.0f} MB")
     return dict(clients=cfg.clients, fed_round_s=round(train_s + server_s, 3), server_round_ms=round(server_s * 1000, 2),
@@ -1783,13 +2159,31 @@ def bench_round(cfg):
                 peak_rss_mb=round(peak, 1))
 
 
-def resume_config(folder):
-    ck = Path(folder) / "checkpoint.pt"
-    if not ck.exists():
-        raise FedGANError(f"--resume {folder}: no checkpoint.pt there; start a new run with --out instead")
-    cfg = Config(**json.loads((Path(folder) / "config.json").read_text()))
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def resume_config(flags):
+    """The Config of the run in flags['resume'], with the flags that may change on a resume applied (more
+    rounds, speed, output cadence); any other flag is refused, since it would change the experiment."""
+    folder = Path(flags["resume"])
+    if not (folder / "config.json").is_file():
+        raise FedGANError(f"--resume {folder}: no config.json there, so it is not a fedgan run folder; "
+                          "start a new run with --out instead")
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except ValueError:
+        raise FedGANError(f"--resume {folder}: config.json is not valid JSON; restore it or start a new run")
+    cfg = config_from_json(saved, folder / "config.json")
+    for k, v in flags.items():
+        if k not in RESUMABLE and v != getattr(cfg, k):
+            raise FedGANError(f"--{k.replace('_', '-')} cannot change on --resume (the run has "
+                              f"{getattr(cfg, k)!r}); only --rounds and speed or output flags may, so start a "
+                              "new run with --out for another experiment")
+        setattr(cfg, k, v)
     cfg.resume, cfg.out = str(folder), str(folder)
-    return cfg
+    return finalize(cfg)
 
 
 def init_distributed(cfg):
@@ -1805,14 +2199,12 @@ def init_distributed(cfg):
 
 def main(argv=None):
     try:
-        cfg = parse_args(argv)
-        if cfg.resume:
-            cfg = resume_config(cfg.resume)
+        flags = parse_flags(argv)
+        cfg = resume_config(flags) if flags.get("resume") else finalize(Config(**flags))
         if cfg.bench:
-            bench(cfg)
-        else:
-            init_distributed(cfg)
-            train(cfg)
+            return bench(cfg)
+        init_distributed(cfg)
+        return train(cfg)
     except FedGANError as e:
         if dist_rank_world()[0] == 0:
             sys.stderr.write(f"fedgan.py: error: {e}\n")

@@ -27,14 +27,11 @@ import math
 
 import numpy as np
 
-EULER_GAMMA = 0.5772156649
-
-
 def average_path_length(n):
     """c(n): mean path length of an unsuccessful BST search among n points (array or scalar)."""
     n = np.asarray(n, dtype=np.float64)
     safe = np.maximum(n, 2.0)  # keeps log() finite where the result is overwritten below
-    c = 2.0 * (np.log(safe - 1.0) + EULER_GAMMA) - 2.0 * (safe - 1.0) / safe
+    c = 2.0 * (np.log(safe - 1.0) + 0.5772156649) - 2.0 * (safe - 1.0) / safe  # 0.577...: Euler's gamma
     c = np.where(n == 2, 1.0, c)
     return np.where(n < 2, 0.0, c)
 
@@ -53,11 +50,14 @@ def _as_2d(X):
 
 
 class IsolationForest:
-    """Isolation forest with scikit-learn's method names.
+    """Isolation forest with scikit-learn's method names and signs.
 
     n_estimators: number of trees. max_samples: "auto" (min(256, n)), an int, or a float fraction of n.
     contamination: "auto" flags s(x) > 0.5 (the original paper's rule); a float in (0, 0.5] flags that
     fraction of the training points (the score threshold is the training scores' quantile).
+    As in scikit-learn, score_samples is -s(x) (lower is more abnormal), offset_ is the threshold on it
+    (-0.5 for "auto"), decision_function = score_samples - offset_ (negative: outlier), and predict and
+    fit_predict give -1 for outliers and +1 for inliers; anomaly_score is the paper's s(x) itself.
     seed: makes the forest, and so every result, deterministic.
     """
 
@@ -134,9 +134,9 @@ class IsolationForest:
         self.n_features_ = d
         train_scores = self.score_samples(X)
         if self.contamination == "auto":
-            self.offset_ = 0.5
+            self.offset_ = -0.5
         else:
-            self.offset_ = float(np.quantile(train_scores, 1.0 - float(self.contamination)))
+            self.offset_ = float(np.quantile(train_scores, float(self.contamination)))
         return self
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -164,18 +164,26 @@ class IsolationForest:
             out[start:start + chunk] = h.mean(axis=0)
         return out
 
-    def score_samples(self, X):
-        """Anomaly score s(x) = 2^(-E[h(x)] / c(psi)) in (0, 1]; higher is more anomalous."""
+    def anomaly_score(self, X):
+        """The paper's anomaly score s(x) = 2^(-E[h(x)] / c(psi)) in (0, 1]; higher is more anomalous."""
         c = float(average_path_length(self.psi_))
         if c == 0.0:  # a forest of one point isolates nothing: everybody is neutral
             return np.full(len(_as_2d(X)), 0.5)
         return np.exp2(-self.path_lengths(X) / c)
 
+    def score_samples(self, X):
+        """scikit-learn's score: -s(x), in [-1, 0); lower is more abnormal."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X):
+        """score_samples - offset_: negative for outliers, positive for inliers."""
+        return self.score_samples(X) - self.offset_
+
     def predict(self, X):
         """+1 for inliers, -1 for outliers."""
         # The tolerance absorbs rounding in the mean over trees: points no tree can split (all equal)
         # score 2^-1 up to ~1e-16 and must not be flagged by it.
-        return np.where(self.score_samples(X) > self.offset_ + 1e-9, -1, 1)
+        return np.where(self.decision_function(X) < -1e-9, -1, 1)
 
     def fit_predict(self, X):
         return self.fit(X).predict(X)

@@ -133,22 +133,24 @@ print("| run | final weights | attacker's final weight | detector TPR | detector
 print("|---|---|---|---|---|---|")
 for n in names:
     s = json.load(open(f"{out}/{n}/summary.json"))
-    detects = json.load(open(f"{out}/{n}/config.json"))["defense"] == "feddetect"
+    c = json.load(open(f"{out}/{n}/config.json"))
+    detects = c.get("detector", "paper" if c["defense"] == "feddetect" else "none") != "none"
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     mal = fmt(s["malicious_final_weight"]) if s["malicious"] else "-"
     rates = [fmt(s.get(k)) if detects else "-" for k in ("tpr_after_warmup", "fpr_after_warmup")]
     print(f"| {n} | {' '.join(f'{w:.3f}' for w in s['final_weights'])} | {mal} | {' | '.join(rates)} | "
           f"{fmt(s.get('trigger_rate'))} |")
 # the control: how often the vanilla generator shows each trigger by chance
-import dataclasses, torch, fedgan
-cfg = fedgan.Config(**json.load(open(f"{out}/vanilla/config.json")))
+import fedgan
+cfg = fedgan.finalize(fedgan.config_from_json(json.load(open(f"{out}/vanilla/config.json")), "config.json"))
 g = fedgan.load_generator(f"{out}/vanilla/generator.pt")
-run = dict(n_classes=g.n_classes, data=fedgan.load_data(cfg))
+real = fedgan.data_of(cfg).test[0]
 chance = []
 for n in names:
     c = json.load(open(f"{out}/{n}/config.json"))
     if n.startswith("attack"):
-        rate = fedgan.backdoor_figures(g, run, dataclasses.replace(cfg, poison=c["poison"]), torch.device("cpu"))
+        trig = fedgan.make_trigger(c["poison"], cfg.channels, cfg.trigger, seed=cfg.seed)
+        rate = fedgan.backdoor_figures(g, trig, fedgan.trigger_margin(cfg.img_size), real, cfg.seed + 12345)
         chance.append(f"{c['poison']} px: {rate['trigger_rate']:.3f}")
 print(f"\nTrigger in samples: the fraction of 512 generated images that show the trigger. The vanilla generator "
       f"shows each trigger by chance in: {', '.join(chance)}.")
