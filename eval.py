@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,9 @@ def lpips_per_class(g, real_x, real_y, n_classes, features, lin_weights, pairs, 
     out = {}
     for c in range(n_classes):
         reals = real_x[real_y == c]
+        if len(reals) == 0:  # nothing to compare with: say so rather than fail
+            out[c] = dict(mean=None, se=None, pairs=0)
+            continue
         pick = torch.randint(len(reals), (pairs,), generator=gen)
         fakes = fedgan.generate(g, torch.full((pairs,), c), seed + 7919 * (c + 1))  # its own latents and noise
         d = []
@@ -278,7 +282,9 @@ def domain_fid(feature_net, g, real_x, real_y, n_classes, n_synth, seed, device)
     """Per class and overall, real held-out images against n_synth synthetic images per class."""
     sx, sy = synthesize(g, n_synth, n_classes, seed)
     fr, fs = features_of(feature_net, real_x, device), features_of(feature_net, sx, device)
-    res = {c: frechet_distance(fr[real_y == c], fs[sy == c]) for c in range(n_classes)}
+    # a class with fewer than 2 real images has no covariance: its FID is not defined (None, "n/a")
+    res = {c: frechet_distance(fr[real_y == c], fs[sy == c]) if int((real_y == c).sum()) >= 2 else None
+           for c in range(n_classes)}
     res["overall"] = frechet_distance(fr, fs)
     return res
 
@@ -297,7 +303,8 @@ def markdown(results):
                   "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for c, cname in enumerate(classes):
             cells = [f"{runs[n]['lpips'][str(c)]['mean']:.4f} ± {runs[n]['lpips'][str(c)]['se']:.4f}"
-                     if "lpips" in runs[n] else "n/a" for n in names]
+                     if "lpips" in runs[n] and runs[n]["lpips"][str(c)]["mean"] is not None else "n/a"
+                     for n in names]
             lines.append(f"| LPIPS ({cname}) | " + " | ".join(cells) + " |")
         lines.append("")
     if any("fid" in r for r in runs.values()):
@@ -305,7 +312,8 @@ def markdown(results):
                   "lower is better; not Inception FID)", "",
                   "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for key, label in [(str(c), cn) for c, cn in enumerate(classes)] + [("overall", "overall")]:
-            lines.append(f"| {label} | " + " | ".join(f"{runs[n]['fid'][key]:.2f}" if "fid" in runs[n] else "n/a"
+            lines.append(f"| {label} | " + " | ".join(f"{runs[n]['fid'][key]:.2f}"
+                                                     if runs[n].get("fid", {}).get(key) is not None else "n/a"
                                                      for n in names) + " |")
         lines.append("")
     u = results.get("utility")
@@ -314,7 +322,9 @@ def markdown(results):
                   f"(real only, or + {u['n_synth']} synthetic images per class)", "",
                   "| n real per class | " + " | ".join(u["curves"]) + " |", "|---" * (len(u["curves"]) + 1) + "|"]
         for i, n in enumerate(u["n_real"]):
-            lines.append(f"| {n} | " + " | ".join(f"{c['mean'][i]:.3f} ± {c['std'][i]:.3f}"
+            used = u["n_real_used"][i]
+            label = str(n) if used == [n] * len(used) else f"{n} (used {'/'.join(map(str, used))}: all there are)"
+            lines.append(f"| {label} | " + " | ".join(f"{c['mean'][i]:.3f} ± {c['std'][i]:.3f}"
                                                   for c in u["curves"].values()) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -371,7 +381,12 @@ def load_run(folder, data_root, device):
         raise EvalError(f"{folder}/config.json is not valid JSON; restore it from the run")
     if data_root:
         cfg.data_root = data_root
-    return cfg, fedgan.load_generator(folder / "generator.pt", map_location=device).to(device)
+    try:
+        g = fedgan.load_generator(folder / "generator.pt", map_location=device)
+    except Exception as e:
+        raise EvalError(f"cannot read {folder}/generator.pt ({type(e).__name__}); it is damaged: train the run again "
+                        f"or resume it (python fedgan.py --resume {folder})")
+    return cfg, g.to(device)
 
 
 def data_key(cfg):
@@ -380,10 +395,11 @@ def data_key(cfg):
 
 
 def parse_args(argv):
-    p = fedgan._Parser(description=__doc__.split("\n\n")[0],
+    p = fedgan._Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by fedgan.py (labelled by folder name)")
     p.add_argument("--out", default="eval_out", help="where results.json, results.md and utility.svg go")
+    p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     p.add_argument("--metrics", default="lpips,fid,utility", help="comma list of lpips, fid, utility")
     p.add_argument("--n-real", default="1,5,10,50,100,200,500", help="real images per class in the utility study")
     p.add_argument("--n-synth", type=int, default=1000, help="synthetic images per class (utility and FID)")
@@ -406,7 +422,23 @@ def parse_args(argv):
         a.n_real = [int(n) for n in a.n_real.split(",")]
     except ValueError:
         raise EvalError(f"--n-real {a.n_real!r} must be a comma-separated list of positive integers")
+    for name, value, lo in [("--n-real", min(a.n_real), 1), ("--n-synth", a.n_synth, 2), ("--seeds", a.seeds, 1),
+                            ("--epochs", a.epochs, 1), ("--fid-epochs", a.fid_epochs, 1), ("--pairs", a.pairs, 1)]:
+        if value < lo:
+            raise EvalError(f"{name} {value} must be at least {lo}")
+    check_out(Path(a.out), a.force)
     return a
+
+
+def check_out(out, force):
+    """Before any work: --out must be a folder we may write, and not hold results unless --force."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file; choose a folder path")
+    if out.is_dir() and (out / "results.json").exists() and not force:
+        raise EvalError(f"{out} already holds results; pass --force to overwrite them, or choose another --out")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise EvalError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
 
 
 def evaluate(a):
@@ -469,8 +501,14 @@ def utility_study(a, runs, n_classes, device, say):
     with n_synth synthetic images per class from each generator, over a.seeds seeds."""
     data = next(iter(runs.values()))["data"]
     (rx, ry), (tx, ty) = data.train, balanced(*data.test, n_classes)
+    if len(ty) == 0:
+        missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
+        raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests on "
+                        "every class: give data whose test split holds them all")
     names = ["real only"] + [f"+ {n}" for n in runs]
     acc = {n: np.zeros((len(a.n_real), a.seeds)) for n in names}
+    # what each n means in fact: a class with fewer real training images gives all it has
+    used = [[min(n, int((ry == c).sum())) for c in range(n_classes)] for n in a.n_real]
     total, done, t_start = len(a.n_real) * a.seeds * len(names), 0, time.time()
     for seed in range(a.seeds):
         synth = {f"+ {n}": synthesize(r["g"], a.n_synth, n_classes, 1000 + seed) for n, r in runs.items()}
@@ -485,7 +523,7 @@ def utility_study(a, runs, n_classes, device, say):
                 left = (time.time() - t_start) / done * (total - done)
                 say(f"utility {done}/{total}: n_real {n}, seed {seed}, {name}: acc {acc[name][i, seed]:.3f} "
                     f"(~{left / 60:.1f} min left)")
-    return dict(classifier=a.classifier, seeds=a.seeds, n_synth=a.n_synth, n_real=a.n_real,
+    return dict(classifier=a.classifier, seeds=a.seeds, n_synth=a.n_synth, n_real=a.n_real, n_real_used=used,
                 test_images=len(ty), curves={n: dict(mean=v.mean(1).tolist(), std=v.std(1).tolist())
                                              for n, v in acc.items()})
 
@@ -498,7 +536,11 @@ def main(argv=None):
         sys.stderr.write(f"eval.py: error: {e}\n")
         sys.exit(2)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.stderr.write(f"eval.py: error: cannot create {out} ({e.strerror}); results not written\n")
+        sys.exit(2)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     if "utility" in results:

@@ -661,6 +661,14 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
 
 
+class ScaledLeakyReLU(nn.Module):
+    """Leaky ReLU (slope 0.2) times sqrt(2), StyleGAN2's gain: a unit-variance input keeps a second
+    moment of about 1, so the mapping network's w starts at StyleGAN2's scale."""
+
+    def forward(self, x):
+        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
 def blur_up(x):
     """The [1, 3, 3, 1] low-pass that follows a stride-2 transposed conv in StyleGAN2 (gain 4 keeps the
     mean): (B, C, 2H+1, 2W+1) -> (B, C, 2H, 2W)."""
@@ -750,7 +758,7 @@ class Generator(nn.Module):
         self.embed = EqualLinear(n_classes, w_dim)
         layers, d = [], z_dim + w_dim
         for _ in range(map_layers):
-            layers += [EqualLinear(d, w_dim, lr_mul=0.01), nn.LeakyReLU(0.2)]
+            layers += [EqualLinear(d, w_dim, lr_mul=0.01), ScaledLeakyReLU()]
             d = w_dim
         self.mapping = nn.Sequential(*layers)
         ch = lambda res: channels_at(res, img_size, width, max_channels)  # noqa: E731
