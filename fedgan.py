@@ -376,27 +376,6 @@ def resize_uint8(x, size):
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 
-def read_npz(path, size, channels):
-    """MedMNIST-style .npz: train_images (n, h, w[, c]) and train_labels; test_* optional."""
-    try:
-        z = np.load(path)
-        keys = set(z.files)
-    except Exception as e:
-        raise FedGANError(f"cannot read {path} as .npz ({type(e).__name__}); give a MedMNIST-style .npz file")
-    if not {"train_images", "train_labels"} <= keys:
-        raise FedGANError(f"{path} lacks train_images/train_labels (has {sorted(keys)}); "
-                          "use a MedMNIST-style .npz")
-
-    def part(split):
-        imgs, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1).astype(np.int64)
-        x = torch.from_numpy(imgs if imgs.ndim == 4 else imgs[..., None]).permute(0, 3, 1, 2)
-        return to_channels(resize_uint8(x.to(torch.uint8), size), channels), torch.from_numpy(labels)
-
-    train = part("train")
-    test = part("test") if "test_images" in keys else None
-    return train, test, int(train[1].max()) + 1
-
-
 def to_channels(x, channels):
     """Gray <-> RGB for uint8 (n, C, H, W): repeat gray, or take ITU-R 601 luminance."""
     if x.shape[1] == channels:
@@ -410,24 +389,160 @@ def to_channels(x, channels):
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+def to_uint8_images(a, what):
+    """An image array of any common dtype -> (uint8 array, how it was read), or one clear error.
+    uint8 as is; other integers up to 255 as is, above that scaled from their bit depth (the smallest
+    2^b - 1 covering the maximum: 12-bit data in uint16 is read as 12-bit); floats in [0, 1] times 255,
+    floats in [0, 255] rounded. NaN, inf, negative values and anything else are refused."""
+    a = np.asarray(a)
+    if a.size == 0:
+        raise FedGANError(f"{what} is empty; give it images (a test split may also be left out: fedgan then "
+                          "holds out --test-frac of each class)")
+    if a.dtype == np.uint8:
+        return a, "uint8"
+    if a.dtype.kind not in "iuf":
+        raise FedGANError(f"{what} has dtype {a.dtype}; give images as integers or floats")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise FedGANError(f"{what} holds NaN or inf values; clean the images first")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0:
+        raise FedGANError(f"{what} has negative values (min {lo:g}); give images in [0, 1], [0, 255] or as "
+                          "unsigned integers")
+    if a.dtype.kind == "f":
+        if hi <= 1.0:
+            return np.round(a * 255.0).astype(np.uint8), f"{a.dtype} in [0, 1], scaled by 255"
+        if hi <= 255.0:
+            return np.round(a).astype(np.uint8), f"{a.dtype} in [0, 255]"
+        raise FedGANError(f"{what} is {a.dtype} with values up to {hi:g}; give floats in [0, 1] or [0, 255]")
+    if hi <= 255:
+        return a.astype(np.uint8), f"{a.dtype} in [0, 255]"
+    bits = int(math.ceil(math.log2(hi + 1)))
+    return (np.round(a.astype(np.float64) * (255.0 / (2 ** bits - 1)))).astype(np.uint8), f"{a.dtype}, {bits}-bit"
+
+
+def npz_images(imgs, what):
+    """(n, H, W), (n, H, W, C) or (n, C, H, W) image arrays -> (n, C, H, W) uint8, C in {1, 3} (alpha dropped)."""
+    if imgs.ndim == 3:
+        imgs = imgs[..., None]
+    if imgs.ndim != 4:
+        raise FedGANError(f"{what} has shape {imgs.shape}; expected (n, H, W) or (n, H, W, C) images")
+    if imgs.shape[-1] not in (1, 3, 4) and imgs.shape[1] in (1, 3):  # channels first
+        imgs = imgs.transpose(0, 2, 3, 1)
+    if imgs.shape[-1] not in (1, 3, 4):
+        raise FedGANError(f"{what} has shape {imgs.shape}: {imgs.shape[-1]} channels; expected 1 (gray), "
+                          "3 (RGB) or 4 (RGBA)")
+    return imgs[..., :3]
+
+
+def npz_labels(labels, n, what):
+    """Labels (n,) or (n, 1), integer-valued -> int64 (n,), or one clear error."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or len(labels) != n:
+        raise FedGANError(f"{what} has shape {labels.shape} for {n} images; give one integer label per image")
+    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+        raise FedGANError(f"{what} must hold integer class ids, got {labels.dtype}")
+    if n and labels.min() < 0:
+        raise FedGANError(f"{what} holds a negative label ({int(labels.min())}); class ids are 0..K-1")
+    return labels.astype(np.int64)
+
+
+def describe_split(name, y, classes, shapes, dtypes, ranges):
+    """One split of the data report: count per class, image size, dtype and value range before conversion."""
+    counts = [int((y == c).sum()) for c in range(len(classes))]
+    size = " / ".join(sorted(set(shapes)))
+    rng = f"{min(r[0] for r in ranges):g}..{max(r[1] for r in ranges):g}" if ranges else "?"
+    return (f"{name} {len(y)} ({', '.join(f'{c} {k}' for c, k in zip(classes, counts))}), {size}, "
+            f"{', '.join(sorted(set(dtypes)))}, values {rng}")
+
+
+HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I", "F")  # PIL modes deeper than 8 bits: convert("L") would clip them
+
+
 def read_folder(root, classes, size, channels):
-    """root/<class>/* images -> uint8 (n, C, size, size) and labels in the order of `classes`."""
+    """root/<class>/* images -> uint8 (n, C, size, size), labels in the order of `classes`, and what the
+    files were (sizes, modes, value ranges) for the data report. 8-bit images of any mode are converted by PIL; 16-bit and float images are scaled to 8 bits
+    by the bit depth of the whole folder's maximum (so all images share one scale)."""
     from PIL import Image  # only needed for folder data
-    xs, ys = [], []
+    xs, ys, shapes, modes, deep, ranges = [], [], [], [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
+        if not files:
+            raise FedGANError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXT))}); add "
+                              "images or remove the folder")
         for p in files:
             try:
                 with Image.open(p) as im:
-                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
-                    arr = np.asarray(im, dtype=np.uint8)
+                    shapes.append(f"{im.height}x{im.width}")
+                    modes.append(im.mode)
+                    if im.mode in HIGH_DEPTH:
+                        arr = np.asarray(im.convert("F").resize((size, size), Image.BICUBIC), dtype=np.float64)
+                        deep.append(len(xs))
+                    else:
+                        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+                        arr = np.asarray(im, dtype=np.uint8)
+                    ranges.append((float(arr.min()), float(arr.max())))
             except Exception as e:
                 raise FedGANError(f"cannot read image {p} ({type(e).__name__}: {e}); remove or replace the file")
-            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            xs.append(arr)
             ys.append(label)
-    if not xs:
-        raise FedGANError(f"no images ({', '.join(sorted(IMAGE_EXT))}) under {root}/{{{','.join(classes)}}}")
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
+    if deep:  # one scale for every deep image: the bit depth that covers the largest value among them
+        top = max(float(xs[i].max()) for i in deep)
+        scale = 255.0 if top <= 1.0 else 255.0 / (2 ** math.ceil(math.log2(top + 1)) - 1)
+        for i in deep:
+            gray = np.clip(np.round(xs[i] * scale), 0, 255).astype(np.uint8)
+            xs[i] = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    x = np.stack([a[None] if channels == 1 else a.transpose(2, 0, 1) for a in xs])
+    return torch.from_numpy(x), torch.tensor(ys, dtype=torch.int64), (shapes, [f"PIL {m}" for m in modes], ranges)
+
+
+def read_npz(path, size, channels):
+    """MedMNIST-style .npz: train_images (n, H, W[, C]) and train_labels; test_* optional.
+    -> (x, y) train, (x, y) test or None, number of classes, and what each split was (for the report)."""
+    try:
+        z = np.load(path)
+        keys = set(z.files)
+    except Exception as e:
+        raise FedGANError(f"cannot read {path} as .npz ({type(e).__name__}); give a MedMNIST-style .npz file")
+    if not {"train_images", "train_labels"} <= keys:
+        raise FedGANError(f"{path} lacks train_images/train_labels (has {sorted(keys)}); "
+                          "use a MedMNIST-style .npz")
+    if ("test_images" in keys) != ("test_labels" in keys):
+        raise FedGANError(f"{path} has only one of test_images/test_labels; give both or neither")
+
+    def part(split):
+        what = f"{path}: {split}_images"
+        try:
+            raw = npz_images(z[f"{split}_images"], what)
+            labels = npz_labels(z[f"{split}_labels"], len(raw), f"{path}: {split}_labels")
+        except ValueError as e:  # e.g. an object array that needs pickle
+            raise FedGANError(f"cannot read {split}_images/{split}_labels of {path} ({e}); store plain arrays")
+        arr, how = to_uint8_images(raw, what)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        y = torch.from_numpy(labels)
+        info = ([f"{raw.shape[1]}x{raw.shape[2]}x{raw.shape[3]}"], [how], [(float(raw.min()), float(raw.max()))])
+        return (to_channels(resize_uint8(x, size), channels), y), info
+
+    train, tinfo = part("train")
+    test, sinfo = part("test") if "test_images" in keys else (None, None)
+    return train, test, int(train[1].max()) + 1, tinfo, sinfo
+
+
+def check_splits(train_y, test_y, classes, where):
+    """Every class trains on at least one image; both splits hold images; labels name known classes."""
+    k = len(classes)
+    for split, y in (("train", train_y), ("test", test_y)):
+        if len(y) == 0:
+            raise FedGANError(f"the {split} split of {where} is empty; give it images (or, for a test split, drop "
+                              "it and fedgan holds out --test-frac per class)")
+        if int(y.max()) >= k:
+            raise FedGANError(f"{split} labels of {where} reach {int(y.max())}, but the training data has classes "
+                              f"0..{k - 1}")
+    empty = [str(classes[c]) for c in range(k) if not (train_y == c).any()]
+    if empty:
+        raise FedGANError(f"class {', '.join(empty)} of {where} has no training image (labels must be 0..K-1, each "
+                          "with images; a class needs at least 2 when a share is held out for evaluation)")
 
 
 def class_folders(root, dataset):
@@ -454,20 +569,23 @@ class Data:
     train: tuple
     test: tuple
     classes: list
+    report: str = ""   # per split and class: count, image size, dtype and range before conversion
 
 
 def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=256, test_frac=0.1):
-    """The training and held-out images at img_size and channels."""
+    """The training and held-out images at img_size and channels. Data that is wrong is refused with one
+    line (an empty or one-image class, labels that do not match the images, unreadable files, ...)."""
     if dataset == "synthetic":
         train = synthetic_images(synthetic_per_class, img_size, channels, seed)
         test = synthetic_images(max(synthetic_per_class // 4, 1), img_size, channels, seed + 1)
-        return Data(train, test, ["normal", "pneumonia"] if channels == 1 else ["benign", "malignant"])
+        classes = ["normal", "pneumonia"] if channels == 1 else ["benign", "malignant"]
+        return Data(train, test, classes, f"synthetic, train {len(train[1])}, test {len(test[1])}, uint8")
     root = Path(data_root or default_data_root(dataset))
     if not root.exists():
         raise FedGANError(f"data root {root} does not exist; pass --data-root to a class-per-folder tree "
                           f"or a .npz file (see README: Data)")
     if root.is_file():
-        train, test, n_classes = read_npz(root, img_size, channels)
+        train, test, n_classes, tinfo, sinfo = read_npz(root, img_size, channels)
         known = CLASS_NAMES.get(dataset, [])  # MedMNIST orders labels as we do (0 normal, 1 pneumonia)
         classes = known if len(known) == n_classes else [str(c) for c in range(n_classes)]
     else:
@@ -477,13 +595,22 @@ def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=
         if len(classes) < 2:
             raise FedGANError(f"{base} holds {len(classes)} class folder(s) {classes}; a conditional GAN needs "
                               f"at least 2 (e.g. {'/, '.join(CLASS_NAMES.get(dataset, ['a', 'b']))}/)")
-        train = read_folder(base, classes, img_size, channels)
-        test = read_folder(split_root["test"], classes, img_size, channels) if "test" in split_root else None
-    if len(train[1].unique()) < 2:
-        raise FedGANError(f"{root} has images of {len(train[1].unique())} class; at least 2 are needed")
-    if test is None:  # carve a per-class held-out split, the same for every run on this data
+        *train, tinfo = read_folder(base, classes, img_size, channels)
+        test = sinfo = None
+        if "train" in split_root and "test" in split_root:
+            test_classes = class_folders(split_root["test"], dataset)
+            if sorted(test_classes) != sorted(classes):
+                raise FedGANError(f"{split_root['train']} has classes {classes} but {split_root['test']} has "
+                                  f"{test_classes}; give both splits the same class folders")
+            *test, sinfo = read_folder(split_root["test"], classes, img_size, channels)
+    held_out = test is None
+    if held_out:  # carve a per-class held-out split, the same for every run on this data
         train, test = holdout_split(*train, test_frac, seed=0)
-    return Data(train, test, classes)
+    report = [describe_split("train", train[1], classes, *tinfo),
+              describe_split("test", test[1], classes, *(tinfo if held_out else sinfo))
+              + (f" (held out: {test_frac:g} of each class)" if held_out else "")]
+    check_splits(train[1], test[1], classes, root)
+    return Data(tuple(train), tuple(test), classes, "; ".join(report))
 
 
 def data_of(cfg):
@@ -1693,7 +1820,7 @@ def check_out_folder(out, resume):
         raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
                           "or choose another --out")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise FedGANError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
 
 
@@ -1705,6 +1832,10 @@ def train(cfg):
     if run.lead:
         start_folder(run, cfg)
     log(describe(run, cfg))
+    log(f"data: {run.data.report}")
+    if run.lead and cfg.detector != "none" and cfg.warmup >= cfg.rounds - 1:
+        sys.stderr.write(f"fedgan.py: warning: --warmup {cfg.warmup} >= --rounds {cfg.rounds} - 1: the detector never "
+                         "runs (it acts in rounds t > warmup, t from 0)\n")
     t0 = time.time() - run.seconds
     for t in range(run.start, cfg.rounds):
         tr = time.time()
@@ -1760,7 +1891,7 @@ def log_round(run, t, rounds, reports, decision, secs):
     note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~decision.ok).tolist()}" if not decision.ok.all() else ""
     print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
           f"w {fmt(server.weights)}  flagged {np.flatnonzero(decision.flags).tolist()}{note}", flush=True)
-    rec = dict(round=t, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
+    rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
                update_norm=server.norm_history[-1],
                **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
@@ -1774,8 +1905,10 @@ def log_round(run, t, rounds, reports, decision, secs):
 def start_folder(run, cfg):
     """config.json (what runs: every setting, and the device, precision and versions it ran with) and,
     for a fresh run, an empty metrics.jsonl; after a resume, metrics.jsonl keeps the rounds before it."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "samples").mkdir(exist_ok=True)
+    try:
+        (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedGANError(f"cannot create {run.out} ({e.strerror}); choose another --out")
     record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg))
     atomic_write_text(run.out / "config.json", json.dumps(record, indent=2))
     metrics = run.out / "metrics.jsonl"
@@ -1783,7 +1916,7 @@ def start_folder(run, cfg):
     if run.start and metrics.exists():
         for ln in metrics.read_text().splitlines():
             try:
-                if json.loads(ln)["round"] < run.start:
+                if json.loads(ln)["round"] <= run.start:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):  # a line cut by a kill: it is past the checkpoint anyway
                 pass
@@ -1968,7 +2101,7 @@ def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
     warm-up (for Krum, rejection rates and the attackers' mean share of the aggregate), plus `extra`."""
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     flags = np.array([r["flagged"] for r in recs])
-    post = np.array([r["round"] > warmup for r in recs])
+    post = np.array([r["round"] - 1 > warmup for r in recs])  # Algorithm 1's t = round - 1
     mal = np.array(recs[-1]["malicious"], bool)
     s = dict(rounds=len(recs), seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())

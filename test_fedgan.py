@@ -994,12 +994,201 @@ def test_cuda_parallel_clients_equal_sequential():
 
 
 # ---------------------------------------------------------------------------------------------
+# bad data never trains; every failure is one line; no run folder is stuck
+# ---------------------------------------------------------------------------------------------
+
+
+def _npz(path, train_images, train_labels, test_images=None, test_labels=None, extra_test_images=None):
+    parts = dict(train_images=train_images, train_labels=train_labels)
+    if extra_test_images is not None:  # test images without labels
+        parts["test_images"] = extra_test_images
+    if test_images is not None:
+        parts.update(test_images=test_images, test_labels=test_labels)
+    np.savez(path, **parts)
+    return str(path)
+
+
+def _load(root, dataset="chestx", size=16, channels=1):
+    return fedgan.load_data(dataset, str(root), size, channels, seed=0)
+
+
+def test_unusual_image_data_loads_right():
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (8, 16, 16)).astype(np.uint8)
+    y = np.arange(8) % 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ref = _load(_npz(tmp / "u8.npz", x8, y)).train[0]
+        for name, imgs in [("float01", x8 / 255.0), ("float255", x8.astype(np.float32)),
+                           ("uint16", x8.astype(np.uint16) * 257), ("chw", x8[:, None]),
+                           ("rgba", np.repeat(x8[..., None], 4, -1))]:
+            got = _load(_npz(tmp / f"{name}.npz", imgs, y)).train[0]
+            assert torch.equal(got, ref), name
+        twelve = np.round(x8.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 12-bit data in uint16
+        got = _load(_npz(tmp / "12bit.npz", twelve, y)).train[0]
+        assert (got.int() - ref.int()).abs().max() <= 1
+        d = _load(_npz(tmp / "float01b.npz", x8 / 255.0, y.astype(np.float64)[:, None]))  # (n, 1) float labels
+        assert "float64 in [0, 1], scaled by 255" in d.report and "train 6 (NORMAL 3, PNEUMONIA 3)" in d.report, \
+            d.report
+        from PIL import Image  # 16-bit PNGs: scaled, not clipped at 255 by PIL's convert("L")
+        for cls, value in (("NORMAL", 40000), ("PNEUMONIA", 10000)):
+            (tmp / "deep" / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((16, 16), value, np.uint16)).save(tmp / "deep" / cls / f"{i}.png")
+        deep = _load(tmp / "deep")
+        assert abs(deep.train[0][deep.train[1] == 0].float().mean() - 40000 / 257) < 2, deep.report
+        assert abs(deep.train[0][deep.train[1] == 1].float().mean() - 10000 / 257) < 2
+
+
+def test_bad_data_is_refused_with_one_line_and_nothing_written():
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (8, 16, 16)).astype(np.uint8)
+    y = np.arange(8) % 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        nan = (x8 / 255.0).copy()
+        nan[0, 0, 0] = np.nan
+        cases = [  # (data root, what the one line must say)
+            (_npz(tmp / "nan.npz", nan, y), "NaN"),
+            (_npz(tmp / "neg.npz", x8.astype(np.int16) - 5, y), "negative values"),
+            (_npz(tmp / "big.npz", x8 * 2.0, y), "values up to"),
+            (_npz(tmp / "short.npz", x8, y[:6]), "one integer label per image"),
+            (_npz(tmp / "neglabel.npz", x8, y - 1), "negative label"),
+            (_npz(tmp / "fraclabel.npz", x8, y + 0.5), "integer class ids"),
+            (_npz(tmp / "gap.npz", x8, y * 2), "class 1"),
+            (_npz(tmp / "flat.npz", x8.reshape(8, -1), y), "expected (n, H, W)"),
+            (_npz(tmp / "emptytest.npz", x8, y, x8[:0], y[:0]), "test_images is empty"),
+            (_npz(tmp / "testlabel.npz", x8, y, x8[:2], np.array([0, 5])), "reach 5"),
+            (_npz(tmp / "onlytest.npz", x8, y, extra_test_images=x8[:2]), "test_labels"),
+        ]
+        _write_images(tmp / "single" / "NORMAL", 5)
+        _write_images(tmp / "single" / "PNEUMONIA", 1)  # one image: it would go to the held-out split
+        cases.append((tmp / "single", "PNEUMONIA"))
+        _write_images(tmp / "hollow" / "NORMAL", 5)
+        (tmp / "hollow" / "PNEUMONIA").mkdir(parents=True)
+        cases.append((tmp / "hollow", "holds no images"))
+        for split, names in (("train", ("NORMAL", "PNEUMONIA")), ("test", ("NORMAL", "VIRAL"))):
+            for cls in names:
+                _write_images(tmp / "mismatch" / split / cls, 3)
+        cases.append((tmp / "mismatch", "same class folders"))
+        for root, words in cases:
+            out = tmp / "out"
+            _fails_cleanly(["--dataset", "chestx", "--data-root", str(root), "--img-size", "16", "--out", str(out)],
+                           words)
+            assert not out.exists(), root
+
+
+def test_every_user_mistake_is_one_line_without_traceback():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "file").write_text("x")
+        _fails_cleanly(["--out", str(tmp / "file")], "is a file")
+        _fails_cleanly(["--out", str(tmp / "file" / "sub")], "cannot write")
+        for flag, value in (("--lr", "-1"), ("--batch", "0"), ("--detect-fpr", "0.7"), ("--blend-alpha", "2"),
+                            ("--trim", "0.5"), ("--test-frac", "1"), ("--rounds", "0"), ("--dirichlet-alpha", "0")):
+            _fails_cleanly([flag, value, "--out", str(tmp / "o")], flag)
+        run = tmp / "run"
+        quiet(fedgan.train, tiny_cfg(run, "--rounds", "2", "--local-steps", "1"))
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        (run / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 10)  # random bytes where the checkpoint was
+        _fails_cleanly(["--resume", str(run), "--rounds", "3"], "cannot read")
+        (run / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:1000])  # a truncated copy
+        _fails_cleanly(["--resume", str(run), "--rounds", "3"], "cannot read")
+        (run / "checkpoint.pt").write_bytes(before["checkpoint.pt"])
+        (run / "config.json").write_text("{not json")
+        _fails_cleanly(["--resume", str(run), "--rounds", "3"], "not valid JSON")
+        assert all((run / n).read_bytes() == b for n, b in before.items() if n not in ("checkpoint.pt", "config.json"))
+
+
+def test_no_run_folder_is_stuck_and_resumed_runs_keep_their_books():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        straight = tmp / "straight"
+        quiet(fedgan.train, tiny_cfg(straight, "--rounds", "3", "--local-steps", "1", "--sample-every", "1"))
+        # a run that died before its first checkpoint: config.json, no checkpoint -> --resume starts it over
+        stuck = tmp / "stuck"
+        quiet(fedgan.train, tiny_cfg(stuck, "--rounds", "3", "--local-steps", "1", "--sample-every", "1"))
+        (stuck / "checkpoint.pt").unlink()
+        (stuck / "metrics.jsonl").write_text('{"round": 1, "g_loss": [1')  # a line cut by the kill
+        quiet(fedgan.main, ["--resume", str(stuck)])
+        assert _metrics(stuck) == _metrics(straight)
+        # rounds are counted from 1 in the log, metrics.jsonl and the sample files alike
+        rounds = [r["round"] for r in _metrics(straight)]
+        assert rounds == [1, 2, 3] and (straight / "samples" / "round_0003.png").exists()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            fedgan.main(["--resume", str(straight), "--rounds", "4", "--sample-every", "1"])
+        assert "round    4/4" in out.getvalue() and (straight / "samples" / "round_0004.png").exists()
+        # the summary counts the time of every session; config.json says what ran
+        first = json.loads((stuck / "summary.json").read_text())["seconds"]
+        s = json.loads((straight / "summary.json").read_text())
+        assert s["rounds"] == 4 and s["seconds"] >= first * 0.5
+        env = json.loads((straight / "config.json").read_text())["environment"]
+        assert env["device"].startswith("cpu") and env["precision"] == "fp32" and env["torch"] == torch.__version__
+        assert json.loads((straight / "config.json").read_text())["aggregator"] == "fedavg"
+        # a NaN loss is written as null: metrics.jsonl stays JSON
+        assert fedgan.json_safe([1.0, float("nan"), float("inf")]) == [1.0, None, None]
+
+
+def test_a_detector_that_would_never_run_is_announced():
+    with tempfile.TemporaryDirectory() as tmp:
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            fedgan.train(tiny_cfg(Path(tmp) / "r", "--rounds", "2", "--local-steps", "1", "--defense", "feddetect"))
+        assert "never runs" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
+
+
+def test_eval_refuses_bad_inputs_before_any_work():
+    import eval as ev
+
+    def fails(argv, words):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ev.main(argv)
+            except SystemExit as e:
+                code = e.code
+            else:
+                code = 0
+        text = err.getvalue().strip()
+        assert code == 2 and len(text.splitlines()) == 1 and "Traceback" not in text, (argv, code, text)
+        assert words.lower() in text.lower(), (words, text)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = tmp / "run"
+        quiet(fedgan.train, tiny_cfg(run, "--rounds", "1", "--local-steps", "1"))
+        fails([str(run), "--n-real", "0", "--out", str(tmp / "e")], "--n-real 0")
+        fails([str(run), "--seeds", "0", "--out", str(tmp / "e")], "--seeds")
+        (tmp / "file").write_text("x")
+        t = time.time()
+        fails([str(run), "--metrics", "fid", "--out", str(tmp / "file")], "is a file")
+        assert time.time() - t < 5  # refused before any model was trained
+        good = [str(run), "--metrics", "fid", "--n-synth", "8", "--fid-epochs", "1", "--out", str(tmp / "e")]
+        quiet(ev.main, good)
+        fails(good, "--force")
+        quiet(ev.main, good + ["--force"])
+        broken = tmp / "broken"
+        broken.mkdir()
+        (broken / "config.json").write_text((run / "config.json").read_text())
+        (broken / "generator.pt").write_bytes((run / "generator.pt").read_bytes()[:500])
+        fails([str(broken), "--metrics", "fid", "--out", str(tmp / "e2")], "cannot read")
+    # a class missing from the real split: its FID is n/a, the rest is computed
+    net = ev.SmallCNN(1, 2)
+    g = fedgan.Generator(16, 1, 2, width=8)
+    x, y = fedgan.synthetic_images(8, 16, 1, seed=0)
+    res = ev.domain_fid(net, g, x[y == 0], y[y == 0], 2, 8, 0, torch.device("cpu"))
+    assert res[1] is None and res[0] is not None and res["overall"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
 # shape: golden runs, copyable pieces, composable defenses, resume
 # ---------------------------------------------------------------------------------------------
 
 # A refactor must not change a bit of what these runs write (one thread). First recorded with the code
 # before the one-round refactor (046c8e2), which reproduced them bitwise; re-recorded only where a
-# commit changes results on purpose (the mapping network's sqrt(2) gain, StyleGAN2's). On another CPU or
+# commit changes results on purpose (the mapping network's sqrt(2) gain, StyleGAN2's; metrics.jsonl's
+# rounds counted from 1, which changed the metrics hashes and no generator). On another CPU or
 # torch build the arithmetic may round differently, so there only the last round's losses are compared,
 # to 2%. Re-record: run these flags and take the two sha256s and the losses (see the test).
 GOLDEN_MACHINE = ("2.14.1+cu130", "AVX2", "AMD EPYC")
@@ -1007,17 +1196,17 @@ GOLDEN_ARGS = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --l
                "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1").split()
 GOLDEN = {  # name: (flags, metrics keys compared, sha256 of those metrics, sha256 of generator.pt's tensors, last g_loss)
     "feddetect_resume": (["--defense", "feddetect"], "counts d_loss excluded flagged g_loss malicious round weights",
-                         "97e8d36b25701cb5a2a6e75844297d25ccbac2fa89b75c213e948cfa4039c70a",
+                         "0b621b7b521ef20c6b8204d56b4300fbb02cde2c85411428e885645bd573ead8",
                          "eac733d8371648ab20041433225265aaa04da7c12a35c7228640c0e712de71b7",
                          [1.3747328519821167, 1.4197710752487183, 1.3345836400985718, 1.101086974143982]),
     "multikrum": (["--defense", "multi-krum", "--rounds", "3"],
                   "counts d_loss excluded flagged g_loss malicious round selected update_norm weights",
-                  "ed78019e872547eb50036b14628b4cae61fcf1ce8fed2342e3e798ee354e2c4d",
+                  "1ba8cbc5d0093f060e5dcfe06e1f1edc4435571b66ec68aa953358d12a2ee71a",
                   "3c4880e3c2b2ff0ae71e6fa7924dc04f5ab3530cab66aa2e305a49284f60ba5e",
                   [1.263279914855957, 1.2342720031738281, 1.1762181520462036, 0.980280339717865]),
     "calibrated_both": (["--defense", "feddetect", "--detect-rule", "calibrated", "--detect-on", "both", "--rounds", "3"],
                         "counts d_loss excluded flagged g_loss malicious round update_norm weights",
-                        "8ffeeb09fa360e4423fdadd075730d2eb33a34f04a56ea3235f0b1c7414bdf1c",
+                        "0b4921b228f46016fcb04118d074b0ce398b307b014826a98f4a0159e03bd928",
                         "34d2baeb3a8a73cdc591e5b28dc04f11679fcec0b17fc74b1e23ee0ba32d8b88",
                         [1.2767081260681152, 1.2303391695022583, 1.1878910064697266, 0.9904302954673767]),
 }
