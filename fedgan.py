@@ -451,7 +451,11 @@ def npz_labels(labels, n, what):
 def describe_split(name, y, classes, shapes, dtypes, ranges):
     """One split of the data report: count per class, image size, dtype and value range before conversion."""
     counts = [int((y == c).sum()) for c in range(len(classes))]
-    size = " / ".join(sorted(set(shapes)))
+    distinct = sorted(set(shapes))
+    dims = [[int(v) for v in s.split("x")[:2]] for s in distinct]
+    size = (" / ".join(distinct) if len(distinct) <= 3 else
+            f"{len(distinct)} sizes, H {min(h for h, _ in dims)}-{max(h for h, _ in dims)} x "
+            f"W {min(w for _, w in dims)}-{max(w for _, w in dims)}")
     rng = f"{min(r[0] for r in ranges):g}..{max(r[1] for r in ranges):g}" if ranges else "?"
     return (f"{name} {len(y)} ({', '.join(f'{c} {k}' for c, k in zip(classes, counts))}), {size}, "
             f"{', '.join(sorted(set(dtypes)))}, values {rng}")
