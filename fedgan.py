@@ -88,6 +88,9 @@ class Config:
     attack_start: int = opt(0, "round from which malicious clients train on poisoned data (clean before it)", "attack")
     adaptive: bool = opt(False, "malicious clients report a loss drawn from the benign clients' range of the round, "
                                 "while still training on poisoned data (an attacker who knows the detector)", "attack")
+    scale_update: bool = opt(False, "malicious clients scale their update G_i - G to a norm inside the benign "
+                                    "clients' range of the round (AdaSCP's idea, simplified), to pass "
+                                    "distance-based defenses", "attack")
     # defense: a shortcut, then the four parts it stands for
     defense: str = opt("none", "the paper-facing shortcut for one part below: feddetect (= --detector paper) | flip | "
                                "rotate (= --augment) | reconstruct (= --posthoc) | median | trimmed-mean | krum | "
@@ -101,12 +104,21 @@ class Config:
                               "the old name)", "defense: detector", choices=["none", "paper", "calibrated"],
                         aliases=["--detect-rule"])
     detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
-                                 "seen by the server) | both", "defense: detector",
-                         choices=["loss", "update-norm", "both"])
+                                 "seen by the server) | both (loss and update-norm) | probe (the server renders "
+                                 "every generator on a fixed probe and scores local, consistent departures; reads "
+                                 "nothing the client reports) | loss+probe", "defense: detector",
+                         choices=["loss", "update-norm", "both", "probe", "loss+probe"])
+    probe_per_class: int = opt(16, "probe signal: probe images per class rendered by every client's generator",
+                               "defense: detector")
+    shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
+                              "calibrated on update-norm, probe and loss+probe) would flag; only the chosen "
+                              "defense acts", "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
     warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
+    recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
+                               "the paper, where a flag's decay is for good)", "defense: detector")
     decay: float = opt(None, "weight decay d in (0, 1) of a flagged client (preset: chestx 0.8, isic 0.9, "
                              "synthetic 0.8)", "defense: detector")
     aggregator: str = opt(None, "how the server combines generators: fedavg | median | trimmed-mean | krum | "
@@ -235,9 +247,13 @@ def finalize(cfg):
     if ids and not attacking(cfg):
         raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels) or another "
                           "--attack, or drop --malicious/--malicious-ids")
-    if cfg.adaptive and cfg.detector == "none":
+    if cfg.probe_per_class < 2:
+        raise FedGANError(f"--probe-per-class {cfg.probe_per_class} must be at least 2")
+    if cfg.scale_update and not ids:
+        raise FedGANError("--scale-update needs an attack (malicious clients) to scale")
+    if cfg.adaptive and cfg.detector == "none" and not cfg.shadow:
         raise FedGANError("--adaptive fakes the loss a detector reads; use it with --detector paper|calibrated "
-                          "(or --defense feddetect)")
+                          "(or --defense feddetect, or --shadow)")
     if len(ids) >= cfg.clients / 2:
         raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
                           f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
@@ -421,7 +437,7 @@ def to_uint8_images(a, what):
 
 
 def npz_images(imgs, what):
-    """(n, H, W), (n, H, W, C) or (n, C, H, W) image arrays -> (n, C, H, W) uint8, C in {1, 3} (alpha dropped)."""
+    """(n, H, W), (n, H, W, C) or (n, C, H, W) image arrays -> (n, H, W, C), C in {1, 3} (alpha dropped)."""
     if imgs.ndim == 3:
         imgs = imgs[..., None]
     if imgs.ndim != 4:
@@ -1257,6 +1273,7 @@ class Federation:
     attack_start: int = 0
     seed: int = 0
     sizes: list = field(default_factory=list)  # shard size of every client (N,)
+    scale_update: bool = False  # attackers scale their update into the benign norm range (scale_into_benign)
 
     @property
     def n_clients(self):
@@ -1292,7 +1309,25 @@ def client_updates(fed, g_state, t, log=print):
     d_losses, true_losses = gather_losses({i: r[1] for i, r in results.items()}, fed.n_clients, fed.distributed)
     reported = (report_adaptive(true_losses, fed.malicious, fed.seed * 7 + t)
                 if fed.adaptive and t >= fed.attack_start else true_losses)
-    return {i: r[0] for i, r in results.items()}, Reports(d_losses, reported, true_losses)
+    states = {i: r[0] for i, r in results.items()}
+    if fed.scale_update and t >= fed.attack_start:  # single process (setup refuses it under torchrun)
+        states = scale_into_benign(states, g_state, fed.malicious, fed.seed * 11 + t)
+    return states, Reports(d_losses, reported, true_losses)
+
+
+def scale_into_benign(states, center, malicious, seed):
+    """The norm-scaling attacker (AdaSCP's idea, simplified): each malicious update G_i - G is rescaled to
+    a norm drawn uniformly from the benign clients' range this round, so distance-based defenses see
+    a benign-sized update pointing the attacker's way. {id: state} -> {id: state}."""
+    benign = [update_norms([s], center)[0] for i, s in states.items() if i not in malicious]
+    rng = np.random.default_rng(seed)
+    out = dict(states)
+    for i in malicious:
+        norm = update_norms([states[i]], center)[0]
+        f = rng.uniform(min(benign), max(benign)) / max(norm, 1e-12)
+        out[i] = {k: (center[k].double() + f * (v.double() - center[k].double())).to(v.dtype)
+                  for k, v in states[i].items()}
+    return out
 
 
 def steps_per_round(local_steps, batch, shard_size):
@@ -1475,15 +1510,77 @@ def detector(name, fpr=0.001):
                 calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
 
 
-def feddetect_update(flags, counts, weights, decay):
+def probe_scores(renders, window):
+    """How far each client's renders depart from the others' *locally and consistently*.
+
+    renders (N, P, C, H, W): every client's generator on the same probe (latents, labels, noise), P
+    samples of one class. Per client, the departure from the clients' coordinate-wise median render is
+    taken, each sample's own mean departure is removed (a global brightness offset is not a trigger),
+    and the departure is averaged over window x window patches and over the P samples: a trigger
+    departs in the same place in every sample and survives the average; a departure that changes from
+    sample to sample averages away. The score is the largest |average| of any patch and channel.
+    -> (N,) numpy, one score per client."""
+    N, P, C, H, W = renders.shape
+    d = renders.double() - renders.double().median(0).values                     # (N, P, C, H, W)
+    d = d - d.mean((-2, -1), keepdim=True)                                        # local departures only
+    local = F.avg_pool2d(d.reshape(N * P, C, H, W), window, stride=1)             # (N*P, C, H', W')
+    return local.reshape(N, P, -1).mean(1).abs().amax(1).numpy()                  # consistent over samples
+
+
+@dataclass
+class Probe:
+    """The server's fixed probe: the same latents, labels and noise for every client and round."""
+    z: torch.Tensor            # (P, z_dim)
+    y: torch.Tensor            # (P,) class ids, P // n_classes of each
+    noise: list                # Generator.draw_noise(P)
+    g: nn.Module               # a generator to load each client's state into (eval mode)
+    window: int                # patch size of the local departure (a quarter of the image side)
+    per_class: int
+
+
+def make_probe(g, per_class, seed, window):
+    """A probe of per_class samples per class for generators shaped like g (a copy is kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(g.parameters()).device
+    z = torch.randn(per_class * g.n_classes, g.z_dim, generator=gen).to(device)
+    y = torch.arange(g.n_classes).repeat_interleave(per_class).to(device)
+    noise = [n.to(device) for n in g.draw_noise(len(z), gen)]
+    return Probe(z, y, noise, copy.deepcopy(g).eval(), window, per_class)
+
+
+@torch.no_grad()
+def render_probe(probe, g_states):
+    """Every client's generator on the probe: (N, P, C, H, W) in [-1, 1], float32 on the CPU."""
+    out = []
+    for s in g_states:
+        probe.g.load_state_dict(s)
+        out.append(probe.g(probe.z, probe.y, noise=probe.noise).float().clamp(-1, 1).cpu())
+    return torch.stack(out)
+
+
+def probe_signal(probe, g_states):
+    """The probe score of every client (N,), per class then the largest: a class-conditional departure
+    (a label flip) counts in the class it touches."""
+    r = render_probe(probe, g_states)                                             # (N, P, C, H, W)
+    per_class = r.split(probe.per_class, dim=1)
+    return np.max([probe_scores(rc, probe.window) for rc in per_class], axis=0)
+
+
+def feddetect_update(flags, counts, weights, decay, recover=False):
     """Algorithm 1, lines 16-24: act only when 0 < |O| < N/2; each flagged client gets c_i += 1 and
-    w_i *= d ** c_i; weights are renormalised. Returns (flags acted on, counts, weights)."""
+    w_i *= d ** c_i; weights are renormalised. Returns (flags acted on, counts, weights).
+    recover (not in the paper, whose c_i only grows): a client with c_i > 0 that is not flagged gets its
+    last decay back (w_i /= d ** c_i, then c_i -= 1), so weight lost to false alarms returns once they stop."""
     flags, counts, weights = np.asarray(flags, bool), np.array(counts), np.array(weights, dtype=np.float64)
     n_out = int(flags.sum())
     if not 0 < n_out < len(flags) / 2:
         flags = np.zeros_like(flags)
     counts = counts + flags
     weights = np.where(flags, weights * decay ** counts, weights)
+    if recover:
+        back = ~flags & (counts > 0)
+        weights = np.where(back, weights / decay ** counts, weights)
+        counts = counts - back
     return flags, counts, weights / weights.sum()
 
 
@@ -1498,14 +1595,27 @@ class Defense:
     aggregate: Callable = aggregator("fedavg")  # (states, weights, center) -> (model, kept or None)
     posthoc: Optional[Callable] = None      # g -> None, after the last round (reconstruct)
     seed: int = 0                           # seeds the paper rule's forest, per round
+    probe: Optional[Probe] = None           # the server's probe, when a detector (or the shadow) reads it
+    shadow: dict = field(default_factory=dict)  # name -> (rule, signals): logged each round, never acted on
+    recover: bool = False                   # feddetect_update's way back for clients no longer flagged
+
+
+SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
+           "probe": ("probe",), "loss+probe": ("loss", "probe")}
 
 
 def make_defense(augment="none", detector_name="none", detect_on="loss", fpr=0.001, warmup=10, decay=0.8,
-                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0):
-    """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included)."""
-    signals = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm")}[detect_on]
-    return Defense(augment, detector(detector_name, fpr), signals, warmup, decay, aggregator(aggregator_name, trim),
-                   posthoc, seed)
+                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0, probe=None, shadow=False, recover=False):
+    """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included).
+    shadow: also run, every round, the paper and calibrated rules on the loss and the calibrated rule on
+    update-norm, probe and loss+probe, and log what each would flag."""
+    shadows = {} if not shadow else {
+        "paper": (detector("paper"), SIGNALS["loss"]), "calibrated": (detector("calibrated", fpr), SIGNALS["loss"]),
+        "update-norm": (detector("calibrated", fpr), SIGNALS["update-norm"]),
+        "probe": (detector("calibrated", fpr), SIGNALS["probe"]),
+        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"])}
+    return Defense(augment, detector(detector_name, fpr), SIGNALS[detect_on], warmup, decay,
+                   aggregator(aggregator_name, trim), posthoc, seed, probe, shadows, recover)
 
 
 @dataclass
@@ -1515,6 +1625,7 @@ class ServerState:
     weights: np.ndarray                                 # (N,) w_i, summing to 1
     loss_history: list = field(default_factory=list)    # (t, N) reported generator losses
     norm_history: list = field(default_factory=list)    # (t, N) ||G_i - G||
+    probe_history: list = field(default_factory=list)   # (t, N) log probe score (when the defense has a probe)
 
     @staticmethod
     def fresh(n):
@@ -1528,6 +1639,7 @@ class Decision:
     ok: np.ndarray          # reported a finite loss (the others sit this round out)
     used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
     selected: Optional[np.ndarray] = None  # Krum's choice (1 kept, 0 left out), when the aggregator chooses
+    shadow: Optional[dict] = None          # name -> flags (N,) a shadow detector would have acted on
 
 
 def decide(server, defense, losses, t):
@@ -1537,16 +1649,34 @@ def decide(server, defense, losses, t):
     ok = np.isfinite(losses)
     flags = np.zeros(len(losses), bool)
     if defense.detect is not None and t > defense.warmup and ok.sum() >= 3:
-        histories = dict(loss=server.loss_history, **{"update-norm": server.norm_history})
-        raw = np.zeros(int(ok.sum()), bool)
-        for signal in defense.signals:
-            hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]  # detection sees finite reporters only
-            raw |= defense.detect(hist[np.isfinite(hist).all(axis=1)], defense.seed * 100003 + t)
-        flags[ok] = raw
-        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, defense.decay)
+        flags[ok] = raw_flags(server, defense.detect, defense.signals, ok, defense.seed * 100003 + t)
+        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, defense.decay,
+                                                                defense.recover)
     server.weights = server.weights / server.weights.sum()
     used = np.where(ok, server.weights, 0.0)
     return Decision(flags, ok, used / used.sum() if ok.any() else used)
+
+
+def raw_flags(server, rule, signals, ok, seed):
+    """A rule on each signal's history (finite reporters only), flagged when any signal flags."""
+    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history}
+    raw = np.zeros(int(ok.sum()), bool)
+    for signal in signals:
+        hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]
+        raw |= rule(hist[np.isfinite(hist).all(axis=1)], seed)
+    return raw
+
+
+def shadow_flags(server, defense, ok, t):
+    """What each shadow detector would act on this round (Algorithm 1's 0 < |O| < N/2 gate included)."""
+    if not defense.shadow or t <= defense.warmup or ok.sum() < 3:
+        return None
+    out = {}
+    for name, (rule, signals) in defense.shadow.items():
+        flags = np.zeros(len(ok), bool)
+        flags[ok] = raw_flags(server, rule, signals, ok, defense.seed * 100003 + t)
+        out[name] = flags if 0 < flags.sum() < len(ok) / 2 else np.zeros_like(flags)
+    return out
 
 
 def server_round(server, defense, g_states, losses, center, t, distributed=False):
@@ -1555,7 +1685,12 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
     is broadcast and FedAvg is one all-reduce). -> (new global state or None if nobody is ok, Decision)."""
     server.loss_history.append(list(losses))
     server.norm_history.append(norms_of_all(g_states, center, len(losses), distributed))
+    if defense.probe is not None:  # single process (setup refuses the probe under torchrun)
+        scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
+        server.probe_history.append(np.log(scores + 1e-12).tolist())
+    shadow = shadow_flags(server, defense, np.isfinite(np.asarray(losses, dtype=np.float64)), t)
     decision = decide(server, defense, losses, t)
+    decision.shadow = shadow
     if distributed:
         decision = broadcast_decision(server, decision)
         return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
@@ -1759,6 +1894,9 @@ def setup_run(cfg):
     check_out_folder(out, cfg.resume)
     device = pick_device(cfg.device)
     set_precision(cfg, device)
+    if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update):
+        raise FedGANError("the probe detector, --shadow and --scale-update need every generator on one process; "
+                          "run them without torchrun")
     if world > 1 and cfg.aggregator != "fedavg":
         raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
                           "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
@@ -1779,7 +1917,7 @@ def setup_run(cfg):
     steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
     parallel, offload = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
                                      [min(cfg.batch, len(shards[i])) for i in owned])
-    defense = defense_of(cfg, data, device)
+    defense = defense_of(cfg, data, device, g_global)
     local = local_of(cfg, device)
     trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
     clients = {}
@@ -1795,15 +1933,19 @@ def setup_run(cfg):
         else:
             clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
-                     cfg.seed, [len(s) for s in shards])
+                     cfg.seed, [len(s) for s in shards], cfg.scale_update)
     run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data)
     if cfg.resume and (out / "checkpoint.pt").exists():
         load_checkpoint(run, cfg.rounds)
     return run
 
 
-def defense_of(cfg, data, device):
-    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here."""
+def defense_of(cfg, data, device, g):
+    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here,
+    the probe its fixed latents (a window a quarter of the image side)."""
+    probe = None
+    if "probe" in SIGNALS[cfg.detect_on] or cfg.shadow:
+        probe = make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
     posthoc = None
     if cfg.posthoc == "reconstruct":
         local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
@@ -1811,7 +1953,7 @@ def defense_of(cfg, data, device):
                                     per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
                                     seed=cfg.seed, arch=arch_of(cfg), device=device)
     return make_defense(cfg.augment, cfg.detector, cfg.detect_on, cfg.detect_fpr, cfg.warmup, cfg.decay,
-                        cfg.aggregator, cfg.trim, posthoc, cfg.seed)
+                        cfg.aggregator, cfg.trim, posthoc, cfg.seed, probe, cfg.shadow, cfg.recover)
 
 
 def check_out_folder(out, resume):
@@ -1898,6 +2040,9 @@ def log_round(run, t, rounds, reports, decision, secs):
     rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
                update_norm=server.norm_history[-1],
+               **({"probe_score": server.probe_history[-1]} if server.probe_history else {}),
+               **({"shadow": {k: v.astype(int).tolist() for k, v in decision.shadow.items()}}
+                  if decision.shadow else {}),
                **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
                counts=server.counts.tolist(), weights=server.weights.tolist(),
                malicious=[int(i in run.fed.malicious) for i in range(n)],
@@ -2007,7 +2152,8 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
     if run.lead:
         s = run.server
         atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(), weights=s.weights.tolist(),
-                         history=s.loss_history, norm_history=s.norm_history, rng=rng_state(), seconds=seconds,
+                         history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
+                         rng=rng_state(), seconds=seconds,
                          config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
                     run.out / "checkpoint.pt")
 
@@ -2034,7 +2180,7 @@ def load_checkpoint(run, rounds):
     for i, c in run.fed.clients.items():
         load_private_state(c, ck["clients"][i])
     run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
-                             ck["history"], ck["norm_history"])
+                             ck["history"], ck["norm_history"], ck.get("probe_history", []))
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
 
@@ -2100,6 +2246,15 @@ def finish(run, cfg, seconds):
     return summarize(run.out, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
 
 
+def detection_rates(flags, mal):
+    """flags (rounds, N) after warm-up, mal (N,) bool -> TPR, benign FPR, first detection round that
+    flags an attacker (1 = the first round after warm-up)."""
+    hit = np.flatnonzero(flags[:, mal].any(axis=1)) if mal.any() else np.array([])
+    return dict(tpr=float(flags[:, mal].mean()) if mal.any() else None,
+                fpr=float(flags[:, ~mal].mean()) if (~mal).any() else None,
+                first=int(hit[0]) + 1 if len(hit) else None)
+
+
 def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
     """End-of-run summary from metrics.jsonl: flags per client, final weights, detection rates after
     warm-up (for Krum, rejection rates and the attackers' mean share of the aggregate), plus `extra`."""
@@ -2120,6 +2275,9 @@ def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
         s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None  # counted from the first detection round
         if len(hit):  # how steadily the attacker stays flagged once found
             s["tpr_after_first_flag"] = float(flags[post][hit[0]:, mal].mean())
+    shadow = [r.get("shadow") for r in recs if r["round"] - 1 > warmup]
+    if shadow and all(shadow):  # each shadow detector scored as if it had acted
+        s["shadow"] = {name: detection_rates(np.array([r[name] for r in shadow]), mal) for name in shadow[0]}
     if "selected" in recs[-1] and post.any():  # Krum: a client left out of the average counts as flagged
         sel = np.array([r["selected"] for r in recs])[post]
         s["krum_rejected_malicious"] = float(1 - sel[:, mal].mean()) if mal.any() else None
@@ -2229,6 +2387,13 @@ def bench(cfg):
     for _ in range(5):
         detect(hist, 1)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
+    probe = make_probe(g, cfg.probe_per_class, 1, max(2, cfg.img_size // 4))
+    probe_signal(probe, states[:2])  # warm
+    t = time.perf_counter()
+    probe_signal(probe, states)  # every client's generator on the probe, then the scores
+    sync(device)
+    probe_ms = (time.perf_counter() - t) * 1000
+    local_round_ms = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch) * cfg.clients * cfg.batch / img_per_s * 1000
     shard, rounds = PAPER_SHARD, 200  # the study's ChestX run: 4 x 1,464 images, 200 rounds of one epoch
     steps = steps_per_round(0, cfg.batch, shard)
     round_ms = cfg.clients * steps * cfg.batch / img_per_s * 1000 + server_ms + detect_ms
@@ -2251,9 +2416,14 @@ def bench(cfg):
     print(f"  round         {round_ms / 1000:8.2f} s at the study's {shard} images per client ({cfg.clients} x {steps} "
           f"steps); server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; a {rounds}-round run ~ "
           f"{rounds * round_ms / 60000:.1f} min")
+    print(f"  probe         {probe_ms:8.1f} ms to render {cfg.clients} generators on {len(probe.z)} probe images and "
+          f"score them: {100 * probe_ms / (local_round_ms + probe_ms):.1f}% of a round of "
+          f"{steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)} local steps per client (--local-steps, "
+          f"else 10), {100 * probe_ms / round_ms:.2f}% of a round at the study's shard")
     print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     res = dict(img_per_s=round(img_per_s, 2), step_ms=round(step_s * 1000, 2), server_ms=round(server_ms, 3),
-               detect_ms=round(detect_ms, 3), peak_mb=round(peak, 1), gflops=round(gflops, 2),
+               detect_ms=round(detect_ms, 3), probe_ms=round(probe_ms, 2),
+               probe_share=round(probe_ms / (local_round_ms + probe_ms), 4), peak_mb=round(peak, 1), gflops=round(gflops, 2),
                matmul_gflops=round(mm, 2), matmul_dtype=str(ref_dtype).replace("torch.", ""),
                ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
                round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),

@@ -7,6 +7,7 @@ Each test checks a behaviour that matters (the attacker is flagged, weights deca
 says, a resumed run equals an uninterrupted one, bad input fails cleanly), on tiny sizes.
 """
 import contextlib
+import functools
 import io
 import json
 import math
@@ -368,6 +369,14 @@ def test_feddetect_weight_arithmetic_matches_algorithm_1_by_hand():
     assert not f2.any() and c2.tolist() == c.tolist() and np.allclose(w2, w)
     f3, c3, _ = fedgan.feddetect_update([0, 0, 0, 0], c, w, d)
     assert not f3.any() and c3.tolist() == c.tolist()
+    # --recover: flagged twice, then twice not: the decays come back one at a time, and the weights are equal again
+    c, w = np.zeros(4, int), np.full(4, 0.25)
+    for flags in ([0, 0, 1, 0], [0, 0, 1, 0]):
+        _, c, w = fedgan.feddetect_update(flags, c, w, d, recover=True)
+    _, c, w = fedgan.feddetect_update([0, 0, 0, 0], c, w, d, recover=True)
+    assert c.tolist() == [0, 0, 1, 0] and np.isclose(w[2] / w[0], 0.8)  # 0.8^3 of the others -> the last 0.8^2 back
+    _, c, w = fedgan.feddetect_update([0, 0, 0, 0], c, w, d, recover=True)
+    assert c.tolist() == [0, 0, 0, 0] and np.allclose(w, 0.25)
 
 
 def test_paper_rule_follows_algorithm_1_over_a_loss_sequence():
@@ -653,11 +662,12 @@ def test_synthetic_classes_differ_visibly():
 # ---------------------------------------------------------------------------------------------
 
 
-def _fails_cleanly(argv, must_mention):
+def _fails_cleanly(argv, must_mention, main=None):
+    """main(argv) (fedgan's by default) ends with exit 2 and one stderr line that names the problem."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            fedgan.main(argv)
+            (main or fedgan.main)(argv)
         except SystemExit as e:
             code = e.code
         else:
@@ -1141,18 +1151,7 @@ def test_a_detector_that_would_never_run_is_announced():
 def test_eval_refuses_bad_inputs_before_any_work():
     import eval as ev
 
-    def fails(argv, words):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                ev.main(argv)
-            except SystemExit as e:
-                code = e.code
-            else:
-                code = 0
-        text = err.getvalue().strip()
-        assert code == 2 and len(text.splitlines()) == 1 and "Traceback" not in text, (argv, code, text)
-        assert words.lower() in text.lower(), (words, text)
+    fails = functools.partial(_fails_cleanly, main=ev.main)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -1179,6 +1178,76 @@ def test_eval_refuses_bad_inputs_before_any_work():
     x, y = fedgan.synthetic_images(8, 16, 1, seed=0)
     res = ev.domain_fid(net, g, x[y == 0], y[y == 0], 2, 8, 0, torch.device("cpu"))
     assert res[1] is None and res[0] is not None and res["overall"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the probe detector: the server looks at what the generators draw
+# ---------------------------------------------------------------------------------------------
+
+
+def _benign_states(n=4, noise=0.01, seed=0):
+    torch.manual_seed(seed)
+    g = fedgan.Generator(16, 1, 2, width=8)
+    base = g.state_dict()
+    gen = torch.Generator().manual_seed(seed + 1)
+    return g, [{k: v + noise * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                for k, v in base.items()} for _ in range(n)]
+
+
+def test_probe_flags_a_pasted_patch_and_not_a_copy_of_the_median():
+    g, states = _benign_states()
+    probe = fedgan.make_probe(g, per_class=8, seed=0, window=4)
+    r = fedgan.render_probe(probe, states)                                       # (4, 16, 1, 16, 16)
+    assert torch.equal(r, fedgan.render_probe(probe, states))                    # deterministic
+    r[1, :, :, 11:15, 11:15] = -1.0  # client 1 draws a black patch (this untrained generator's images are light)
+    r[3] = r.median(0).values                                                     # client 3 is the median itself
+    scores = np.max([fedgan.probe_scores(rc, 4) for rc in r.split(8, dim=1)], axis=0)
+    print(f"    probe scores: {np.round(scores, 1).tolist()}")
+    assert scores.argmax() == 1 and scores[1] > 5 * np.median(scores[[0, 2]]) and scores[3] < scores[1] / 5
+    shifted = r.clone()
+    shifted[0] += 0.3  # a global brightness offset is not a local departure
+    s2 = np.max([fedgan.probe_scores(rc, 4) for rc in shifted.split(8, dim=1)], axis=0)
+    assert abs(s2[0] - scores[0]) < 0.5 * scores[1], (s2, scores)
+    assert np.array_equal(fedgan.probe_signal(probe, states), fedgan.probe_signal(probe, states))
+
+
+def test_norm_scaling_attacker_lands_inside_the_benign_range():
+    center = {"w": torch.zeros(10)}
+    states = {i: {"w": torch.full((10,), float(v))} for i, v in enumerate([1.0, 1.2, 0.9, 8.0])}
+    out = fedgan.scale_into_benign(states, center, [3], seed=0)
+    norms = fedgan.update_norms([out[i] for i in range(4)], center)
+    benign = norms[:3]
+    assert min(benign) <= norms[3] <= max(benign) and torch.equal(out[0]["w"], states[0]["w"])
+    assert torch.allclose(out[3]["w"] / out[3]["w"].norm(), states[3]["w"] / states[3]["w"].norm())  # same direction
+
+
+def test_shadow_detectors_are_logged_and_scored_but_do_not_act():
+    with tempfile.TemporaryDirectory() as tmp:
+        run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "r", "--poison", "4", "--malicious-ids", "1", "--rounds", "4",
+                                           "--local-steps", "2", "--warmup", "1", "--shadow", "--scale-update",
+                                           "--probe-per-class", "4"))
+        recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
+        names = {"paper", "calibrated", "update-norm", "probe", "loss+probe"}
+        assert all(set(r["shadow"]) == names for r in recs[2:]) and "shadow" not in recs[0]
+        assert all(len(r["probe_score"]) == 4 for r in recs)
+        assert all(r["weights"] == [0.25] * 4 for r in recs)  # nobody acted: no detector was chosen
+        assert set(run.summary["shadow"]) == names and all(0 <= v["fpr"] <= 1 for v in run.summary["shadow"].values())
+
+
+def test_probe_detector_refuses_torchrun_with_one_line():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny_cfg(Path(tmp) / "r", "--detector", "calibrated", "--detect-on", "probe")
+        old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+        os.environ.update(RANK="0", WORLD_SIZE="2")
+        try:
+            fedgan.setup_run(cfg)
+        except fedgan.FedGANError as e:
+            assert "without torchrun" in str(e) and "\n" not in str(e)
+        else:
+            raise AssertionError("the probe ran across ranks")
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1284,6 +1353,10 @@ def test_every_piece_readme_names_copies_alone():
     ns = copy_alone(*FOREST, module=isoforest)
     exec(__import__("inspect").getsource(fedgan.feddetect_paper), ns)
     assert ns["feddetect_paper"]([[0.70, 0.69, 0.71, 0.70, 3.0]], seed=0).tolist() == [0, 0, 0, 0, 1]
+    g, states = _benign_states()
+    r = fedgan.render_probe(fedgan.make_probe(g, 8, 0, 4), states)
+    r[2, :, :, 11:15, 11:15] = -1.0
+    assert copy_alone("probe_scores")["probe_scores"](r, 4).argmax() == 2
     ns = copy_alone("robust_excess", "cusum", "cusum_threshold", "feddetect_calibrated")
     hist = 0.7 + 0.05 * np.random.default_rng(0).standard_normal((30, 4))
     hist[20:, 2] += 1.0
