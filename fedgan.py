@@ -288,11 +288,12 @@ def check_ranges(cfg):
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
-    between = dict(lr=(0, 1, "(0, 1)"), decay=(0, 1, "(0, 1)"), detect_fpr=(0, 0.5, "(0, 0.5)"),
-                   test_frac=(0, 1, "(0, 1)"), blend_alpha=(0, 1.0000001, "(0, 1]"), dirichlet_alpha=(0, 1e6, "> 0"))
+    between = dict(lr=(0, 1, "lie in (0, 1)"), decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
+                   test_frac=(0, 1, "lie in (0, 1)"), blend_alpha=(0, 1.0000001, "lie in (0, 1]"),
+                   dirichlet_alpha=(0, math.inf, "be above 0"))
     for k, (lo, hi, text) in between.items():
         if not lo < getattr(cfg, k) < hi:
-            raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must lie in {text}")
+            raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must {text}")
     if not 0 <= cfg.trim < 0.5:
         raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
 
