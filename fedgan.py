@@ -2163,8 +2163,9 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FedGANError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); it is damaged "
-                          f"or was written by an older fedgan.py: delete it to restart the run from round 0")
+        raise FedGANError(f"cannot read {path} ({type(e).__name__}): it is damaged, was written by an older "
+                          "fedgan.py, or holds objects only a pickle restores (refused: they could run code); delete "
+                          "it to restart the run from round 0")
 
 
 def load_checkpoint(run, rounds):
