@@ -483,8 +483,9 @@ HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I", "F")  # PIL modes deeper than 8 bit
 
 def read_folder(root, classes, size, channels):
     """root/<class>/* images -> uint8 (n, C, size, size), labels in the order of `classes`, and what the
-    files were (sizes, modes, value ranges) for the data report. 8-bit images of any mode are converted by PIL; 16-bit and float images are scaled to 8 bits
-    by the bit depth of the whole folder's maximum (so all images share one scale)."""
+    files were (sizes, modes, value ranges) for the data report. 8-bit images of any mode are converted
+    by PIL; 16-bit and float images are scaled to 8 bits by the bit depth of the whole folder's maximum
+    (so all images share one scale)."""
     from PIL import Image  # only needed for folder data
     xs, ys, shapes, modes, deep, ranges = [], [], [], [], [], []
     for label, name in enumerate(classes):
@@ -2274,7 +2275,8 @@ def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
         s["fpr_after_warmup"] = float(fp.mean()) if fp.size else None
         s["tpr_after_warmup"] = float(flags[post][:, mal].mean()) if mal.any() else None
         hit = np.flatnonzero(flags[post][:, mal].any(axis=1)) if mal.any() else np.array([])
-        s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None  # counted from the first detection round
+        # counted from the first detection round
+        s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None
         if len(hit):  # how steadily the attacker stays flagged once found
             s["tpr_after_first_flag"] = float(flags[post][hit[0]:, mal].mean())
     shadow = [r.get("shadow") for r in recs if r["round"] - 1 > warmup]
@@ -2395,7 +2397,8 @@ def bench(cfg):
     probe_signal(probe, states)  # every client's generator on the probe, then the scores
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
-    local_round_ms = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch) * cfg.clients * cfg.batch / img_per_s * 1000
+    local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
+    local_round_ms = local_steps * cfg.clients * cfg.batch / img_per_s * 1000
     shard, rounds = PAPER_SHARD, 200  # the study's ChestX run: 4 x 1,464 images, 200 rounds of one epoch
     steps = steps_per_round(0, cfg.batch, shard)
     round_ms = cfg.clients * steps * cfg.batch / img_per_s * 1000 + server_ms + detect_ms
@@ -2419,13 +2422,13 @@ def bench(cfg):
           f"steps); server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; a {rounds}-round run ~ "
           f"{rounds * round_ms / 60000:.1f} min")
     print(f"  probe         {probe_ms:8.1f} ms to render {cfg.clients} generators on {len(probe.z)} probe images and "
-          f"score them: {100 * probe_ms / (local_round_ms + probe_ms):.1f}% of a round of "
-          f"{steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)} local steps per client (--local-steps, "
-          f"else 10), {100 * probe_ms / round_ms:.2f}% of a round at the study's shard")
+          f"score them: {100 * probe_ms / (local_round_ms + probe_ms):.1f}% of a round of {local_steps} local "
+          f"steps per client (--local-steps, else 10), {100 * probe_ms / round_ms:.2f}% of a round at the study's shard")
     print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    res = dict(img_per_s=round(img_per_s, 2), step_ms=round(step_s * 1000, 2), server_ms=round(server_ms, 3),
+    res = dict(img_per_s=round(img_per_s, 3), step_ms=round(step_s * 1000, 2), server_ms=round(server_ms, 3),
                detect_ms=round(detect_ms, 3), probe_ms=round(probe_ms, 2),
-               probe_share=round(probe_ms / (local_round_ms + probe_ms), 4), peak_mb=round(peak, 1), gflops=round(gflops, 2),
+               probe_share=round(probe_ms / (local_round_ms + probe_ms), 4), peak_mb=round(peak, 1),
+               gflops=round(gflops, 4),  # 4 decimals: the test recomputes it from the parts to 1%
                matmul_gflops=round(mm, 2), matmul_dtype=str(ref_dtype).replace("torch.", ""),
                ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
                round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),
