@@ -1018,14 +1018,17 @@ def _npz(path, train_images, train_labels, test_images=None, test_labels=None, e
     return str(path)
 
 
+def _eight_images():
+    """8 random uint8 gray images (8, 16, 16) and labels 0, 1, 0, 1, ..."""
+    return np.random.default_rng(0).integers(0, 256, (8, 16, 16)).astype(np.uint8), np.arange(8) % 2
+
+
 def _load(root, dataset="chestx", size=16, channels=1):
     return fedgan.load_data(dataset, str(root), size, channels, seed=0)
 
 
 def test_unusual_image_data_loads_right():
-    rng = np.random.default_rng(0)
-    x8 = rng.integers(0, 256, (8, 16, 16)).astype(np.uint8)
-    y = np.arange(8) % 2
+    x8, y = _eight_images()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ref = _load(_npz(tmp / "u8.npz", x8, y)).train[0]
@@ -1051,9 +1054,7 @@ def test_unusual_image_data_loads_right():
 
 
 def test_bad_data_is_refused_with_one_line_and_nothing_written():
-    rng = np.random.default_rng(0)
-    x8 = rng.integers(0, 256, (8, 16, 16)).astype(np.uint8)
-    y = np.arange(8) % 2
+    x8, y = _eight_images()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         nan = (x8 / 255.0).copy()
