@@ -1690,9 +1690,8 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
     if defense.probe is not None:  # single process (setup refuses the probe under torchrun)
         scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
         server.probe_history.append(np.log(scores + 1e-12).tolist())
-    shadow = shadow_flags(server, defense, np.isfinite(np.asarray(losses, dtype=np.float64)), t)
     decision = decide(server, defense, losses, t)
-    decision.shadow = shadow
+    decision.shadow = shadow_flags(server, defense, decision.ok, t)  # reads the histories only
     if distributed:
         decision = broadcast_decision(server, decision)
         return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
