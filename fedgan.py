@@ -247,8 +247,6 @@ def finalize(cfg):
     if ids and not attacking(cfg):
         raise FedGANError("malicious clients without an attack: add --poison SIZE (trigger pixels) or another "
                           "--attack, or drop --malicious/--malicious-ids")
-    if cfg.probe_per_class < 2:
-        raise FedGANError(f"--probe-per-class {cfg.probe_per_class} must be at least 2")
     if cfg.scale_update and not ids:
         raise FedGANError("--scale-update needs an attack (malicious clients) to scale")
     if cfg.adaptive and cfg.detector == "none" and not cfg.shadow:
@@ -284,7 +282,7 @@ def check_ranges(cfg):
     """Every numeric flag inside the range where it means something."""
     at_least = dict(rounds=1, batch=1, width=1, max_channels=1, z_dim=1, w_dim=1, ckpt_every=1, sample_every=1,
                     bench_steps=1, synthetic_per_class=2, reconstruct_per_class=1, reconstruct_epochs=1,
-                    local_steps=0, warmup=-1, attack_start=0)
+                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2)
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
@@ -433,8 +431,13 @@ def to_uint8_images(a, what):
         raise FedGANError(f"{what} is {a.dtype} with values up to {hi:g}; give floats in [0, 1] or [0, 255]")
     if hi <= 255:
         return a.astype(np.uint8), f"{a.dtype} in [0, 255]"
-    bits = int(math.ceil(math.log2(hi + 1)))
+    bits = bit_depth(hi)
     return (np.round(a.astype(np.float64) * (255.0 / (2 ** bits - 1)))).astype(np.uint8), f"{a.dtype}, {bits}-bit"
+
+
+def bit_depth(top):
+    """The bit depth b of data whose largest value is top: the smallest 2^b - 1 that covers it."""
+    return int(math.ceil(math.log2(top + 1)))
 
 
 def npz_images(imgs, what):
@@ -511,7 +514,7 @@ def read_folder(root, classes, size, channels):
             ys.append(label)
     if deep:  # one scale for every deep image: the bit depth that covers the largest value among them
         top = max(float(xs[i].max()) for i in deep)
-        scale = 255.0 if top <= 1.0 else 255.0 / (2 ** math.ceil(math.log2(top + 1)) - 1)
+        scale = 255.0 if top <= 1.0 else 255.0 / (2 ** bit_depth(top) - 1)
         for i in deep:
             gray = np.clip(np.round(xs[i] * scale), 0, 255).astype(np.uint8)
             xs[i] = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
