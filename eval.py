@@ -1,19 +1,29 @@
-"""eval.py: what a trained FedGAN is worth. Fidelity (LPIPS per class, a domain FID) and utility
-(a classifier trained on n real images per class, with and without synthetic ones), for any number
-of run folders written by fedgan.py, side by side.
+"""eval.py: what a trained FedGAN is worth, with its uncertainty. Fidelity (LPIPS per class; FID, KID,
+precision and recall in a domain feature space), the backdoor on a continuous scale (trigger strength),
+detection (the attackers' weight and share per round) and utility (a classifier trained on n real images
+per class, with and without synthetic ones), for any number of run folders written by fedgan.py.
 
     python eval.py runs/vanilla runs/attack runs/feddetect --out eval_out
-    python eval.py runs/* --metrics fid,utility --n-real 10,50,200 --seeds 3 --classifier small
+    python eval.py runs/study/*_s[0-9] --baseline vanilla,attack64 --metrics fid,kid,pr,trigger --out ev
     python eval.py runs/x --weights-dir weights/   # offline: alexnet-owt-7be5be79.pth and alex.pth there
+
+Runs whose configs differ only by the seed (and speed or output settings) form an **arm**, named by the
+folders' name without its _s<seed> suffix. Every figure is reported per arm as the mean over training
+seeds with a 95% Student-t interval, and as a paired difference (same seed) from each --baseline arm
+trained as many rounds; arms that differ only in rounds (a run and its extension) are also compared
+longer minus shorter. results.md marks the differences whose interval excludes zero; arms.svg draws
+each arm's interval, attacker_share.svg the attackers' share of the aggregate per round, utility.svg the
+utility curves.
 
 LPIPS (Zhang et al., CVPR 2018) is computed here with torchvision's AlexNet: the five ReLU maps, each
 unit-normalised over channels, squared difference weighted by the learned per-channel v0.1 linear
-weights, averaged over space, summed over layers. The domain FID is the Frechet distance between real
-and synthetic images in the penultimate features of a small classifier trained on the run's real
-training data (not Inception FID: numbers are comparable only within one dataset and this script).
-The utility study follows section 4.4 of the paper.
+weights, averaged over space, summed over layers. The domain features are the penultimate layer of a
+small classifier trained on the run's real training data (not Inception: numbers are comparable only
+within one dataset and this script); the reference real images are the held-out test split. The
+utility study follows section 4.4 of the paper.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -256,7 +266,7 @@ def sample_per_class(x, y, n, n_classes, seed):
 
 
 # ------------------------------------------------------------------------------------------------
-# Domain FID
+# Fidelity in the domain features: FID, KID, precision and recall
 # ------------------------------------------------------------------------------------------------
 
 
@@ -272,97 +282,492 @@ def frechet_distance(a, b):
     return (mu @ mu + sa.trace() + sb.trace() - 2 * cross).item()
 
 
+def kernel_inception_distance(a, b):
+    """KID (Binkowski et al., ICLR 2018): the unbiased estimate of the squared MMD between feature sets
+    a (n, d) and b (m, d) under the kernel k(x, y) = (x.y / d + 1)^3. Unlike FID it has no bias from the
+    sample size, so a few hundred images per set give an honest (if noisy) figure; it can be below zero."""
+    a, b = a.double(), b.double()
+    d, n, m = a.shape[1], len(a), len(b)
+    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    return ((kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+            - 2 * kab.mean()).item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019): a set's manifold is the union
+    of balls around its points, each as wide as the distance to its k-th nearest neighbour in the set.
+    Precision: the share of fakes inside the real manifold (are samples realistic?); recall: the share of
+    reals inside the fake manifold (is the real variety covered?). Both sets are cut to the smaller
+    size first, since the radii shrink as a set grows."""
+    n = min(len(real), len(fake))
+    real, fake = real[:n].double(), fake[:n].double()
+
+    def radii(x):  # distance of each point to its k-th nearest other point
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    def inside(points, centres, r):  # share of points within some ball
+        return (torch.cdist(points, centres) <= r[None, :]).any(1).double().mean().item()
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
 @torch.no_grad()
 def features_of(net, x, device, batch=256):
     return torch.cat([net(fedgan.to_unit(x[s:s + batch]).to(device), penultimate=True).cpu()
                       for s in range(0, len(x), batch)])
 
 
-def domain_fid(feature_net, g, real_x, real_y, n_classes, n_synth, seed, device):
-    """Per class and overall, real held-out images against n_synth synthetic images per class."""
+def domain_metrics(fr, real_y, fs, fake_y, n_classes):
+    """FID, KID, precision and recall between real features fr (with labels real_y) and synthetic ones
+    fs (fake_y), per class and overall. A class with fewer than 2 real images gets None ('n/a')."""
+    out = dict(fid={}, kid={}, precision={}, recall={})
+    for key in [str(c) for c in range(n_classes)] + ["overall"]:
+        if key == "overall":
+            a, b = fr, fs
+        else:
+            a, b = fr[real_y == int(key)], fs[fake_y == int(key)]
+        if len(a) < 2 or len(b) < 2:
+            for m in out:
+                out[m][key] = None
+            continue
+        out["fid"][key], out["kid"][key] = frechet_distance(a, b), kernel_inception_distance(a, b)
+        k = min(3, len(a) - 1, len(b) - 1)
+        out["precision"][key], out["recall"][key] = precision_recall(a, b, k)
+    return out
+
+
+def domain_scores(net, g, real_x, real_y, n_classes, n_synth, seed, device, real_features=None, bootstrap=0):
+    """domain_metrics of generator g: n_synth images per class from `seed` against the real images.
+    With bootstrap = B > 0 also the spread that comes from the reference set alone: the standard deviation
+    of each metric over B resamples (with replacement, within each class) of the real images."""
     sx, sy = synthesize(g, n_synth, n_classes, seed)
-    fr, fs = features_of(feature_net, real_x, device), features_of(feature_net, sx, device)
-    # a class with fewer than 2 real images has no covariance: its FID is not defined (None, "n/a")
-    res = {c: frechet_distance(fr[real_y == c], fs[sy == c]) if int((real_y == c).sum()) >= 2 else None
-           for c in range(n_classes)}
-    res["overall"] = frechet_distance(fr, fs)
+    fr = features_of(net, real_x, device) if real_features is None else real_features
+    fs = features_of(net, sx, device)
+    res = domain_metrics(fr, real_y, fs, sy, n_classes)
+    if bootstrap:
+        gen = torch.Generator().manual_seed(seed + 3)
+        draws = []
+        for _ in range(bootstrap):
+            idx = torch.cat([i[torch.randint(len(i), (len(i),), generator=gen)]
+                             for i in (torch.nonzero(real_y == c).flatten() for c in range(n_classes)) if len(i)])
+            draws.append(domain_metrics(fr[idx], real_y[idx], fs, sy, n_classes))
+        res["reference_sd"] = {m: {k: float(np.std([d[m][k] for d in draws], ddof=1)) if res[m][k] is not None else None
+                                   for k in res[m]} for m in res}
     return res
 
 
 # ------------------------------------------------------------------------------------------------
-# Reports: results.json, results.md, utility.svg (no plotting library)
+# The backdoor, measured on a continuous scale
 # ------------------------------------------------------------------------------------------------
+
+
+def trigger_strength(images, trigger, margin, reference):
+    """How far each image's trigger region has moved from the real images towards the trigger: the
+    projection of (x - mu) on (t - mu) over the patch's pixels, divided by |t - mu|^2, where mu is the
+    per-pixel mean of `reference` (real images) there. 0 = like real images on average, 1 = the trigger
+    itself; a generator that paints a faint trigger sits in between. images, reference: uint8 (n, C, H, W);
+    trigger uint8 (C, s, s). Returns (n,) float64."""
+    s, (H, W) = trigger.shape[-1], images.shape[-2:]
+    rows, cols = slice(H - margin - s, H - margin), slice(W - margin - s, W - margin)
+    mu = reference[..., rows, cols].double().mean(0)                   # (C, s, s)
+    direction = trigger.double() - mu                                   # (C, s, s)
+    x = images[..., rows, cols].double() - mu                           # (n, C, s, s)
+    return (x * direction).sum((1, 2, 3)) / direction.square().sum().clamp(min=1e-12)
+
+
+def trigger_specs(cfgs):
+    """The distinct triggers (size, kind) of the poisoned runs: what clean runs are measured against."""
+    return sorted({(c.poison, c.trigger) for c in cfgs if c.poison > 0 and c.attack in ("patch", "patch-random")})
+
+
+def backdoor_metrics(g, cfg, specs, reference, seed, per_class):
+    """Trigger strength (mean over generated images) and trigger rate, for the run's own trigger or,
+    for a run without one, for every trigger of the evaluation (with the run's seed, as its colours)."""
+    own = [(cfg.poison, cfg.trigger)] if cfg.poison > 0 and cfg.attack in ("patch", "patch-random") else specs
+    fake = fedgan.generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
+    margin, out = fedgan.trigger_margin(cfg.img_size), {}
+    for size, kind in own:
+        trig = fedgan.make_trigger(size, cfg.channels, kind, seed=cfg.seed)
+        out[str(size)] = dict(strength=trigger_strength(fake, trig, margin, reference).mean().item(),
+                              rate=fedgan.trigger_rate(fake, trig, margin))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection, from what the run wrote
+# ------------------------------------------------------------------------------------------------
+
+
+def aggregation_weights(record):
+    """The share each client had in this round's aggregate: the detector's weights, restricted to the
+    clients Krum kept when it chose (None for median and trimmed mean, which have no per-client share)."""
+    w = np.array(record["weights"], float)
+    if "selected" in record:
+        w = w * np.array(record["selected"], float)
+    return w / w.sum() if w.sum() > 0 else w
+
+
+def detection_metrics(folder, cfg):
+    """From metrics.jsonl and summary.json: the attackers' final weight, their share of the aggregate
+    per round (and its mean), the lowest benign final weight, TPR and FPR after warm-up, and the
+    shadow detectors' rates when the run logged them."""
+    recs = [json.loads(ln) for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    summary = json.loads((Path(folder) / "summary.json").read_text())
+    mal = np.array(recs[-1]["malicious"], bool)
+    robust_only = cfg.aggregator in ("median", "trimmed-mean")
+    out = dict(lowest_benign_weight=summary.get("lowest_benign_weight"))
+    if mal.any():
+        share = [None if robust_only else float(aggregation_weights(r)[mal].sum()) for r in recs]
+        out.update(attacker_final_weight=summary["malicious_final_weight"], attacker_share=share,
+                   attacker_mean_share=None if robust_only else float(np.mean(share)))
+    for k in ("tpr_after_warmup", "fpr_after_warmup"):
+        out[k] = summary.get(k)
+    out["shadow"] = summary.get("shadow")  # --shadow: what every detector would have flagged
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Arms and intervals over training seeds
+# ------------------------------------------------------------------------------------------------
+
+# config.json keys that do not change the experiment: runs differing only in these are one arm
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "environment", "device", "amp", "amp_dtype", "tf32", "channels_last",
+                      "compile", "parallel_clients", "offload", "ckpt_every", "sample_every", "bench", "bench_steps",
+                      "bench_round"}
+# Student's t, 97.5% quantile, by degrees of freedom (the two-sided 95% interval)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df):
+    """Student's t 97.5% quantile; beyond the table, the Cornish-Fisher expansion around 1.96 (error < 1e-3)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def interval(values):
+    """Mean and 95% t-interval of values (one per training seed): dict(mean, lo, hi, n, sd). With one
+    value there is no interval (lo = hi = None); identical values give a zero-width one."""
+    v = np.array([x for x in values if x is not None], float)
+    if len(v) == 0:
+        return dict(mean=None, lo=None, hi=None, n=0, sd=None)
+    mean = float(v.mean())
+    if len(v) == 1:
+        return dict(mean=mean, lo=None, hi=None, n=1, sd=None)
+    sd = float(v.std(ddof=1))
+    half = t975(len(v) - 1) * sd / math.sqrt(len(v))
+    return dict(mean=mean, lo=mean - half, hi=mean + half, n=len(v), sd=sd)
+
+
+def arm_key(config):
+    """What makes an experiment: config.json without the seed and the speed and output settings."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
+
+
+def arm_label(names):
+    """An arm's name: its folders' common name with the seed suffix (_s0, -s12) taken off."""
+    import re
+    stripped = sorted({re.sub(r"[_-]s\d+$", "", n) for n in names})
+    return stripped[0] if len(stripped) == 1 else "/".join(stripped)
+
+
+def group_arms(configs):
+    """configs: {run name: config.json dict}. Returns {arm label: [run names, by seed]}, refusing two runs
+    of one arm with the same seed (the same experiment twice would count as two seeds)."""
+    groups = {}
+    for name, c in configs.items():
+        groups.setdefault(arm_key(c), []).append(name)
+    arms = {}
+    for names in groups.values():
+        names.sort(key=lambda n: configs[n]["seed"])
+        seeds = [configs[n]["seed"] for n in names]
+        dup = next((s for s in seeds if seeds.count(s) > 1), None)
+        if dup is not None:
+            twins = [n for n in names if configs[n]["seed"] == dup]
+            raise EvalError(f"{twins[0]} and {twins[1]} are the same experiment with the same seed {dup}; "
+                            "pass one of them")
+        label = arm_label(names)
+        while label in arms:
+            label += "'"
+        arms[label] = names
+    return arms
+
+
+def paired(arm_runs, base_runs, value, seed_of):
+    """Per-seed differences value(arm run) - value(baseline run) over the seeds both arms have."""
+    base = {seed_of[n]: value(n) for n in base_runs}
+    diffs = [value(n) - base[seed_of[n]] for n in arm_runs
+             if seed_of[n] in base and value(n) is not None and base[seed_of[n]] is not None]
+    return interval(diffs)
+
+
+def scalar_metrics(res, classes):
+    """One run's results as {metric name: number}, the figures that get intervals over seeds."""
+    out = {}
+    for c, cname in enumerate(classes):
+        if "lpips" in res:
+            out[f"LPIPS ({cname})"] = res["lpips"][str(c)]["mean"]
+    for m, label, scale in (("fid", "FID", 1), ("kid", "KID x1000", 1000), ("precision", "precision", 1),
+                            ("recall", "recall", 1)):
+        for key, cname in [("overall", "overall")] + [(str(c), cn) for c, cn in enumerate(classes)]:
+            if m in res and res[m].get(key) is not None:
+                out[f"{label} ({cname})"] = res[m][key] * scale
+    for size, b in res.get("trigger", {}).items():
+        out[f"trigger strength ({size} px)"] = b["strength"]
+        out[f"trigger rate ({size} px)"] = b["rate"]
+    det = res.get("detection", {})
+    for k, label in (("attacker_final_weight", "attacker final weight"),
+                     ("attacker_mean_share", "attacker share, mean over rounds"),
+                     ("lowest_benign_weight", "lowest benign final weight"),
+                     ("tpr_after_warmup", "TPR after warm-up"), ("fpr_after_warmup", "FPR after warm-up")):
+        if det.get(k) is not None:
+            out[label] = det[k]
+    for name, rates in (det.get("shadow") or {}).items():
+        for k, label in (("tpr", "TPR"), ("fpr", "FPR"), ("first", "first flag")):
+            if rates.get(k) is not None:
+                out[f"{name} in shadow: {label}"] = rates[k]
+    return out
+
+
+def length_free_key(config):
+    return arm_key({k: v for k, v in config.items() if k != "rounds"})
+
+
+def baseline_for(arm, b, configs):
+    """The arm an arm is compared with for baseline b: b itself, or b's twin trained as many rounds as the
+    arm (a 20-round arm is compared with the 20-round baseline); None when there is none, or it is the arm."""
+    twin = next((x for x, c in configs.items() if length_free_key(c) == length_free_key(configs[b])
+                 and c["rounds"] == configs[arm]["rounds"]), None)
+    return None if twin == arm else twin
+
+
+def length_pairs(configs):
+    """(shorter, longer) arm pairs that differ only in the number of rounds (a run and its extension)."""
+    return [(s, l) for s in configs for l in configs if configs[s]["rounds"] < configs[l]["rounds"]
+            and length_free_key(configs[s]) == length_free_key(configs[l])]
+
+
+def summarize_arms(results, arms, configs, seed_of, baselines):
+    """Mean and 95% interval over seeds of every metric per arm; paired differences from each baseline
+    (at the arm's length), and between the lengths of one arm (longer minus shorter)."""
+    flat = {n: scalar_metrics(r, results["classes"]) for n, r in results["runs"].items()}
+    metrics = list(dict.fromkeys(m for f in flat.values() for m in f))
+    summary = {m: {a: interval([flat[n].get(m) for n in runs]) for a, runs in arms.items()} for m in metrics}
+    diffs = {}
+    for b in baselines:
+        pairs = {a: baseline_for(a, b, configs) for a in arms}
+        diffs[b] = {m: {a: paired(arms[a], arms[x], lambda n: flat[n].get(m), seed_of)
+                        for a, x in pairs.items() if x is not None} for m in metrics}
+    lengths = {f"{l} minus {s}": {m: paired(arms[l], arms[s], lambda n: flat[n].get(m), seed_of) for m in metrics}
+               for s, l in length_pairs(configs)}
+    return summary, diffs, lengths
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports: results.json, results.md and SVG plots (no plotting library)
+# ------------------------------------------------------------------------------------------------
+
+FAMILIES = [("Fidelity in the domain features, overall", lambda m: m.endswith("(overall)")),
+            ("Fidelity per class", lambda m: m.split(" (")[0] in ("FID", "KID x1000", "precision", "recall", "LPIPS")
+             and not m.endswith("(overall)")),
+            ("Backdoor", lambda m: m.startswith("trigger")),
+            ("Detection and weights", lambda m: m.split(" (")[0] in ("attacker final weight",
+                                                                    "attacker share, mean over rounds",
+                                                                    "lowest benign final weight", "TPR after warm-up",
+                                                                    "FPR after warm-up")),
+            ("Detection in shadow (what each detector would flag; TPR and benign FPR per client-round after warm-up, "
+             "first detection round that flags the attacker)", lambda m: " in shadow: " in m)]
+
+
+def num(v):
+    return "n/a" if v is None else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}")
+
+
+def cell(iv, mark_zero=False):
+    """'mean [lo, hi]' (or the mean alone for one seed); with mark_zero, * when the interval excludes 0."""
+    if iv["mean"] is None:
+        return "n/a"
+    if iv["lo"] is None:
+        return num(iv["mean"]) + " (1 seed)"
+    star = " *" if mark_zero and (iv["lo"] > 0 or iv["hi"] < 0) else ""
+    return f"{num(iv['mean'])} [{num(iv['lo'])}, {num(iv['hi'])}]{star}"
+
+
+def config_difference(config, base):
+    keys = sorted(k for k in set(config) | set(base) if k not in NOT_THE_EXPERIMENT and config.get(k) != base.get(k))
+    return ", ".join(f"{k}={config.get(k)}" for k in keys) or "(the baseline)"
+
+
+def table(arms, metrics, cells):
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines += [f"| {a} | " + " | ".join(cells(m, a) for m in metrics) + " |" for a in arms]
+    return lines + [""]
 
 
 def markdown(results):
     lines = ["# FedGAN evaluation", "", "Protocol: " + results["protocol_text"], ""]
-    runs = results["runs"]
-    names, classes = list(runs), results["classes"]
-    if any("lpips" in r for r in runs.values()):
-        lines += ["## LPIPS (AlexNet, lower is better), mean ± standard error", "",
-                  "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for c, cname in enumerate(classes):
-            cells = [f"{runs[n]['lpips'][str(c)]['mean']:.4f} ± {runs[n]['lpips'][str(c)]['se']:.4f}"
-                     if "lpips" in runs[n] and runs[n]["lpips"][str(c)]["mean"] is not None else "n/a"
-                     for n in names]
-            lines.append(f"| LPIPS ({cname}) | " + " | ".join(cells) + " |")
-        lines.append("")
-    if any("fid" in r for r in runs.values()):
-        lines += ["## Domain FID (penultimate features of a classifier trained on the real training data; "
-                  "lower is better; not Inception FID)", "",
-                  "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for key, label in [(str(c), cn) for c, cn in enumerate(classes)] + [("overall", "overall")]:
-            lines.append(f"| {label} | " + " | ".join(f"{runs[n]['fid'][key]:.2f}"
-                                                     if runs[n].get("fid", {}).get(key) is not None else "n/a"
-                                                     for n in names) + " |")
-        lines.append("")
+    arms, summary, diffs = results["arms"], results.get("summary", {}), results.get("differences", {})
+    lengths = results.get("lengths", {})
+    if arms:
+        base = results["baselines"][0] if results["baselines"] else next(iter(arms))
+        lines += ["## Arms (runs that differ only by training seed)", "",
+                  f"| arm | seeds | differs from {base} in |", "|---|---|---|"]
+        lines += [f"| {a} | {', '.join(map(str, v['seeds']))} | {v['differs']} |" for a, v in arms.items()] + [""]
+    floor = results.get("real_floor", {})
+    for family, belongs in FAMILIES:
+        metrics = [m for m in summary if belongs(m)]
+        if not metrics:
+            continue
+        if " in shadow: " in metrics[0]:  # one column per detector; no differences (TPR is the attack's)
+            lines += [f"## {family}: mean [95% interval] over training seeds", ""]
+            names = list(dict.fromkeys(m.split(" in shadow: ")[0] for m in metrics))
+            lines += table(arms, names, lambda d, a: "; ".join(
+                f"{k} {cell(summary[f'{d} in shadow: {k}'][a])}" for k in ("TPR", "FPR", "first flag")
+                if f"{d} in shadow: {k}" in summary and summary[f"{d} in shadow: {k}"][a]["mean"] is not None))
+            continue
+        lines += [f"## {family}: mean [95% interval] over training seeds", ""]
+        lines += table(arms, metrics, lambda m, a: cell(summary[m][a]))
+        if any(m in floor for m in metrics):
+            lines += ["Real training images in place of synthetic ones (the floor at this reference size): " +
+                      ", ".join(f"{m} {num(floor[m])}" for m in metrics if m in floor) + ".", ""]
+        noise = results.get("reference_noise")
+        if noise and any(m in noise["sd"] for m in metrics):
+            lines += [f"Noise from the reference set alone (sd over {noise['bootstrap']} bootstrap resamples of the held-out "
+                      f"images, run {noise['run']}): " + ", ".join(f"{m} {num(noise['sd'][m])}" for m in metrics
+                                                                 if m in noise["sd"]) + ".", ""]
+        for b, d in diffs.items():
+            lines += [f"Paired difference from **{b}** (arm minus {b} trained as many rounds, per training seed; "
+                      "* = the 95% interval excludes 0):", ""]
+            lines += table([a for a in arms if a in d[metrics[0]]], metrics, lambda m, a: cell(d[m][a], True))
+        if lengths:
+            lines += ["Longer minus shorter training of the same arm (paired by seed; * = excludes 0):", ""]
+            lines += table(list(lengths), metrics, lambda m, a: cell(lengths[a][m], True))
     u = results.get("utility")
     if u:
-        lines += [f"## Utility: test accuracy of a {u['classifier']} classifier, mean ± sd over {u['seeds']} seeds "
+        lines += [f"## Utility: test accuracy of a {u['classifier']} classifier, mean [95% interval] "
                   f"(real only, or + {u['n_synth']} synthetic images per class)", "",
-                  "| n real per class | " + " | ".join(u["curves"]) + " |", "|---" * (len(u["curves"]) + 1) + "|"]
-        for i, n in enumerate(u["n_real"]):
-            used = u["n_real_used"][i]
-            label = str(n) if used == [n] * len(used) else f"{n} (used {'/'.join(map(str, used))}: all there are)"
-            lines.append(f"| {label} | " + " | ".join(f"{c['mean'][i]:.3f} ± {c['std'][i]:.3f}"
-                                                  for c in u["curves"].values()) + " |")
+                  u["interval_text"], ""]
+        cols = [(str(n) if used == [n] * len(used) else f"{n} (used {'/'.join(map(str, used))})")
+                for n, used in zip(u["n_real"], u["n_real_used"])]
+        head = ["| | " + " | ".join(f"n real = {c}" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += head + [f"| {name} | " + " | ".join(cell(iv) for iv in c) + " |" for name, c in u["curves"].items()]
         lines.append("")
+        for b, d in u["differences"].items():
+            lines += [f"Paired difference in accuracy from **{b}** (* = the 95% interval excludes 0):", ""] + head
+            lines += [f"| {name} | " + " | ".join(cell(iv, True) for iv in c) + " |" for name, c in d.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
+COLOURS = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22"]
+
+
+def svg_open(w, h):
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+            f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>']
+
+
+def arms_svg(summary, arms, metrics, reference=None, panel=210, row=22, left=150, top=40):
+    """A forest plot: one panel per metric, one row per arm, the mean as a dot and the 95% interval as
+    a bar; the dashed line is the reference arm's mean."""
+    arms = list(arms)
+    w, h = left + panel * len(metrics) + 20, top + row * len(arms) + 40
+    out = svg_open(w, h)
+    for i, a in enumerate(arms):
+        out.append(f'<text x="{left - 8}" y="{top + row * i + row / 2 + 4}" text-anchor="end">{a}</text>')
+    for j, m in enumerate(metrics):
+        x0p = left + panel * j + 10
+        ivs = [summary[m][a] for a in arms]
+        vals = [v for iv in ivs for v in (iv["mean"], iv["lo"], iv["hi"]) if v is not None]
+        if not vals:
+            continue
+        lo, hi = min(vals), max(vals)
+        lo, hi = (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) if hi > lo else (lo - 0.5, hi + 0.5)
+        X = lambda v: x0p + (v - lo) / (hi - lo) * (panel - 20)  # noqa: E731
+        out.append(f'<text x="{x0p + (panel - 20) / 2}" y="{top - 16}" text-anchor="middle">{m}</text>')
+        out.append(f'<rect x="{x0p}" y="{top}" width="{panel - 20}" height="{row * len(arms)}" fill="none" '
+                   f'stroke="#999999"/>')
+        for v in (lo, hi):
+            out.append(f'<text x="{X(v):.1f}" y="{top + row * len(arms) + 14}" text-anchor="middle" '
+                       f'font-size="10">{num(v)}</text>')
+        if reference in summary[m] and summary[m][reference]["mean"] is not None:
+            xr = X(summary[m][reference]["mean"])
+            out.append(f'<line x1="{xr:.1f}" y1="{top}" x2="{xr:.1f}" y2="{top + row * len(arms)}" stroke="#999999" '
+                       f'stroke-dasharray="4 3"/>')
+        for i, iv in enumerate(ivs):
+            if iv["mean"] is None:
+                continue
+            y, col = top + row * i + row / 2, COLOURS[i % len(COLOURS)]
+            if iv["lo"] is not None:
+                out.append(f'<line x1="{X(iv["lo"]):.1f}" y1="{y}" x2="{X(iv["hi"]):.1f}" y2="{y}" stroke="{col}" '
+                           f'stroke-width="2"/>')
+            out.append(f'<circle cx="{X(iv["mean"]):.1f}" cy="{y}" r="4" fill="{col}"/>')
+    out.append(f'<text x="{left}" y="{h - 8}" font-size="11">dot: mean over training seeds; bar: 95% t-interval; '
+               f'dashed: {reference or "-"}</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def share_svg(curves, w=640, h=360, pad=56):
+    """The attackers' share of the aggregate per round: per arm the mean over seeds (line) and the
+    lowest to highest seed (band). curves: {arm: (seeds, rounds) array}."""
+    rounds = max(c.shape[1] for c in curves.values())
+    X = lambda r: pad + (r - 1) / max(1, rounds - 1) * (w - 2 * pad)   # noqa: E731
+    Y = lambda v: h - pad - v * (h - 2 * pad)                          # noqa: E731
+    out = svg_open(w, h) + [
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">round</text>',
+        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">attackers\' share of '
+        f'the aggregate</text>']
+    for v in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<text x="{pad - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for r in sorted({1, rounds, *range(0, rounds + 1, max(1, rounds // 5))} - {0}):
+        out.append(f'<text x="{X(r):.1f}" y="{h - pad + 16}" text-anchor="middle">{r}</text>')
+    for i, (arm, c) in enumerate(curves.items()):
+        col, r = COLOURS[i % len(COLOURS)], np.arange(1, c.shape[1] + 1)
+        band = [(X(a), Y(b)) for a, b in zip(r, c.max(0))] + [(X(a), Y(b)) for a, b in zip(r[::-1], c.min(0)[::-1])]
+        out.append(f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in band)}" fill="{col}" '
+                   f'fill-opacity="0.15" stroke="none"/>')
+        out.append(f'<polyline points="{" ".join(f"{X(a):.1f},{Y(b):.1f}" for a, b in zip(r, c.mean(0)))}" '
+                   f'fill="none" stroke="{col}" stroke-width="2"/>')
+        out.append(f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{col}">{arm} ({len(c)} seeds)</text>')
+    return "\n".join(out + ["</svg>"])
+
+
 def utility_svg(u, w=640, h=400, pad=56):
-    """Accuracy against n real per class (log x axis), one line and a ±sd band per generator."""
+    """Accuracy against n real per class (log x axis), per curve the mean and its 95% interval as a band."""
     ns = u["n_real"]
     lx = [math.log10(n) for n in ns]
     x0, x1 = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1
-    allv = [v for c in u["curves"].values() for m, s in zip(c["mean"], c["std"]) for v in (m - s, m + s)]
+    band = lambda c: [(iv["lo"] if iv["lo"] is not None else iv["mean"],  # noqa: E731
+                       iv["hi"] if iv["hi"] is not None else iv["mean"]) for iv in c]
+    allv = [v for c in u["curves"].values() for pair in band(c) for v in pair]
     y0, y1 = max(0.0, min(allv) - 0.02), min(1.0, max(allv) + 0.02)
     y1 = y1 if y1 > y0 else y0 + 0.1
     X = lambda v: pad + (v - x0) / (x1 - x0) * (w - 2 * pad)          # noqa: E731
     Y = lambda v: h - pad - (v - y0) / (y1 - y0) * (h - 2 * pad)      # noqa: E731
-    colours = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">real images per class (log scale)</text>',
-           f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">test accuracy</text>']
+    out = svg_open(w, h) + [
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">real images per class (log scale)</text>',
+        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">test accuracy</text>']
     for n, v in zip(ns, lx):
         out.append(f'<text x="{X(v):.1f}" y="{h - pad + 16}" text-anchor="middle">{n}</text>')
     for k in range(6):
         v = y0 + (y1 - y0) * k / 5
         out.append(f'<text x="{pad - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
     for i, (name, c) in enumerate(u["curves"].items()):
-        col = colours[i % len(colours)]
-        upper = [(X(v), Y(m + s)) for v, m, s in zip(lx, c["mean"], c["std"])]
-        lower = [(X(v), Y(m - s)) for v, m, s in zip(lx, c["mean"], c["std"])][::-1]
-        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in upper + lower)
-        out.append(f'<polygon points="{pts}" fill="{col}" fill-opacity="0.15" stroke="none"/>')
-        line = " ".join(f"{X(v):.1f},{Y(m):.1f}" for v, m in zip(lx, c["mean"]))
+        col, b = COLOURS[i % len(COLOURS)], band(c)
+        pts = [(X(v), Y(hi)) for v, (lo, hi) in zip(lx, b)] + [(X(v), Y(lo)) for v, (lo, hi) in zip(lx, b)][::-1]
+        out.append(f'<polygon points="{" ".join(f"{a:.1f},{y:.1f}" for a, y in pts)}" fill="{col}" '
+                   f'fill-opacity="0.15" stroke="none"/>')
+        line = " ".join(f"{X(v):.1f},{Y(iv['mean']):.1f}" for v, iv in zip(lx, c))
         out.append(f'<polyline points="{line}" fill="none" stroke="{col}" stroke-width="2"/>')
         out.append(f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{col}">{name}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+    return "\n".join(out + ["</svg>"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,6 +776,8 @@ def utility_svg(u, w=640, h=400, pad=56):
 
 
 def load_run(folder, data_root, device):
+    """(Config, its settings as a dict with every field, generator) of a finished run folder; the dict has
+    the defaults of fields newer than the run, so old and new runs of one experiment group together."""
     folder = Path(folder)
     if not (folder / "generator.pt").exists() or not (folder / "config.json").exists():
         raise EvalError(f"{folder} is not a finished fedgan run (needs config.json and generator.pt); "
@@ -379,6 +786,7 @@ def load_run(folder, data_root, device):
         cfg = fedgan.config_from_json(json.loads((folder / "config.json").read_text()), folder / "config.json")
     except ValueError:
         raise EvalError(f"{folder}/config.json is not valid JSON; restore it from the run")
+    raw = dataclasses.asdict(cfg)
     if data_root:
         cfg.data_root = data_root
     try:
@@ -386,7 +794,7 @@ def load_run(folder, data_root, device):
     except Exception as e:
         raise EvalError(f"cannot read {folder}/generator.pt ({type(e).__name__}); it is damaged: train the run again "
                         f"or resume it (python fedgan.py --resume {folder})")
-    return cfg, g.to(device)
+    return cfg, raw, g.to(device)
 
 
 def data_key(cfg):
@@ -394,30 +802,38 @@ def data_key(cfg):
             cfg.synthetic_per_class, cfg.test_frac)
 
 
+METRICS = ("lpips", "fid", "kid", "pr", "trigger", "utility")
+
+
 def parse_args(argv):
     p = fedgan._Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by fedgan.py (labelled by folder name)")
-    p.add_argument("--out", default="eval_out", help="where results.json, results.md and utility.svg go")
+    p.add_argument("runs", nargs="+", help="run folders written by fedgan.py; runs whose configs differ only by "
+                   "the seed form one arm, named by the folders' name without its _s<seed> suffix")
+    p.add_argument("--out", default="eval_out", help="where results.json, results.md and the SVG plots go")
     p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
-    p.add_argument("--metrics", default="lpips,fid,utility", help="comma list of lpips, fid, utility")
+    p.add_argument("--metrics", default="lpips,fid,kid,pr,trigger,utility",
+                   help="comma list of lpips, fid, kid, pr (precision/recall), trigger (strength and rate), utility")
+    p.add_argument("--baseline", default="", help="comma list of arms every other arm is compared with, seed by "
+                   "seed (e.g. vanilla,attack64)")
     p.add_argument("--n-real", default="1,5,10,50,100,200,500", help="real images per class in the utility study")
     p.add_argument("--n-synth", type=int, default=1000, help="synthetic images per class (utility and FID)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds of the utility study")
+    p.add_argument("--seeds", type=int, default=5, help="classifier seeds of the utility study (per generator)")
     p.add_argument("--classifier", default="densenet121", choices=["densenet121", "small"],
                    help="utility classifier: the paper's DenseNet-121 (random init) or a CPU-sized CNN")
     p.add_argument("--epochs", type=int, default=20, help="classifier epochs (paper: 20)")
-    p.add_argument("--fid-epochs", type=int, default=10, help="epochs of the domain-FID feature classifier")
+    p.add_argument("--fid-epochs", type=int, default=10, help="epochs of the domain-feature classifier")
     p.add_argument("--pairs", type=int, default=1000, help="LPIPS: random (synthetic, real) pairs per class")
     p.add_argument("--weights-dir", default=None, help=f"folder with {ALEXNET_FILE} and {LPIPS_FILE} (offline)")
     p.add_argument("--data-root", default=None, help="override every run's data location")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0, help="seeds LPIPS pairs, synthetic latents, FID classifier")
+    p.add_argument("--seed", type=int, default=0, help="seeds LPIPS pairs, synthetic latents, feature classifier")
     a = p.parse_args(argv)
     a.metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
-    bad = set(a.metrics) - {"lpips", "fid", "utility"}
-    if bad:
-        raise EvalError(f"--metrics {','.join(sorted(bad))} unknown; choose from lpips, fid, utility")
+    bad = set(a.metrics) - set(METRICS)
+    if bad or not a.metrics:
+        raise EvalError(f"--metrics {','.join(sorted(bad)) or '(empty)'} unknown; choose from {', '.join(METRICS)}")
+    a.baseline = [b.strip() for b in a.baseline.split(",") if b.strip()]
     try:
         a.n_real = [int(n) for n in a.n_real.split(",")]
     except ValueError:
@@ -441,6 +857,44 @@ def check_out(out, force):
         raise EvalError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
 
 
+def load_runs(a, device):
+    """{run name: dict(cfg, config, g, data)}; the name is the folder's, or its path when two folders share one."""
+    runs, datasets = {}, {}
+    base = [Path(f).name for f in a.runs]
+    if len(set(map(str, map(Path, a.runs)))) < len(a.runs):
+        raise EvalError("a run folder is given twice; pass each once")
+    for folder, name in zip(a.runs, base):
+        cfg, raw, g = load_run(folder, a.data_root, device)
+        key = data_key(cfg)
+        if key not in datasets:
+            try:
+                datasets[key] = fedgan.data_of(fedgan.finalize(cfg))
+            except fedgan.FedGANError as e:
+                raise EvalError(str(e))
+        runs[name if base.count(name) == 1 else str(folder)] = dict(cfg=cfg, config=raw, g=g.eval(),
+                                                                    data=datasets[key], folder=folder)
+    if "utility" in a.metrics and len({(k[0], k[1], k[2], k[3]) for k in datasets}) > 1:
+        raise EvalError("the runs use different data (dataset, size or channels); evaluate one dataset at a time")
+    return runs
+
+
+def protocol_text(a, test_counts):
+    return " ".join(
+        [f"Reference real images: the held-out test split ({test_counts}); every arm is compared with the same "
+         "images, so their sampling noise largely cancels in the paired differences."] +
+        [f"LPIPS: per class, mean over {a.pairs} random (synthetic, real held-out test) pairs of that class, "
+         f"seed {a.seed}."] * ("lpips" in a.metrics) +
+        [f"Domain features: the 128-d penultimate layer of a small CNN trained {a.fid_epochs} epochs on the real "
+         f"training split; {a.n_synth} synthetic images per class. FID is biased upwards at this reference size "
+         "(see the real floor); KID (x1000) is unbiased; precision/recall use k = 3 nearest neighbours on equal-size "
+         "sets."] * bool({"fid", "kid", "pr"} & set(a.metrics)) +
+        ["Trigger strength: projection of the generated patch region onto the trigger, relative to the real "
+         "images' mean there (0 = real, 1 = the trigger); trigger rate: share of images showing the trigger "
+         "(fedgan.trigger_rate)."] * ("trigger" in a.metrics) +
+        ["Intervals: mean over training seeds ± t(0.975, n-1) x sd / sqrt(n) (Student's t); a paired difference "
+         "takes the two arms' runs with the same seed."])
+
+
 def evaluate(a):
     device = fedgan.pick_device(a.device)
     t0 = time.time()
@@ -450,82 +904,145 @@ def evaluate(a):
         alex, lin = lpips_weights(a.weights_dir)
         features = alexnet_features(alex)
         features.layers.to(device)
-    runs, datasets = {}, {}
-    for folder in a.runs:
-        cfg, g = load_run(folder, a.data_root, device)
-        key = data_key(cfg)
-        if key not in datasets:
-            try:
-                datasets[key] = fedgan.data_of(fedgan.finalize(cfg))
-            except fedgan.FedGANError as e:
-                raise EvalError(str(e))
-        runs[Path(folder).name] = dict(cfg=cfg, g=g.eval(), data=datasets[key])
-    if len(datasets) > 1 and "utility" in a.metrics:
-        raise EvalError("the runs use different data (dataset, size or channels); evaluate one dataset at a time")
+    runs = load_runs(a, device)
+    arms = group_arms({n: r["config"] for n, r in runs.items()})
+    missing = [b for b in a.baseline if b not in arms]
+    if missing:
+        raise EvalError(f"--baseline {','.join(missing)} is not an arm here; the arms are {', '.join(arms)}")
+    seed_of = {n: r["cfg"].seed for n, r in runs.items()}
     first = next(iter(runs.values()))
     classes, n_classes = first["data"].classes, len(first["data"].classes)
-    results = dict(classes=classes, runs={}, protocol=dict(
-        lpips=dict(pairs_per_class=a.pairs, seed=a.seed, real="held-out test split", net="AlexNet (torchvision) + "
-                   "LPIPS v0.1 linear weights", input="[-1, 1], gray repeated to RGB, no resizing"),
-        fid=dict(features="penultimate layer (128-d) of SmallCNN trained on the real training data",
-                 epochs=a.fid_epochs, n_synth_per_class=a.n_synth, real="held-out test split")))
-    results["protocol_text"] = " ".join(
-        [f"LPIPS: per class, mean over {a.pairs} random (synthetic, real held-out test) pairs of that class, "
-         f"seed {a.seed}, ± standard error."] * ("lpips" in a.metrics) +
-        [f"Domain FID: {a.n_synth} synthetic images per class against the test split."] * ("fid" in a.metrics) +
-        [f"Utility: {a.classifier} classifier, {a.epochs} epochs, {a.seeds} seeds."] * ("utility" in a.metrics))
-    fid_nets = {}
+    ty0 = first["data"].test[1]
+    test_counts = ", ".join(f"{int((ty0 == c).sum())} {cn}" for c, cn in enumerate(classes))
+    ref = runs[arms[a.baseline[0]][0]]["config"] if a.baseline else first["config"]
+    results = dict(classes=classes, runs={}, baselines=a.baseline, protocol_text=protocol_text(a, test_counts),
+                   arms={label: dict(runs=names, seeds=[seed_of[n] for n in names],
+                                     differs=config_difference(runs[names[0]]["config"], ref))
+                         for label, names in arms.items()})
+    specs = trigger_specs([r["cfg"] for r in runs.values()])
+    noise_run = arms[a.baseline[0]][0] if a.baseline else next(iter(runs))
+    domain, fids, floors = bool({"fid", "kid", "pr"} & set(a.metrics)), {}, {}
     for name, r in runs.items():
         res = results["runs"].setdefault(name, {})
         tx, ty = r["data"].test
+        key = data_key(r["cfg"])
         if "lpips" in a.metrics:
             say(f"{name}: LPIPS, {a.pairs} pairs per class")
             res["lpips"] = {str(c): v for c, v in lpips_per_class(r["g"], tx, ty, n_classes, features, lin, a.pairs,
                                                                    a.seed, device).items()}
-        if "fid" in a.metrics:
-            key = data_key(r["cfg"])
-            if key not in fid_nets:
-                say(f"training the domain-FID feature classifier on {len(r['data'].train[1])} real images")
-                fid_nets[key] = train_classifier(*r["data"].train, n_classes, "small", a.fid_epochs, a.seed,
-                                                 device)
-            say(f"{name}: domain FID")
-            res["fid"] = {str(k): v for k, v in domain_fid(fid_nets[key], r["g"], tx, ty, n_classes, a.n_synth,
-                                                            a.seed, device).items()}
+        if domain:
+            if key not in fids:
+                say(f"training the domain-feature classifier on {len(r['data'].train[1])} real images")
+                net = train_classifier(*r["data"].train, n_classes, "small", a.fid_epochs, a.seed, device)
+                # the floor: as many real training images as synthetic ones, in place of the generator's
+                fx, fy = sample_per_class(*r["data"].train, a.n_synth, n_classes, a.seed)
+                fids[key] = (net, features_of(net, tx, device))
+                floors[key] = domain_metrics(fids[key][1], ty, features_of(net, fx, device), fy, n_classes)
+            net, fr = fids[key]
+            say(f"{name}: domain features (FID, KID, precision, recall)")
+            dm = domain_scores(net, r["g"], tx, ty, n_classes, a.n_synth, a.seed, device, real_features=fr,
+                               bootstrap=50 if name == noise_run else 0)
+            if "reference_sd" in dm:  # what the reference set's size alone does to each figure, for one run
+                sd = {m: v for m, v in dm.pop("reference_sd").items() if {"precision": "pr", "recall": "pr"}.get(m, m)
+                      in a.metrics}
+                results["reference_noise"] = dict(run=name, bootstrap=50, sd=scalar_metrics(sd, classes))
+            res.update({m: dm[m] for m in dm if {"precision": "pr", "recall": "pr"}.get(m, m) in a.metrics})
+        if "trigger" in a.metrics and (specs or r["cfg"].poison > 0):
+            res["trigger"] = backdoor_metrics(r["g"], r["cfg"], specs, tx, a.seed + 12345, per_class=256)
+        res["detection"] = detection_metrics(r["folder"], r["cfg"])
+    if len(floors) == 1:  # one dataset: its real floor, under the same metric names
+        fl = next(iter(floors.values()))
+        floor_res = {m: fl[m] for m in fl if {"precision": "pr", "recall": "pr"}.get(m, m) in a.metrics}
+        if "trigger" in a.metrics and specs:
+            (size, kind), d = specs[0], first["data"]
+            trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
+            margin = fedgan.trigger_margin(first["cfg"].img_size)
+            floor_res["trigger"] = {str(size): dict(strength=trigger_strength(d.train[0], trig, margin, d.test[0])
+                                                    .mean().item(), rate=fedgan.trigger_rate(d.train[0], trig, margin))}
+        results["real_floor"] = scalar_metrics(floor_res, classes)
+    configs = {label: runs[names[0]]["config"] for label, names in arms.items()}
+    results["summary"], results["differences"], results["lengths"] = summarize_arms(results, arms, configs, seed_of,
+                                                                                    a.baseline)
+    results["attacker_share"] = {label: [results["runs"][n]["detection"]["attacker_share"] for n in names]
+                                 for label, names in arms.items()
+                                 if all(results["runs"][n]["detection"].get("attacker_share") and
+                                        None not in results["runs"][n]["detection"]["attacker_share"] for n in names)}
     if "utility" in a.metrics:
-        results["utility"] = utility_study(a, runs, n_classes, device, say)
+        results["utility"] = utility_study(a, runs, arms, configs, seed_of, n_classes, device, say)
     return results
 
 
-def utility_study(a, runs, n_classes, device, say):
+def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
     """Accuracy on the balanced test set of classifiers trained on n real images per class, alone or
-    with n_synth synthetic images per class from each generator, over a.seeds seeds."""
-    data = next(iter(runs.values()))["data"]
-    (rx, ry), (tx, ty) = data.train, balanced(*data.test, n_classes)
-    if len(ty) == 0:
-        missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
-        raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests on "
-                        "every class: give data whose test split holds them all")
-    names = ["real only"] + [f"+ {n}" for n in runs]
-    acc = {n: np.zeros((len(a.n_real), a.seeds)) for n in names}
+    with n_synth synthetic images per class from each generator. Classifier seed k (0..a.seeds-1) draws
+    the real subset, the synthetic latents and the classifier's init; every generator meets the same k.
+    Runs on data made from their seed (the synthetic sets) each meet the real-only classifiers of their data."""
+    datas = {}
+    for n, r in runs.items():
+        datas.setdefault(data_key(r["cfg"]), r["data"])
+    key_of = {n: data_key(r["cfg"]) for n, r in runs.items()}
+    tests = {}
+    for key, data in datas.items():
+        tests[key] = balanced(*data.test, n_classes)
+        if len(tests[key][1]) == 0:
+            missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
+            raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests "
+                            "on every class: give data whose test split holds them all")
+    S, N = a.seeds, len(a.n_real)
+    real = {key: np.zeros((N, S)) for key in datas}
+    acc = {n: np.zeros((N, S)) for n in runs}
     # what each n means in fact: a class with fewer real training images gives all it has
-    used = [[min(n, int((ry == c).sum())) for c in range(n_classes)] for n in a.n_real]
-    total, done, t_start = len(a.n_real) * a.seeds * len(names), 0, time.time()
-    for seed in range(a.seeds):
-        synth = {f"+ {n}": synthesize(r["g"], a.n_synth, n_classes, 1000 + seed) for n, r in runs.items()}
-        for i, n in enumerate(a.n_real):
-            xr, yr = sample_per_class(rx, ry, n, n_classes, seed)
-            for name in names:
-                x, y = (xr, yr) if name == "real only" else (torch.cat([xr, synth[name][0]]),
-                                                             torch.cat([yr, synth[name][1]]))
-                net = train_classifier(x, y, n_classes, a.classifier, a.epochs, seed, device)
-                acc[name][i, seed] = accuracy(net, tx, ty, device)
-                done += 1
-                left = (time.time() - t_start) / done * (total - done)
-                say(f"utility {done}/{total}: n_real {n}, seed {seed}, {name}: acc {acc[name][i, seed]:.3f} "
-                    f"(~{left / 60:.1f} min left)")
-    return dict(classifier=a.classifier, seeds=a.seeds, n_synth=a.n_synth, n_real=a.n_real, n_real_used=used,
-                test_images=len(ty), curves={n: dict(mean=v.mean(1).tolist(), std=v.std(1).tolist())
-                                             for n, v in acc.items()})
+    ry0 = next(iter(datas.values())).train[1]
+    used = [[min(n, int((ry0 == c).sum())) for c in range(n_classes)] for n in a.n_real]
+    total, done, t_start = N * S * (len(runs) + len(datas)), 0, time.time()
+    for k in range(S):
+        synth = {n: synthesize(r["g"], a.n_synth, n_classes, 1000 + k) for n, r in runs.items()}
+        for i, n_real in enumerate(a.n_real):
+            for key, data in datas.items():
+                xr, yr = sample_per_class(*data.train, n_real, n_classes, k)
+                for name in [None, *[n for n in runs if key_of[n] == key]]:
+                    x, y = (xr, yr) if name is None else (torch.cat([xr, synth[name][0]]),
+                                                          torch.cat([yr, synth[name][1]]))
+                    net = train_classifier(x, y, n_classes, a.classifier, a.epochs, k, device)
+                    row = real[key][i] if name is None else acc[name][i]
+                    row[k] = accuracy(net, *tests[key], device)
+                    done += 1
+                    left = (time.time() - t_start) / done * (total - done)
+                    say(f"utility {done}/{total}: n_real {n_real}, seed {k}, {name or 'real only'}: acc {row[k]:.3f} "
+                        f"(~{left / 60:.1f} min left)")
+
+    def over(per):  # per: one (N, S) array per run; interval over runs, or over k for a single run
+        if len(per) > 1:
+            return [interval([p[i].mean() for p in per]) for i in range(N)]
+        return [interval(per[0][i]) for i in range(N)]
+
+    curves = {"real only": over(list(real.values()))}
+    curves.update({f"+ {arm}": over([acc[n] for n in names]) for arm, names in arms.items()})
+    diffs = {"real only": {f"+ {arm}": over([acc[n] - real[key_of[n]] for n in names]) for arm, names in arms.items()}}
+    for b in a.baseline:
+        diffs[b] = {}
+        for arm, names in arms.items():
+            x = baseline_for(arm, b, configs)
+            if x is None:
+                continue
+            base = {seed_of[n]: n for n in arms[x]}
+            diffs[b][f"+ {arm}"] = over([acc[n] - acc[base[seed_of[n]]] for n in names if seed_of[n] in base])
+    text = (f"Classifier seeds 0..{S - 1} each draw the real subset, the synthetic latents and the classifier's init, "
+            f"the same for every generator. 'real only': 95% interval over the {S} classifier seeds"
+            + (f" (over the {len(datas)} datasets made from the training seeds)" if len(datas) > 1 else "") +
+            "; an arm: over its training seeds, each the mean over the classifier seeds (over the classifier seeds "
+            "for an arm of one run); differences are paired by classifier seed and training seed.")
+    return dict(classifier=a.classifier, seeds=S, n_synth=a.n_synth, n_real=a.n_real, n_real_used=used,
+                test_images=len(next(iter(tests.values()))[1]), interval_text=text, curves=curves, differences=diffs,
+                accuracy={**{f"real only {i}": v.tolist() for i, v in enumerate(real.values())},
+                          **{n: v.tolist() for n, v in acc.items()}})
+
+
+def forest_metrics(summary):
+    """The figures worth a panel in arms.svg, in this order, where present."""
+    keys = ["KID x1000 (overall)", "FID (overall)", "precision (overall)", "recall (overall)"]
+    keys += [m for m in summary if m.startswith("trigger strength")] + ["attacker final weight"]
+    return [m for m in keys if m in summary and any(iv["mean"] is not None for iv in summary[m].values())]
 
 
 def main(argv=None):
@@ -541,12 +1058,22 @@ def main(argv=None):
     except OSError as e:
         sys.stderr.write(f"eval.py: error: cannot create {out} ({e.strerror}); results not written\n")
         sys.exit(2)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    written = ["results.json", "results.md"]
+    (out / "results.json").write_text(json.dumps(fedgan.json_safe(results), indent=2))
     (out / "results.md").write_text(markdown(results))
+    panels = forest_metrics(results["summary"])
+    if panels:
+        reference = results["baselines"][0] if results["baselines"] else None
+        (out / "arms.svg").write_text(arms_svg(results["summary"], results["arms"], panels, reference))
+        written.append("arms.svg")
+    if results["attacker_share"]:
+        (out / "attacker_share.svg").write_text(share_svg({k: np.array(v) for k, v in results["attacker_share"].items()}))
+        written.append("attacker_share.svg")
     if "utility" in results:
         (out / "utility.svg").write_text(utility_svg(results["utility"]))
+        written.append("utility.svg")
     print(markdown(results))
-    print(f"wrote {out}/results.json, {out}/results.md" + (f", {out}/utility.svg" if "utility" in results else ""))
+    print("wrote " + ", ".join(f"{out}/{f}" for f in written))
 
 
 if __name__ == "__main__":

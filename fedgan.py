@@ -82,6 +82,9 @@ class Config:
     trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
                        choices=["auto", "white", "color"])
     blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks, in (0, 1]", "attack")
+    poison_frac: float = opt(1.0, "share of a malicious client's images that carry the attack, in (0, 1]; below 1 "
+                                  "its generator draws the trigger on about that share of latents, so renders on "
+                                  "a probe depart less from benign ones (the probe-aware attacker)", "attack")
     malicious: int = opt(None, "number K of malicious clients, chosen at random from the seed "
                                "(default 1 when attacking)", "attack")
     malicious_ids: str = opt(None, "explicit malicious client ids, comma separated (overrides --malicious)", "attack")
@@ -288,6 +291,7 @@ def check_ranges(cfg):
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
     between = dict(lr=(0, 1, "lie in (0, 1)"), decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
                    test_frac=(0, 1, "lie in (0, 1)"), blend_alpha=(0, 1.0000001, "lie in (0, 1]"),
+                   poison_frac=(0, 1.0000001, "lie in (0, 1]"),
                    dirichlet_alpha=(0, math.inf, "be above 0"))
     for k, (lo, hi, text) in between.items():
         if not lo < getattr(cfg, k) < hi:
@@ -782,6 +786,19 @@ def poison(x, y, attack, n_classes, trigger=None, margin=0, alpha=0.2, seed=0):
     if attack == "patch-random":
         return apply_trigger_random(x, trigger, seed=seed), y
     return apply_trigger(x, trigger, margin), y
+
+
+def dilute(clean, poisoned, frac, seed=0):
+    """The probe-aware attacker's data: a random share `frac` of the images (and labels) poisoned, the rest
+    clean. A probe averages its departure over samples, so a generator that draws the trigger on a share
+    of latents departs about that much less, while the global model still learns the trigger (weaker)."""
+    (x, y), (xp, yp) = clean, poisoned
+    if frac >= 1:
+        return xp, yp
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 29))[:round(frac * len(x))]
+    x, y = x.clone(), y.clone()
+    x[pick], y[pick] = xp[pick], yp[pick]
+    return x, y
 
 
 def report_adaptive(g_losses, malicious, seed):
@@ -1929,8 +1946,8 @@ def setup_run(cfg):
         xi, yi = x[shards[i]], y[shards[i]]
         d = new_discriminator(i, cfg.seed, n_classes, arch_of(cfg))
         if i in bad:  # the attack: every training image of a malicious client
-            xp, yp = poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size), cfg.blend_alpha,
-                            cfg.seed)
+            xp, yp = dilute((xi, yi), poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size),
+                                             cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
             clean = (xi, yi) if cfg.attack_start > 0 else None  # a late attacker trains clean until it starts
             clients[i] = make_client(i, xp, yp, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
                                      clean, cfg.attack_start)

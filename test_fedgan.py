@@ -12,6 +12,8 @@ import io
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -218,6 +220,19 @@ def test_blend_and_frequency_triggers_do_what_they_claim():
 def test_adaptive_attacker_reports_a_loss_inside_the_benign_range():
     rep = fedgan.report_adaptive([0.7, 0.8, 5.0, 0.75], [2], seed=0)
     assert 0.7 <= rep[2] <= 0.8 and rep[:2] == [0.7, 0.8] and rep[3] == 0.75
+
+
+def test_probe_aware_attacker_poisons_only_its_share_of_images():
+    x, y = fedgan.synthetic_images(20, 16, 1, seed=0)
+    trig, margin = fedgan.make_trigger(4, 1), fedgan.trigger_margin(16)
+    xp, yp = fedgan.poison(x, y, "patch", 2, trig, margin)
+    xd, yd = fedgan.dilute((x, y), (xp, yp), 0.25, seed=3)
+    carries = (xd[:, :, -margin - 4:-margin, -margin - 4:-margin] == 255).flatten(1).all(1)
+    assert carries.sum() == 10 and torch.equal(xd[~carries], x[~carries]) and torch.equal(yd, y)
+    assert torch.equal(fedgan.dilute((x, y), (xp, yp), 0.25, seed=3)[0], xd)  # the seed fixes the choice
+    xf, yf = fedgan.dilute((x, y), fedgan.poison(x, y, "label-flip", 2), 0.5, seed=0)
+    assert (yf != y).sum() == 20 and torch.equal(xf, x)  # any attack: half the pairs poisoned
+    assert fedgan.dilute((x, y), (xp, yp), 1.0)[0] is xp
 
 
 def test_late_attacker_trains_clean_until_attack_start():
@@ -780,23 +795,116 @@ def test_lpips_weight_loader_rejects_wrong_hash_and_names_missing_files():
         ev.check_sha256(real, ev.LPIPS_SHA256)
 
 
-def test_eval_end_to_end_writes_results_and_chart():
+def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_differences():
+    import xml.etree.ElementTree as ET
     import eval as ev
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "vanilla"
-        quiet(fedgan.train, tiny_cfg(run, "--rounds", "2", "--local-steps", "2"))
-        out = Path(tmp) / "ev"
-        quiet(ev.main, [str(run), "--out", str(out), "--metrics", "fid,utility", "--n-real", "2,8", "--seeds", "2",
-                        "--n-synth", "16", "--epochs", "2", "--fid-epochs", "1", "--classifier", "small"])
+        tmp = Path(tmp)
+        runs = []
+        for arm, flags in (("vanilla", []), ("attack", ["--poison", "4"])):
+            for seed in ("0", "1"):
+                runs.append(tmp / f"{arm}_s{seed}")
+                quiet(fedgan.train, tiny_cfg(runs[-1], "--rounds", "2", "--local-steps", "2", "--seed", seed, *flags))
+        out = tmp / "ev"
+        quiet(ev.main, [*map(str, runs), "--out", str(out), "--metrics", "fid,kid,pr,trigger,utility",
+                        "--baseline", "vanilla", "--n-real", "2,8", "--seeds", "2", "--n-synth", "16", "--epochs", "2",
+                        "--fid-epochs", "1", "--classifier", "small"])
         res = json.loads((out / "results.json").read_text())
+        assert {a: v["seeds"] for a, v in res["arms"].items()} == {"vanilla": [0, 1], "attack": [0, 1]}
+        kid = res["summary"]["KID x1000 (overall)"]["attack"]
+        per_seed = [res["runs"][f"attack_s{s}"]["kid"]["overall"] * 1000 for s in (0, 1)]
+        assert math.isclose(kid["mean"], np.mean(per_seed)) and kid["lo"] < kid["mean"] < kid["hi"], kid
+        diff = res["differences"]["vanilla"]["KID x1000 (overall)"]["attack"]
+        want = np.mean([res["runs"][f"attack_s{s}"]["kid"]["overall"] - res["runs"][f"vanilla_s{s}"]["kid"]["overall"]
+                        for s in (0, 1)]) * 1000
+        assert math.isclose(diff["mean"], want, rel_tol=1e-9, abs_tol=1e-9), (diff, want)
+        # vanilla runs are measured against the attack's trigger: the chance level of the backdoor
+        assert set(res["runs"]["vanilla_s0"]["trigger"]) == {"4"}
+        assert res["runs"]["attack_s0"]["detection"]["attacker_final_weight"] == 0.25
         u = res["utility"]
-        assert list(u["curves"]) == ["real only", "+ vanilla"] and len(u["curves"]["real only"]["mean"]) == 2
-        assert all(0 <= m <= 1 for c in u["curves"].values() for m in c["mean"])
-        assert set(res["runs"]["vanilla"]["fid"]) == {"0", "1", "overall"}
+        assert list(u["curves"]) == ["real only", "+ vanilla", "+ attack"] and len(u["curves"]["real only"]) == 2
+        assert all(0 <= iv["mean"] <= 1 for c in u["curves"].values() for iv in c)
+        assert set(u["differences"]) == {"real only", "vanilla"}
+        assert set(res["runs"]["vanilla_s0"]["fid"]) == {"0", "1", "overall"}
         md = (out / "results.md").read_text()
-        assert "Domain FID" in md and "| 8 |" in md
-        svg = (out / "utility.svg").read_text()
-        assert svg.startswith("<svg") and svg.count("<polyline") == 2 and svg.count("<polygon") == 2
+        assert "Paired difference from **vanilla**" in md and "| attack |" in md and "n real = 8" in md
+        for svg in ("arms.svg", "attacker_share.svg", "utility.svg"):
+            ET.fromstring((out / svg).read_text())  # well-formed
+        assert (out / "utility.svg").read_text().count("<polyline") == 3
+
+
+def test_train_script_runs_the_study_over_seeds_with_short_copies():
+    if not (shutil.which("bash") and shutil.which("flock")):
+        raise Skip("needs bash and flock")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GRID="study", QUICK="1", ARMS="vanilla attack64", SEEDS="2", ROUNDS="2", SHORT="1",
+                   IMG="16", JOBS="2", OUT=str(Path(tmp) / "g"), PYTHON=sys.executable, DEVICE="cpu",
+                   EVAL_FLAGS="--n-synth 16 --seeds 1 --epochs 1 --fid-epochs 1 --n-real 2,4")
+        first = subprocess.run(["bash", str(HERE / "train_isic.sh")], env=env, capture_output=True, text=True)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        g = Path(tmp) / "g"
+        for arm in ("vanilla", "attack64"):
+            for s in (0, 1):
+                assert json.loads((g / f"{arm}_s{s}" / "config.json").read_text())["rounds"] == 2
+                assert json.loads((g / f"{arm}_r1_s{s}" / "config.json").read_text())["rounds"] == 1
+        res = json.loads((g / "eval_fidelity" / "results.json").read_text())
+        assert {a: v["seeds"] for a, v in res["arms"].items()} == {a: [0, 1] for a in
+                                                                 ("vanilla", "attack64", "vanilla_r1", "attack64_r1")}
+        assert set(res["lengths"]) == {"vanilla minus vanilla_r1", "attack64 minus attack64_r1"}
+        assert "attack64_r1" in res["differences"]["vanilla"]["KID x1000 (overall)"]  # against vanilla_r1
+        assert "Paired difference" in (g / "results.md").read_text()
+        again = subprocess.run(["bash", str(HERE / "train_isic.sh")], env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4, again.stdout
+
+
+def test_arms_group_runs_that_differ_only_by_seed():
+    import eval as ev
+    base = dict(fedgan.Config().__dict__, seed=0, out="runs/a_s0", environment={"torch": "x"})
+    configs = {"a_s0": base, "a_s1": dict(base, seed=1, out="runs/a_s1", device="cuda", environment={"torch": "y"}),
+               "b_s0": dict(base, decay=0.9), "b_s1": dict(base, decay=0.9, seed=1)}
+    assert ev.group_arms(configs) == {"a": ["a_s0", "a_s1"], "b": ["b_s0", "b_s1"]}
+    try:
+        ev.group_arms(dict(configs, a_copy=dict(base, out="elsewhere")))
+    except ev.EvalError as e:
+        assert "same seed 0" in str(e), e
+    else:
+        raise AssertionError("one arm with the same seed twice accepted")
+
+
+def test_interval_of_identical_values_is_zero_width_and_t_based():
+    import eval as ev
+    iv = ev.interval([0.3, 0.3, 0.3])
+    assert iv["mean"] == 0.3 and iv["lo"] == iv["hi"] == 0.3
+    iv = ev.interval([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t(0.975, 2) / sqrt(3)
+    assert math.isclose(iv["hi"] - 2.0, 4.303 / math.sqrt(3), rel_tol=1e-6)
+    assert ev.interval([5.0])["lo"] is None and ev.interval([None, 2.0])["n"] == 1
+    assert abs(ev.t975(60) - 2.000) < 2e-3 and abs(ev.t975(120) - 1.980) < 2e-3
+
+
+def test_kid_is_about_zero_on_itself_and_grows_with_noise():
+    import eval as ev
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 16, generator=gen)
+    b = torch.randn(300, 16, generator=gen)  # the same distribution, other samples
+    kid = [ev.kernel_inception_distance(a, b + s * torch.randn(300, 16, generator=gen)) for s in (0.0, 1.0, 2.0)]
+    assert abs(ev.kernel_inception_distance(a[:150], a[150:])) < 0.05 * kid[1], kid  # a set against itself, halved
+    assert abs(kid[0]) < 0.1 * kid[1] and kid[0] < kid[1] < kid[2], kid
+    p, r = ev.precision_recall(a, b)
+    assert p > 0.7 and r > 0.7, (p, r)
+    p, r = ev.precision_recall(a, b * 0.2)  # a collapsed generator: realistic-looking, no variety
+    assert p > 0.9 and r < 0.5, (p, r)
+
+
+def test_trigger_strength_is_zero_on_clean_reals_and_positive_on_triggered():
+    import eval as ev
+    x, _ = fedgan.synthetic_images(32, 32, 1, seed=0)
+    clean, held = x[0::2], x[1::2]
+    trig, margin = fedgan.make_trigger(4, 1), fedgan.trigger_margin(32)
+    on_clean = ev.trigger_strength(clean, trig, margin, reference=held)
+    assert abs(on_clean.mean().item()) < 0.1, on_clean.mean()
+    assert ev.trigger_strength(held, trig, margin, reference=held).mean().abs().item() < 1e-9  # 0 by definition
+    on_triggered = ev.trigger_strength(fedgan.apply_trigger(clean, trig, margin), trig, margin, reference=held)
+    assert (on_triggered > 0.9).all() and (on_triggered < 1.1).all(), on_triggered
 
 
 def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
@@ -815,8 +923,8 @@ def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
             return torch.rand(len(z), 1, 16, 16, generator=rng) * 2 - 1
 
     # scored against the 128 training images: more reals, a steadier covariance than the 32 test ones
-    trained = ev.domain_fid(net, run.g.eval(), x, y, 2, 128, 0, torch.device("cpu"))["overall"]
-    noise = ev.domain_fid(net, Noise(), x, y, 2, 128, 0, torch.device("cpu"))["overall"]
+    trained = ev.domain_scores(net, run.g.eval(), x, y, 2, 128, 0, torch.device("cpu"))["fid"]["overall"]
+    noise = ev.domain_scores(net, Noise(), x, y, 2, 128, 0, torch.device("cpu"))["fid"]["overall"]
     print(f"    domain FID: trained 6 rounds {trained:.2f}, uniform noise {noise:.2f}")
     assert noise > 1.5 * trained, (noise, trained)
 
@@ -1177,8 +1285,9 @@ def test_eval_refuses_bad_inputs_before_any_work():
     net = ev.SmallCNN(1, 2)
     g = fedgan.Generator(16, 1, 2, width=8)
     x, y = fedgan.synthetic_images(8, 16, 1, seed=0)
-    res = ev.domain_fid(net, g, x[y == 0], y[y == 0], 2, 8, 0, torch.device("cpu"))
-    assert res[1] is None and res[0] is not None and res["overall"] is not None
+    res = ev.domain_scores(net, g, x[y == 0], y[y == 0], 2, 8, 0, torch.device("cpu"))
+    for m in ("fid", "kid", "precision", "recall"):
+        assert res[m]["1"] is None and res[m]["0"] is not None and res[m]["overall"] is not None, m
 
 
 # ---------------------------------------------------------------------------------------------

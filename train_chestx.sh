@@ -1,46 +1,77 @@
 #!/usr/bin/env bash
-# The paper's experiments on ChestX in one command: the 16 training runs of section 4, then eval.py.
+# The paper's experiments on ChestX in one command: a grid of training runs over seeds, then eval.py.
 #
 #   bash train_chestx.sh                                              # the paper: 256 px, 200 rounds (a GPU)
-#   QUICK=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh   # CPU-sized, under an hour
+#   QUICK=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh   # CPU-sized
+#   GRID=study QUICK=1 JOBS=2 SHADOW=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh
 #
-# Runs: vanilla FedGAN; the attack with 16, 32 and 64 px triggers (at 256 px; scaled to IMG); and for
-# each trigger FedDetect, model reconstruction, random flip and random rotation (1 + 3 + 12 = 16).
-# Then eval.py: fidelity of all 16 (LPIPS per class where its weights are at hand, and a domain FID)
-# and the utility study of Figure 7 for vanilla, attack32 and feddetect32. Finished runs are skipped,
-# a stopped run resumes from its checkpoint, and the first failing run stops the script.
-# train_isic.sh runs this same grid with DATASET=isic.
+# Grids (GRID):
+#   paper  section 4's 16 runs: vanilla FedGAN; the attack with 16, 32 and 64 px triggers (at 256 px,
+#          scaled to IMG); for each trigger FedDetect, model reconstruction, random flip, random rotation.
+#   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
+#          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
+#          probe of the generators with the loss, calibrated rule).
+# Every run of the grid is trained once per training seed (SEEDS of them, from SEED on), into
+# OUT/<name>_s<seed>. With SHORT > 0 each run is first trained SHORT rounds, that generator is kept as
+# OUT/<name>_r<SHORT>_s<seed>, and the run is then extended to ROUNDS (bitwise the same as a straight
+# run), so short and long training are compared on the same seeds. Then eval.py groups the folders into
+# arms (runs that differ only by seed) and reports every figure as a mean with a 95% interval over seeds,
+# and each arm's paired difference from vanilla and from the attack. Finished runs are skipped, a stopped
+# run resumes from its checkpoint, and the first failing run stops the script.
+# train_isic.sh runs the same grids with DATASET=isic.
 #
 # Settings (environment; defaults are the paper's, QUICK=1 swaps in the CPU-sized ones):
 #   DATASET    chestx | isic (what train_isic.sh sets)      DATA_ROOT  data folder or .npz (fedgan's default)
-#   IMG        resolution (256; quick 32)                   ROUNDS     global rounds (200; quick 20)
-#   CLIENTS    clients (4)                                   SEEDS      utility-study seeds (5; quick 3)
-#   SEED       training seed (0)                             DEVICE     auto | cpu | cuda
-#   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET)
-#   METRICS    fidelity metrics (lpips,fid; quick fid)       LPIPS_DIR  folder with the LPIPS weights (offline)
-#   PYTHON     interpreter (python)
+#   GRID       paper | study                                TRIGGER    study grid's trigger at 256 px (64)
+#   IMG        resolution (256; quick 32)                   ROUNDS     global rounds (200; quick 100)
+#   SEEDS      training seeds (1; quick 3)                   SEED       first training seed (0)
+#   SHORT      also keep the generator after SHORT rounds (0 = no; quick 20)
+#   CLIENTS    clients (4)                                   DEVICE     auto | cpu | cuda
+#   JOBS       runs trained at once (1); with JOBS > 1 each gets OMP_NUM_THREADS=1 unless it is set
+#   SHADOW     1: every run logs what all five detectors would flag (fedgan.py --shadow)
+#   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET; study: ..._study)
+#   METRICS    fidelity metrics (lpips,fid,kid,pr,trigger; quick without lpips unless LPIPS_DIR is set)
+#   LPIPS_DIR  folder with the LPIPS weights (offline)      PYTHON     interpreter (python)
+#   EVAL_FLAGS more eval.py flags, after the preset ones (they win), e.g. "--n-synth 100 --seeds 1"
+#   ARMS       only these runs of the grid (all)             UTILITY    arms of the utility study
+#              (paper: vanilla attack32 feddetect32; study: every arm, at ROUNDS)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATASET=${DATASET:-chestx}
+GRID=${GRID:-paper}
+SUFFIX=$([ "$GRID" = study ] && echo _study || true)
 QUICK=${QUICK:-0}
+TRIGGER=${TRIGGER:-64}
 CLIENTS=${CLIENTS:-4}
 SEED=${SEED:-0}
 DEVICE=${DEVICE:-auto}
 PYTHON=${PYTHON:-python}
 LPIPS_DIR=${LPIPS_DIR:-}
+JOBS=${JOBS:-1}
+SHADOW=${SHADOW:-0}
+case "$GRID" in paper|study) ;; *) echo "GRID=$GRID: choose paper or study" >&2; exit 2 ;; esac
 if [ "$QUICK" = 1 ]; then
-    # 32 px, 20 rounds of 10 local steps, a narrow model, a short reconstruction and a small classifier
-    IMG=${IMG:-32}; ROUNDS=${ROUNDS:-20}; SEEDS=${SEEDS:-3}; OUT=${OUT:-runs/quick_$DATASET}
-    METRICS=${METRICS:-$([ -n "$LPIPS_DIR" ] && echo lpips,fid || echo fid)}
-    MODEL=(--arch small --width 16 --local-steps 10 --warmup 5 --reconstruct-epochs 5 --reconstruct-per-class 200)
-    STUDY=(--classifier small --epochs 10 --n-real "5,20,100" --n-synth 500 --fid-epochs 5 --pairs 200)
+    # 32 px, 100 rounds of 5 local steps with a width-8 model: about 4 minutes a run on one CPU core
+    IMG=${IMG:-32}; ROUNDS=${ROUNDS:-100}; SEEDS=${SEEDS:-3}; SHORT=${SHORT:-20}
+    OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
+    METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
+    MODEL=(--arch small --width 8 --local-steps 5 --warmup 5 --reconstruct-epochs 5 --reconstruct-per-class 200)
+    STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 3)
 else
-    IMG=${IMG:-256}; ROUNDS=${ROUNDS:-200}; SEEDS=${SEEDS:-5}; OUT=${OUT:-runs/paper_$DATASET}
-    METRICS=${METRICS:-lpips,fid}
+    IMG=${IMG:-256}; ROUNDS=${ROUNDS:-200}; SEEDS=${SEEDS:-1}; SHORT=${SHORT:-0}
+    OUT=${OUT:-runs/paper_$DATASET$SUFFIX}
+    METRICS=${METRICS:-lpips,fid,kid,pr,trigger}
     MODEL=(--arch paper)
     STUDY=()
 fi
+for v in SEEDS JOBS ROUNDS SHORT; do
+    if ! [[ "${!v}" =~ ^[0-9]+$ ]] || { [ "$v" != SHORT ] && [ "${!v}" -lt 1 ]; }; then
+        echo "$v=${!v}: must be a positive whole number" >&2; exit 2
+    fi
+done
+if [ "$SHORT" -ge "$ROUNDS" ]; then SHORT=0; fi
+if [ "$JOBS" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 DATA=(--dataset "$DATASET")
 if [ -n "${DATA_ROOT:-}" ]; then
     DATA+=(--data-root "$DATA_ROOT")
@@ -50,22 +81,79 @@ fi
 if [ -n "$LPIPS_DIR" ]; then
     STUDY+=(--weights-dir "$LPIPS_DIR")
 fi
-COMMON=("${DATA[@]}" --img-size "$IMG" --rounds "$ROUNDS" --clients "$CLIENTS" --seed "$SEED"
-        --device "$DEVICE" "${MODEL[@]}")
+# shellcheck disable=SC2206  # a flag list, split on purpose
+STUDY+=(${EVAL_FLAGS:-})
+COMMON=("${DATA[@]}" --img-size "$IMG" --clients "$CLIENTS" --device "$DEVICE" "${MODEL[@]}")
+if [ "$SHADOW" = 1 ]; then COMMON+=(--shadow); fi
 
-# The grid: a name and the flags that make it (trigger sizes are the paper's, scaled to IMG)
+px_of() { local px=$(( $1 * IMG / 256 )); echo $(( px < 1 ? 1 : px )); }
+# The grid: a name and the flags that make it
 NAMES=(vanilla)
 FLAGS=("")
-for p in 16 32 64; do
-    px=$(( p * IMG / 256 ))
-    if [ "$px" -lt 1 ]; then px=1; fi
-    NAMES+=("attack$p"); FLAGS+=("--poison $px")
-    for defense in feddetect reconstruct flip rotate; do
-        NAMES+=("$defense$p"); FLAGS+=("--poison $px --defense $defense")
+if [ "$GRID" = paper ]; then
+    for p in 16 32 64; do
+        NAMES+=("attack$p"); FLAGS+=("--poison $(px_of $p)")
+        for defense in feddetect reconstruct flip rotate; do
+            NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense")
+        done
     done
-done
+    UTILITY=${UTILITY:-vanilla attack32 feddetect32}
+    BASELINES=vanilla,attack32
+else
+    p=$TRIGGER; a="--poison $(px_of $p)"
+    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p")
+    FLAGS+=("$a" "$a --defense feddetect" "$a --detector calibrated" "$a --aggregator multi-krum"
+            "$a --augment rotate" "$a --posthoc reconstruct" "$a --detector calibrated --detect-on loss+probe")
+    BASELINES=vanilla,attack$p
+fi
+if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla attack64 calibrated64"
+    KEEP_N=() KEEP_F=()
+    for arm in $ARMS; do
+        found=0
+        for k in "${!NAMES[@]}"; do
+            if [ "${NAMES[$k]}" = "$arm" ]; then KEEP_N+=("$arm"); KEEP_F+=("${FLAGS[$k]}"); found=1; fi
+        done
+        if [ "$found" = 0 ]; then echo "ARMS: $arm is not in the $GRID grid (${NAMES[*]})" >&2; exit 2; fi
+    done
+    NAMES=("${KEEP_N[@]}") FLAGS=("${KEEP_F[@]}")
+fi
+if [ "$GRID" = study ]; then UTILITY=${UTILITY:-${NAMES[*]}}; fi
 
 mmss() { printf '%d:%02d' $(( $1 / 60 )) $(( $1 % 60 )); }
+rounds_of() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["rounds"])' "$1/config.json"; }
+finished() { [ -f "$1/summary.json" ] && [ "$(rounds_of "$1")" = "$2" ]; }
+
+train_to() {  # DIR LOG ROUNDS FLAG...: start, resume or extend the run in DIR to ROUNDS rounds
+    local dir=$1 log=$2 rounds=$3
+    shift 3
+    if [ -f "$dir/checkpoint.pt" ]; then
+        "$PYTHON" fedgan.py --resume "$dir" --rounds "$rounds" >> "$log" 2>&1
+    else
+        rm -rf "$dir"  # a run stopped before its first checkpoint starts over
+        "$PYTHON" fedgan.py "${COMMON[@]}" "$@" --rounds "$rounds" --out "$dir" >> "$log" 2>&1
+    fi
+}
+
+run_one() {  # K SEED: run K of the grid with this training seed (and its SHORT-round copy)
+    local name=${NAMES[$1]} seed=$2 t_run=$SECONDS
+    local dir=$OUT/${name}_s$seed log=$OUT/${name}_s$seed.log snap=$OUT/${name}_r${SHORT}_s$seed
+    local tag="[${name}_s$seed]"
+    # shellcheck disable=SC2206  # FLAGS entries are flag lists, split on purpose
+    local flags=(${FLAGS[$1]} --seed "$seed")
+    if finished "$dir" "$ROUNDS"; then echo "$tag finished earlier, skipped"; return 0; fi
+    echo "$tag training (log $log)"
+    if [ "$SHORT" -gt 0 ] && ! finished "$snap" "$SHORT"; then
+        if [ -f "$dir/config.json" ] && [ "$(rounds_of "$dir")" -gt "$SHORT" ]; then
+            echo "$tag: already past $SHORT rounds, so its ${SHORT}-round copy cannot be made; going on" >&2
+        else
+            train_to "$dir" "$log" "$SHORT" "${flags[@]}" || { echo "$tag FAILED; see $log" >&2; return 1; }
+            rm -rf "$snap" "$snap.part" && cp -r "$dir" "$snap.part" && mv "$snap.part" "$snap"
+        fi
+    fi
+    train_to "$dir" "$log" "$ROUNDS" "${flags[@]}" || { echo "$tag FAILED; see $log:" >&2; tail -n 5 "$log" >&2; return 1; }
+    grep -E "^(detector|backdoor)" "$log" | tail -n 2 | sed "s/^/    $tag /" || true
+    echo "$tag done in $(mmss $((SECONDS - t_run)))"
+}
 
 mkdir -p "$OUT"
 exec 9> "$OUT/.lock"  # two scripts on one folder would train the same run twice
@@ -73,88 +161,54 @@ if ! flock -n 9; then
     echo "another train script is running on $OUT; wait for it or choose another OUT" >&2
     exit 1
 fi
-echo "grid: ${#NAMES[@]} runs of $DATASET at ${IMG} px, $ROUNDS rounds, $CLIENTS clients -> $OUT (quick=$QUICK)"
+echo "grid $GRID: ${#NAMES[@]} runs x $SEEDS seeds of $DATASET at ${IMG} px, $ROUNDS rounds" \
+     "$([ "$SHORT" -gt 0 ] && echo "(kept at $SHORT too)"), $CLIENTS clients, $JOBS at once -> $OUT (quick=$QUICK)"
 t_start=$SECONDS
-ran=0
-for k in "${!NAMES[@]}"; do
-    name=${NAMES[$k]}
-    dir=$OUT/$name
-    log=$OUT/$name.log
-    tag="[run $((k + 1))/${#NAMES[@]}] $name"
-    if [ -f "$dir/summary.json" ]; then
-        echo "$tag: finished earlier, skipped"
-        continue
-    fi
-    t_run=$SECONDS
-    if [ -f "$dir/checkpoint.pt" ]; then
-        echo "$tag: resuming from its checkpoint (log $log)"
-        cmd=("$PYTHON" fedgan.py --resume "$dir")
-    else
-        echo "$tag: training (log $log)"
-        rm -rf "$dir"  # a run stopped before its first checkpoint starts over
-        # shellcheck disable=SC2206  # FLAGS entries are flag lists, split on purpose
-        cmd=("$PYTHON" fedgan.py "${COMMON[@]}" ${FLAGS[$k]} --out "$dir")
-    fi
-    if ! "${cmd[@]}" >> "$log" 2>&1; then
-        echo "$tag FAILED; see $log:" >&2
-        tail -n 5 "$log" >&2
-        exit 1
-    fi
-    ran=$((ran + 1))
-    elapsed=$((SECONDS - t_start))
-    left=$(( elapsed * (${#NAMES[@]} - k - 1) / ran ))
-    grep -E "^(detector|backdoor)" "$log" | tail -n 2 | sed 's/^/    /' || true
-    echo "$tag: done in $(mmss $((SECONDS - t_run))); elapsed $(mmss "$elapsed"), about $(mmss "$left") of training left"
+failed=0
+for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do
+    for k in "${!NAMES[@]}"; do
+        if [ "$JOBS" = 1 ]; then
+            run_one "$k" "$seed" || exit 1
+            continue
+        fi
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
+        if [ "$failed" = 1 ]; then break 2; fi
+        run_one "$k" "$seed" &
+    done
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+if [ "$failed" = 1 ]; then exit 1; fi
+echo "training took $(mmss $((SECONDS - t_start))) (min:s) in this invocation (finished runs skipped)"
 
-# eval: fidelity of every run; utility of vanilla, the 32 px attack and FedDetect against it
+# eval: fidelity and detection of every run (arms = runs that differ only by seed); utility of UTILITY
+t_eval=$SECONDS
 RUNS=()
-for name in "${NAMES[@]}"; do RUNS+=("$OUT/$name"); done
-echo "[eval] fidelity ($METRICS) of ${#RUNS[@]} runs -> $OUT/eval_fidelity (log $OUT/eval_fidelity.log)"
-"$PYTHON" eval.py "${RUNS[@]}" --metrics "$METRICS" --seed "$SEED" --device "$DEVICE" "${STUDY[@]}" \
-    --out "$OUT/eval_fidelity" > "$OUT/eval_fidelity.log" 2>&1 || { tail -n 5 "$OUT/eval_fidelity.log" >&2; exit 1; }
-echo "[eval] utility study ($SEEDS seeds) -> $OUT/eval_utility (log $OUT/eval_utility.log)"
-"$PYTHON" eval.py "$OUT/vanilla" "$OUT/attack32" "$OUT/feddetect32" --metrics utility --seeds "$SEEDS" \
-    --seed "$SEED" --device "$DEVICE" "${STUDY[@]}" \
-    --out "$OUT/eval_utility" > "$OUT/eval_utility.log" 2>&1 || { tail -n 5 "$OUT/eval_utility.log" >&2; exit 1; }
-
+SUFFIXES=("")
+if [ "$SHORT" -gt 0 ]; then SUFFIXES+=("_r$SHORT"); fi
+for suffix in "${SUFFIXES[@]}"; do
+    for name in "${NAMES[@]}"; do
+        for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do RUNS+=("$OUT/$name${suffix}_s$seed"); done
+    done
+done
+U_RUNS=()
+for name in $UTILITY; do
+    for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do U_RUNS+=("$OUT/${name}_s$seed"); done
+done
+echo "[eval] fidelity ($METRICS) and detection of ${#RUNS[@]} runs -> $OUT/eval_fidelity (log $OUT/eval_fidelity.log)"
+"$PYTHON" eval.py "${RUNS[@]}" --metrics "$METRICS" --baseline "$BASELINES" --seed "$SEED" --device "$DEVICE" \
+    "${STUDY[@]}" --out "$OUT/eval_fidelity" --force > "$OUT/eval_fidelity.log" 2>&1 \
+    || { tail -n 5 "$OUT/eval_fidelity.log" >&2; exit 1; }
+echo "[eval] utility study of $UTILITY -> $OUT/eval_utility (log $OUT/eval_utility.log)"
+"$PYTHON" eval.py "${U_RUNS[@]}" --metrics utility --baseline "$BASELINES" --seed "$SEED" --device "$DEVICE" \
+    "${STUDY[@]}" --out "$OUT/eval_utility" --force > "$OUT/eval_utility.log" 2>&1 \
+    || { tail -n 5 "$OUT/eval_utility.log" >&2; exit 1; }
 {
-    echo "# $DATASET grid ($([ "$QUICK" = 1 ] && echo "QUICK mode, CPU-sized" || echo "paper settings"))"
+    echo "# $DATASET, grid $GRID ($([ "$QUICK" = 1 ] && echo "QUICK mode, CPU-sized" || echo "paper settings"))"
     echo
-    echo "${#NAMES[@]} runs at ${IMG} px, $ROUNDS rounds, $CLIENTS clients, seed $SEED; data: ${DATA[*]}."
-    echo "Training and eval took $(mmss $((SECONDS - t_start))) (min:s) in this invocation (finished runs skipped)."
-    echo
-    echo "## Detection (from each run's summary.json)"
-    echo
-    "$PYTHON" - "$OUT" "${NAMES[@]}" <<'EOF'
-import json, sys
-out, names = sys.argv[1], sys.argv[2:]
-print("| run | final weights | attacker's final weight | detector TPR | detector FPR | trigger in samples |")
-print("|---|---|---|---|---|---|")
-for n in names:
-    s = json.load(open(f"{out}/{n}/summary.json"))
-    c = json.load(open(f"{out}/{n}/config.json"))
-    detects = c.get("detector", "paper" if c["defense"] == "feddetect" else "none") != "none"
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    mal = fmt(s["malicious_final_weight"]) if s["malicious"] else "-"
-    rates = [fmt(s.get(k)) if detects else "-" for k in ("tpr_after_warmup", "fpr_after_warmup")]
-    print(f"| {n} | {' '.join(f'{w:.3f}' for w in s['final_weights'])} | {mal} | {' | '.join(rates)} | "
-          f"{fmt(s.get('trigger_rate'))} |")
-# the control: how often the vanilla generator shows each trigger by chance
-import fedgan
-cfg = fedgan.finalize(fedgan.config_from_json(json.load(open(f"{out}/vanilla/config.json")), "config.json"))
-g = fedgan.load_generator(f"{out}/vanilla/generator.pt")
-real = fedgan.data_of(cfg).test[0]
-chance = []
-for n in names:
-    c = json.load(open(f"{out}/{n}/config.json"))
-    if n.startswith("attack"):
-        trig = fedgan.make_trigger(c["poison"], cfg.channels, cfg.trigger, seed=cfg.seed)
-        rate = fedgan.backdoor_figures(g, trig, fedgan.trigger_margin(cfg.img_size), real, cfg.seed + 12345)
-        chance.append(f"{c['poison']} px: {rate['trigger_rate']:.3f}")
-print(f"\nTrigger in samples: the fraction of 512 generated images that show the trigger. The vanilla generator "
-      f"shows each trigger by chance in: {', '.join(chance)}.")
-EOF
+    echo "${#NAMES[@]} runs x $SEEDS training seeds (from $SEED) at ${IMG} px, $ROUNDS rounds$([ "$SHORT" -gt 0 ] &&
+         echo " (and the same runs after $SHORT rounds)"), $CLIENTS clients; data: ${DATA[*]}; model: ${MODEL[*]}."
+    echo "This invocation took $(mmss $((SECONDS - t_start))) (min:s), eval $(mmss $((SECONDS - t_eval))) of it" \
+         "(finished runs skipped)."
     echo
     sed '1d' "$OUT/eval_fidelity/results.md"
     echo

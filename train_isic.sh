@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's experiments on ISIC in one command: the same 16-run grid and eval as train_chestx.sh
+# The paper's experiments on ISIC in one command: the same grids (GRID=paper | study), seeds and eval as train_chestx.sh
 # (see its header for every setting), with ISIC's data (RGB, FedDetect decay 0.9).
 #
 #   bash train_isic.sh                         # the paper: 256 px, 200 rounds (a GPU); data/isic by default
