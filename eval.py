@@ -212,6 +212,11 @@ def recipe(kind, channels):
     return dict(opt="adam", lr=1e-5, wd=0.0) if channels == 1 else dict(opt="sgd", lr=1e-3, wd=1e-4)
 
 
+def steps_per_epoch(n, batch=32):
+    """Optimizer steps of one epoch over n images in train_classifier (a last batch of 1 is skipped)."""
+    return n // batch + (n % batch >= 2)
+
+
 def train_classifier(x, y, n_classes, kind, epochs, seed, device, batch=32):
     """Train on uint8 images x (n, C, H, W) with labels y; returns the model in eval mode."""
     torch.manual_seed(seed)
@@ -336,8 +341,16 @@ def domain_metrics(fr, real_y, fs, fake_y, n_classes):
     return out
 
 
+def pixel_features(x, side=8):
+    """uint8 images (n, C, H, W) -> (n, C * side * side): each image's layout, average-pooled to side x side
+    in [-1, 1], with no learned feature in between. A classifier's features answer 'which class?', and
+    can score blobs closer to real images than well-formed ones; the layout cannot be fooled that way."""
+    return F.adaptive_avg_pool2d(fedgan.to_unit(x).float(), side).flatten(1)
+
+
 def domain_scores(net, g, real_x, real_y, n_classes, n_synth, seed, device, real_features=None, bootstrap=0):
-    """domain_metrics of generator g: n_synth images per class from `seed` against the real images.
+    """domain_metrics of generator g: n_synth images per class from `seed` against the real images, in the
+    classifier's features and (under "pixel") in pixel_features.
     With bootstrap = B > 0 also the spread that comes from the reference set alone: the standard deviation
     of each metric over B resamples (with replacement, within each class) of the real images."""
     sx, sy = synthesize(g, n_synth, n_classes, seed)
@@ -353,6 +366,7 @@ def domain_scores(net, g, real_x, real_y, n_classes, n_synth, seed, device, real
             draws.append(domain_metrics(fr[idx], real_y[idx], fs, sy, n_classes))
         res["reference_sd"] = {m: {k: float(np.std([d[m][k] for d in draws], ddof=1)) if res[m][k] is not None else None
                                    for k in res[m]} for m in res}
+    res["pixel"] = domain_metrics(pixel_features(real_x), real_y, pixel_features(sx), sy, n_classes)
     return res
 
 
@@ -509,11 +523,12 @@ def scalar_metrics(res, classes):
     for c, cname in enumerate(classes):
         if "lpips" in res:
             out[f"LPIPS ({cname})"] = res["lpips"][str(c)]["mean"]
-    for m, label, scale in (("fid", "FID", 1), ("kid", "KID x1000", 1000), ("precision", "precision", 1),
-                            ("recall", "recall", 1)):
-        for key, cname in [("overall", "overall")] + [(str(c), cn) for c, cn in enumerate(classes)]:
-            if m in res and res[m].get(key) is not None:
-                out[f"{label} ({cname})"] = res[m][key] * scale
+    for space, prefix in ((res, ""), (res.get("pixel", {}), "pixel ")):
+        for m, label, scale in (("fid", "FID", 1), ("kid", "KID x1000", 1000), ("precision", "precision", 1),
+                                ("recall", "recall", 1)):
+            for key, cname in [("overall", "overall")] + [(str(c), cn) for c, cn in enumerate(classes)]:
+                if m in space and space[m].get(key) is not None:
+                    out[f"{prefix}{label} ({cname})"] = space[m][key] * scale
     for size, b in res.get("trigger", {}).items():
         out[f"trigger strength ({size} px)"] = b["strength"]
         out[f"trigger rate ({size} px)"] = b["rate"]
@@ -570,7 +585,8 @@ def summarize_arms(results, arms, configs, seed_of, baselines):
 # ------------------------------------------------------------------------------------------------
 
 FAMILIES = [("Fidelity in the domain features, overall", lambda m: m.endswith("(overall)")),
-            ("Fidelity per class", lambda m: m.split(" (")[0] in ("FID", "KID x1000", "precision", "recall", "LPIPS")
+            ("Fidelity per class", lambda m: m.split(" (")[0].replace("pixel ", "") in ("FID", "KID x1000", "precision",
+                                                                                        "recall", "LPIPS")
              and not m.endswith("(overall)")),
             ("Backdoor", lambda m: m.startswith("trigger")),
             ("Detection and weights", lambda m: m.split(" (")[0] in ("attacker final weight",
@@ -805,6 +821,11 @@ def data_key(cfg):
 METRICS = ("lpips", "fid", "kid", "pr", "trigger", "utility")
 
 
+def wanted(measure, metrics):
+    """Is a domain measure (fid, kid, precision, recall) among the --metrics asked for?"""
+    return {"precision": "pr", "recall": "pr"}.get(measure, measure) in metrics
+
+
 def parse_args(argv):
     p = fedgan._Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -822,6 +843,9 @@ def parse_args(argv):
     p.add_argument("--classifier", default="densenet121", choices=["densenet121", "small"],
                    help="utility classifier: the paper's DenseNet-121 (random init) or a CPU-sized CNN")
     p.add_argument("--epochs", type=int, default=20, help="classifier epochs (paper: 20)")
+    p.add_argument("--match-steps", action="store_true", help="utility: train the real-only classifier for as many "
+                   "optimizer steps as the ones with synthetic images (more epochs), so that extra images are not "
+                   "confused with extra training")
     p.add_argument("--fid-epochs", type=int, default=10, help="epochs of the domain-feature classifier")
     p.add_argument("--pairs", type=int, default=1000, help="LPIPS: random (synthetic, real) pairs per class")
     p.add_argument("--weights-dir", default=None, help=f"folder with {ALEXNET_FILE} and {LPIPS_FILE} (offline)")
@@ -887,7 +911,8 @@ def protocol_text(a, test_counts):
         [f"Domain features: the 128-d penultimate layer of a small CNN trained {a.fid_epochs} epochs on the real "
          f"training split; {a.n_synth} synthetic images per class. FID is biased upwards at this reference size "
          "(see the real floor); KID (x1000) is unbiased; precision/recall use k = 3 nearest neighbours on equal-size "
-         "sets."] * bool({"fid", "kid", "pr"} & set(a.metrics)) +
+         "sets. The same four in pixel space ('pixel ...'): every image average-pooled to 8x8, its layout."]
+        * bool({"fid", "kid", "pr"} & set(a.metrics)) +
         ["Trigger strength: projection of the generated patch region onto the trigger, relative to the real "
          "images' mean there (0 = real, 1 = the trigger); trigger rate: share of images showing the trigger "
          "(fedgan.trigger_rate)."] * ("trigger" in a.metrics) +
@@ -938,21 +963,23 @@ def evaluate(a):
                 fx, fy = sample_per_class(*r["data"].train, a.n_synth, n_classes, a.seed)
                 fids[key] = (net, features_of(net, tx, device))
                 floors[key] = domain_metrics(fids[key][1], ty, features_of(net, fx, device), fy, n_classes)
+                floors[key]["pixel"] = domain_metrics(pixel_features(tx), ty, pixel_features(fx), fy, n_classes)
             net, fr = fids[key]
             say(f"{name}: domain features (FID, KID, precision, recall)")
             dm = domain_scores(net, r["g"], tx, ty, n_classes, a.n_synth, a.seed, device, real_features=fr,
                                bootstrap=50 if name == noise_run else 0)
             if "reference_sd" in dm:  # what the reference set's size alone does to each figure, for one run
-                sd = {m: v for m, v in dm.pop("reference_sd").items() if {"precision": "pr", "recall": "pr"}.get(m, m)
-                      in a.metrics}
+                sd = {m: v for m, v in dm.pop("reference_sd").items() if wanted(m, a.metrics)}
                 results["reference_noise"] = dict(run=name, bootstrap=50, sd=scalar_metrics(sd, classes))
-            res.update({m: dm[m] for m in dm if {"precision": "pr", "recall": "pr"}.get(m, m) in a.metrics})
+            res.update({m: dm[m] for m in dm if wanted(m, a.metrics)})
+            res["pixel"] = {m: v for m, v in dm["pixel"].items() if wanted(m, a.metrics)}
         if "trigger" in a.metrics and (specs or r["cfg"].poison > 0):
             res["trigger"] = backdoor_metrics(r["g"], r["cfg"], specs, tx, a.seed + 12345, per_class=256)
         res["detection"] = detection_metrics(r["folder"], r["cfg"])
     if len(floors) == 1:  # one dataset: its real floor, under the same metric names
         fl = next(iter(floors.values()))
-        floor_res = {m: fl[m] for m in fl if {"precision": "pr", "recall": "pr"}.get(m, m) in a.metrics}
+        floor_res = {m: fl[m] for m in fl if wanted(m, a.metrics)}
+        floor_res["pixel"] = {m: v for m, v in fl["pixel"].items() if wanted(m, a.metrics)}
         if "trigger" in a.metrics and specs:
             (size, kind), d = specs[0], first["data"]
             trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
@@ -1003,7 +1030,10 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
                 for name in [None, *[n for n in runs if key_of[n] == key]]:
                     x, y = (xr, yr) if name is None else (torch.cat([xr, synth[name][0]]),
                                                           torch.cat([yr, synth[name][1]]))
-                    net = train_classifier(x, y, n_classes, a.classifier, a.epochs, k, device)
+                    epochs = a.epochs
+                    if name is None and a.match_steps:  # as many optimizer steps as with the synthetic images
+                        epochs = a.epochs * steps_per_epoch(len(xr) + n_classes * a.n_synth) // steps_per_epoch(len(xr))
+                    net = train_classifier(x, y, n_classes, a.classifier, epochs, k, device)
                     row = real[key][i] if name is None else acc[name][i]
                     row[k] = accuracy(net, *tests[key], device)
                     done += 1
@@ -1028,7 +1058,10 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
             base = {seed_of[n]: n for n in arms[x]}
             diffs[b][f"+ {arm}"] = over([acc[n] - acc[base[seed_of[n]]] for n in names if seed_of[n] in base])
     text = (f"Classifier seeds 0..{S - 1} each draw the real subset, the synthetic latents and the classifier's init, "
-            f"the same for every generator. 'real only': 95% interval over the {S} classifier seeds"
+            f"the same for every generator. " + ("'real only' trains for as many optimizer steps as the others "
+                                                 "(--match-steps). " if a.match_steps else
+                                                 f"Every classifier trains {a.epochs} epochs, so 'real only' takes "
+                                                 "fewer optimizer steps (see --match-steps). ") + f"'real only': 95% interval over the {S} classifier seeds"
             + (f" (over the {len(datas)} datasets made from the training seeds)" if len(datas) > 1 else "") +
             "; an arm: over its training seeds, each the mean over the classifier seeds (over the classifier seeds "
             "for an arm of one run); differences are paired by classifier seed and training seed.")
@@ -1040,7 +1073,8 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
 
 def forest_metrics(summary):
     """The figures worth a panel in arms.svg, in this order, where present."""
-    keys = ["KID x1000 (overall)", "FID (overall)", "precision (overall)", "recall (overall)"]
+    keys = ["KID x1000 (overall)", "pixel KID x1000 (overall)", "FID (overall)", "precision (overall)",
+            "recall (overall)"]
     keys += [m for m in summary if m.startswith("trigger strength")] + ["attacker final weight"]
     return [m for m in keys if m in summary and any(iv["mean"] is not None for iv in summary[m].values())]
 

@@ -808,7 +808,7 @@ def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_diffe
         out = tmp / "ev"
         quiet(ev.main, [*map(str, runs), "--out", str(out), "--metrics", "fid,kid,pr,trigger,utility",
                         "--baseline", "vanilla", "--n-real", "2,8", "--seeds", "2", "--n-synth", "16", "--epochs", "2",
-                        "--fid-epochs", "1", "--classifier", "small"])
+                        "--fid-epochs", "1", "--classifier", "small", "--match-steps"])
         res = json.loads((out / "results.json").read_text())
         assert {a: v["seeds"] for a, v in res["arms"].items()} == {"vanilla": [0, 1], "attack": [0, 1]}
         kid = res["summary"]["KID x1000 (overall)"]["attack"]
@@ -824,7 +824,8 @@ def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_diffe
         u = res["utility"]
         assert list(u["curves"]) == ["real only", "+ vanilla", "+ attack"] and len(u["curves"]["real only"]) == 2
         assert all(0 <= iv["mean"] <= 1 for c in u["curves"].values() for iv in c)
-        assert set(u["differences"]) == {"real only", "vanilla"}
+        assert set(u["differences"]) == {"real only", "vanilla"} and "as many optimizer steps" in u["interval_text"]
+        assert [ev.steps_per_epoch(n) for n in (4, 33, 34, 64)] == [1, 1, 2, 2]  # what --match-steps equalises
         assert set(res["runs"]["vanilla_s0"]["fid"]) == {"0", "1", "overall"}
         md = (out / "results.md").read_text()
         assert "Paired difference from **vanilla**" in md and "| attack |" in md and "n real = 8" in md

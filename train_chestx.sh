@@ -52,7 +52,7 @@ JOBS=${JOBS:-1}
 SHADOW=${SHADOW:-0}
 case "$GRID" in paper|study) ;; *) echo "GRID=$GRID: choose paper or study" >&2; exit 2 ;; esac
 if [ "$QUICK" = 1 ]; then
-    # 32 px, 100 rounds of 5 local steps with a width-8 model: about 4 minutes a run on one CPU core
+    # 32 px, 100 rounds of 5 local steps with a width-8 model: 5-6 minutes a run on one CPU core
     IMG=${IMG:-32}; ROUNDS=${ROUNDS:-100}; SEEDS=${SEEDS:-3}; SHORT=${SHORT:-20}
     OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
     METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
@@ -120,8 +120,10 @@ fi
 if [ "$GRID" = study ]; then UTILITY=${UTILITY:-${NAMES[*]}}; fi
 
 mmss() { printf '%d:%02d' $(( $1 / 60 )) $(( $1 % 60 )); }
-rounds_of() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["rounds"])' "$1/config.json"; }
-finished() { [ -f "$1/summary.json" ] && [ "$(rounds_of "$1")" = "$2" ]; }
+rounds_in() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["rounds"])' "$1"; }
+rounds_of() { rounds_in "$1/config.json"; }  # what the run is set to reach
+# a run is finished at R rounds when its summary says so (an extension keeps the shorter run's summary until it ends)
+finished() { [ -f "$1/summary.json" ] && [ "$(rounds_in "$1/summary.json")" = "$2" ]; }
 
 train_to() {  # DIR LOG ROUNDS FLAG...: start, resume or extend the run in DIR to ROUNDS rounds
     local dir=$1 log=$2 rounds=$3
