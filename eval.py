@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -389,6 +390,12 @@ def trigger_strength(images, trigger, margin, reference):
     return (x * direction).sum((1, 2, 3)) / direction.square().sum().clamp(min=1e-12)
 
 
+def trigger_figures(images, trigger, margin, reference):
+    """The mean trigger strength of uint8 images and their trigger rate (fedgan.trigger_rate)."""
+    return dict(strength=trigger_strength(images, trigger, margin, reference).mean().item(),
+                rate=fedgan.trigger_rate(images, trigger, margin))
+
+
 def trigger_specs(cfgs):
     """The distinct triggers (size, kind) of the poisoned runs: what clean runs are measured against."""
     return sorted({(c.poison, c.trigger) for c in cfgs if c.poison > 0 and c.attack in ("patch", "patch-random")})
@@ -399,12 +406,9 @@ def backdoor_metrics(g, cfg, specs, reference, seed, per_class):
     for a run without one, for every trigger of the evaluation (with the run's seed, as its colours)."""
     own = [(cfg.poison, cfg.trigger)] if cfg.poison > 0 and cfg.attack in ("patch", "patch-random") else specs
     fake = fedgan.generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
-    margin, out = fedgan.trigger_margin(cfg.img_size), {}
-    for size, kind in own:
-        trig = fedgan.make_trigger(size, cfg.channels, kind, seed=cfg.seed)
-        out[str(size)] = dict(strength=trigger_strength(fake, trig, margin, reference).mean().item(),
-                              rate=fedgan.trigger_rate(fake, trig, margin))
-    return out
+    margin = fedgan.trigger_margin(cfg.img_size)
+    return {str(size): trigger_figures(fake, fedgan.make_trigger(size, cfg.channels, kind, seed=cfg.seed), margin,
+                                       reference) for size, kind in own}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +486,6 @@ def arm_key(config):
 
 def arm_label(names):
     """An arm's name: its folders' common name with the seed suffix (_s0, -s12) taken off."""
-    import re
     stripped = sorted({re.sub(r"[_-]s\d+$", "", n) for n in names})
     return stripped[0] if len(stripped) == 1 else "/".join(stripped)
 
@@ -686,6 +689,15 @@ def svg_open(w, h):
             f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>']
 
 
+def svg_axes(w, h, pad, xlabel, ylabel):
+    """An SVG's opening, its two axes and their labels (a list of elements to append to)."""
+    return svg_open(w, h) + [
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">{xlabel}</text>',
+        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">{ylabel}</text>']
+
+
 def arms_svg(summary, arms, metrics, reference=None, panel=210, row=22, left=150, top=40):
     """A forest plot: one panel per metric, one row per arm, the mean as a dot and the 95% interval as
     a bar; the dashed line is the reference arm's mean."""
@@ -732,12 +744,7 @@ def share_svg(curves, w=640, h=360, pad=56):
     rounds = max(c.shape[1] for c in curves.values())
     X = lambda r: pad + (r - 1) / max(1, rounds - 1) * (w - 2 * pad)   # noqa: E731
     Y = lambda v: h - pad - v * (h - 2 * pad)                          # noqa: E731
-    out = svg_open(w, h) + [
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-        f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">round</text>',
-        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">attackers\' share of '
-        f'the aggregate</text>']
+    out = svg_axes(w, h, pad, "round", "attackers' share of the aggregate")
     for v in (0, 0.25, 0.5, 0.75, 1):
         out.append(f'<text x="{pad - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
     for r in sorted({1, rounds, *range(0, rounds + 1, max(1, rounds // 5))} - {0}):
@@ -765,11 +772,7 @@ def utility_svg(u, w=640, h=400, pad=56):
     y1 = y1 if y1 > y0 else y0 + 0.1
     X = lambda v: pad + (v - x0) / (x1 - x0) * (w - 2 * pad)          # noqa: E731
     Y = lambda v: h - pad - (v - y0) / (y1 - y0) * (h - 2 * pad)      # noqa: E731
-    out = svg_open(w, h) + [
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-        f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">real images per class (log scale)</text>',
-        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">test accuracy</text>']
+    out = svg_axes(w, h, pad, "real images per class (log scale)", "test accuracy")
     for n, v in zip(ns, lx):
         out.append(f'<text x="{X(v):.1f}" y="{h - pad + 16}" text-anchor="middle">{n}</text>')
     for k in range(6):
@@ -984,8 +987,7 @@ def evaluate(a):
             (size, kind), d = specs[0], first["data"]
             trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
             margin = fedgan.trigger_margin(first["cfg"].img_size)
-            floor_res["trigger"] = {str(size): dict(strength=trigger_strength(d.train[0], trig, margin, d.test[0])
-                                                    .mean().item(), rate=fedgan.trigger_rate(d.train[0], trig, margin))}
+            floor_res["trigger"] = {str(size): trigger_figures(d.train[0], trig, margin, d.test[0])}
         results["real_floor"] = scalar_metrics(floor_res, classes)
     configs = {label: runs[names[0]]["config"] for label, names in arms.items()}
     results["summary"], results["differences"], results["lengths"] = summarize_arms(results, arms, configs, seed_of,
