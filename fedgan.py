@@ -109,16 +109,12 @@ class Config:
     detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
                                  "seen by the server) | both (loss and update-norm) | probe (the server renders "
                                  "every generator on a fixed probe and scores local, consistent departures; reads "
-                                 "nothing the client reports) | loss+probe | probe-persist (the probe's "
-                                 "departure maps averaged over rounds: a trigger stays in place, benign "
-                                 "departures wander) | loss+probe-persist", "defense: detector",
-                         choices=["loss", "update-norm", "both", "probe", "loss+probe", "probe-persist",
-                                  "loss+probe-persist"])
+                                 "nothing the client reports) | loss+probe", "defense: detector",
+                         choices=["loss", "update-norm", "both", "probe", "loss+probe"])
     probe_per_class: int = opt(16, "probe signal: probe images per class rendered by every client's generator",
                                "defense: detector")
     shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
-                              "calibrated on update-norm, probe, loss+probe, probe-persist and "
-                              "loss+probe-persist) would flag; only the chosen "
+                              "calibrated on update-norm, probe and loss+probe) would flag; only the chosen "
                               "defense acts", "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
@@ -1574,7 +1570,6 @@ class Probe:
     g: nn.Module               # a generator to load each client's state into (eval mode)
     window: int                # patch size of the local departure (a quarter of the image side)
     per_class: int
-    memory: float = 0.9        # the persistent probe's exponential average over rounds (see persist)
 
 
 def make_probe(g, per_class, seed, window):
@@ -1598,26 +1593,10 @@ def render_probe(probe, g_states):
 
 
 def probe_signal(probe, g_states):
-    """The probe's departure maps of every client, per class: (N, K, C, H', W') for K classes. A
-    class-conditional departure (a label flip) counts in the class it touches."""
+    """The probe score of every client (N,), per class then the largest: a class-conditional departure
+    (a label flip) counts in the class it touches."""
     r = render_probe(probe, g_states)                                             # (N, P, C, H, W)
-    return torch.stack([probe_maps(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], 1)
-
-
-def map_score(maps):
-    """(N, ...) departure maps -> (N,) numpy: each client's largest |departure| anywhere."""
-    return maps.flatten(1).abs().amax(1).numpy()
-
-
-def persist(trace, maps, memory):
-    """The persistent probe: an exponential average of each client's signed departure maps over rounds
-    (memory m: a map seen k rounds ago weighs (1 - m) m^k; the first map starts the average). A trigger
-    departs in the same place and with the same sign round after round and keeps its height; benign
-    departures wander from round to round and average towards zero, so a benign client's largest
-    |average| falls (for independent rounds, by about sqrt((1 - m) / (1 + m)), 0.23 at m = 0.9) while a
-    trigger's does not. -> (new trace, (N,) score)."""
-    trace = maps if trace is None else memory * trace + (1 - memory) * maps
-    return trace, map_score(trace)
+    return np.max([probe_scores(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], axis=0)
 
 
 def feddetect_update(flags, counts, weights, decay, recover=False):
@@ -1655,22 +1634,19 @@ class Defense:
 
 
 SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
-           "probe": ("probe",), "loss+probe": ("loss", "probe"), "probe-persist": ("probe-persist",),
-           "loss+probe-persist": ("loss", "probe-persist")}
+           "probe": ("probe",), "loss+probe": ("loss", "probe")}
 
 
 def make_defense(augment="none", detector_name="none", detect_on="loss", fpr=0.001, warmup=10, decay=0.8,
                  aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0, probe=None, shadow=False, recover=False):
     """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included).
     shadow: also run, every round, the paper and calibrated rules on the loss and the calibrated rule on
-    update-norm, probe, loss+probe, probe-persist and loss+probe-persist, and log what each would flag."""
+    update-norm, probe and loss+probe, and log what each would flag."""
     shadows = {} if not shadow else {
         "paper": (detector("paper"), SIGNALS["loss"]), "calibrated": (detector("calibrated", fpr), SIGNALS["loss"]),
         "update-norm": (detector("calibrated", fpr), SIGNALS["update-norm"]),
         "probe": (detector("calibrated", fpr), SIGNALS["probe"]),
-        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"]),
-        "probe-persist": (detector("calibrated", fpr), SIGNALS["probe-persist"]),
-        "loss+probe-persist": (detector("calibrated", fpr), SIGNALS["loss+probe-persist"])}
+        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"])}
     return Defense(augment, detector(detector_name, fpr), SIGNALS[detect_on], warmup, decay,
                    aggregator(aggregator_name, trim), posthoc, seed, probe, shadows, recover)
 
@@ -1683,8 +1659,6 @@ class ServerState:
     loss_history: list = field(default_factory=list)    # (t, N) reported generator losses
     norm_history: list = field(default_factory=list)    # (t, N) ||G_i - G||
     probe_history: list = field(default_factory=list)   # (t, N) log probe score (when the defense has a probe)
-    persist_history: list = field(default_factory=list)  # (t, N) log persistent-probe score
-    probe_trace: Optional[torch.Tensor] = None           # (N, K, C, H', W') the persistent probe's average map
 
     @staticmethod
     def fresh(n):
@@ -1718,8 +1692,7 @@ def decide(server, defense, losses, t):
 
 def raw_flags(server, rule, signals, ok, seed):
     """A rule on each signal's history (finite reporters only), flagged when any signal flags."""
-    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history,
-                 "probe-persist": server.persist_history}
+    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history}
     raw = np.zeros(int(ok.sum()), bool)
     for signal in signals:
         hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]
@@ -1746,10 +1719,8 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
     server.loss_history.append(list(losses))
     server.norm_history.append(norms_of_all(g_states, center, len(losses), distributed))
     if defense.probe is not None:  # single process (setup refuses the probe under torchrun)
-        maps = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])  # (N, K, C, H', W')
-        server.probe_trace, persistent = persist(server.probe_trace, maps, defense.probe.memory)
-        server.probe_history.append(np.log(map_score(maps) + 1e-12).tolist())
-        server.persist_history.append(np.log(persistent + 1e-12).tolist())
+        scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
+        server.probe_history.append(np.log(scores + 1e-12).tolist())
     decision = decide(server, defense, losses, t)
     decision.shadow = shadow_flags(server, defense, decision.ok, t)  # reads the histories only
     if distributed:
@@ -1955,7 +1926,7 @@ def setup_run(cfg):
     check_out_folder(out, cfg.resume)
     device = pick_device(cfg.device)
     set_precision(cfg, device)
-    if world > 1 and (reads_probe(cfg) or cfg.shadow or cfg.scale_update):
+    if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update):
         raise FedGANError("the probe detector, --shadow and --scale-update need every generator on one process; "
                           "run them without torchrun")
     if world > 1 and cfg.aggregator != "fedavg":
@@ -2001,15 +1972,11 @@ def setup_run(cfg):
     return run
 
 
-def reads_probe(cfg):
-    return any(s.startswith("probe") for s in SIGNALS[cfg.detect_on])
-
-
 def defense_of(cfg, data, device, g):
     """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here,
     the probe its fixed latents (a window a quarter of the image side)."""
     probe = None
-    if reads_probe(cfg) or cfg.shadow:
+    if "probe" in SIGNALS[cfg.detect_on] or cfg.shadow:
         probe = make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
     posthoc = None
     if cfg.posthoc == "reconstruct":
@@ -2105,8 +2072,7 @@ def log_round(run, t, rounds, reports, decision, secs):
     rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
                update_norm=server.norm_history[-1],
-               **({"probe_score": server.probe_history[-1], "persist_score": server.persist_history[-1]}
-                  if server.probe_history else {}),
+               **({"probe_score": server.probe_history[-1]} if server.probe_history else {}),
                **({"shadow": {k: v.astype(int).tolist() for k, v in decision.shadow.items()}}
                   if decision.shadow else {}),
                **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
@@ -2219,7 +2185,6 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
         s = run.server
         atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(), weights=s.weights.tolist(),
                          history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
-                         persist_history=s.persist_history, probe_trace=s.probe_trace,
                          rng=rng_state(), seconds=seconds,
                          config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
                     run.out / "checkpoint.pt")
@@ -2248,8 +2213,7 @@ def load_checkpoint(run, rounds):
     for i, c in run.fed.clients.items():
         load_private_state(c, ck["clients"][i])
     run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
-                             ck["history"], ck["norm_history"], ck.get("probe_history", []),
-                             ck.get("persist_history", []), ck.get("probe_trace"))
+                             ck["history"], ck["norm_history"], ck.get("probe_history", []))
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
 
@@ -2460,7 +2424,7 @@ def bench(cfg):
     probe = make_probe(g, cfg.probe_per_class, 1, max(2, cfg.img_size // 4))
     probe_signal(probe, states[:2])  # warm
     t = time.perf_counter()
-    trace, _ = persist(None, probe_signal(probe, states), probe.memory)  # a round's probe: render, maps, scores
+    probe_signal(probe, states)  # every client's generator on the probe, then the scores
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
