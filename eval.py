@@ -160,7 +160,7 @@ def lpips_per_class(g, real_x, real_y, n_classes, features, lin_weights, pairs, 
             out[c] = dict(mean=None, se=None, pairs=0)
             continue
         pick = torch.randint(len(reals), (pairs,), generator=gen)
-        fakes = fedgan.generate(g, torch.full((pairs,), c), seed + 7919 * (c + 1))  # its own latents and noise
+        fakes = draw(g, torch.full((pairs,), c), seed + 7919 * (c + 1))  # its own latents and noise
         d = []
         for s in range(0, pairs, batch):
             fake = fedgan.to_unit(fakes[s:s + batch]).to(device)
@@ -250,11 +250,34 @@ def accuracy(net, x, y, device, batch=256):
     return hits / len(x)
 
 
+@dataclasses.dataclass
+class ImageSet:
+    """Images from any generator, read from an .npz: scored like a run's generator (draw)."""
+    x: torch.Tensor          # uint8 (n, C, H, W)
+    y: torch.Tensor          # (n,)
+    n_classes: int
+
+    def draw(self, labels, seed):
+        """One stored image per label, of that class: without replacement while the class lasts."""
+        gen, out = torch.Generator().manual_seed(seed), torch.empty(len(labels), *self.x.shape[1:], dtype=torch.uint8)
+        for c in torch.as_tensor(labels).unique():
+            want, have = torch.nonzero(labels == c).flatten(), torch.nonzero(self.y == c).flatten()
+            pick = (torch.randperm(len(have), generator=gen)[:len(want)] if len(want) <= len(have) else
+                    torch.randint(len(have), (len(want),), generator=gen))
+            out[want] = self.x[have[pick]]
+        return out
+
+
+def draw(g, labels, seed):
+    """uint8 images (n, C, H, W) of the classes `labels` from a generator (fedgan.generate: latents and noise
+    from `seed` alone, whatever was evaluated before) or from an ImageSet."""
+    return g.draw(torch.as_tensor(labels), seed) if isinstance(g, ImageSet) else fedgan.generate(g, labels, seed)
+
+
 def synthesize(g, n_per_class, n_classes, seed):
-    """n_per_class images of every class from generator g, as uint8 (n, C, H, W) and labels; the
-    latents and noise come from `seed` alone (fedgan.generate), whatever was evaluated before."""
+    """n_per_class images of every class from g, as uint8 (n, C, H, W) and labels."""
     y = torch.arange(n_classes).repeat_interleave(n_per_class)
-    return fedgan.generate(g, y, seed), y
+    return draw(g, y, seed), y
 
 
 def balanced(x, y, n_classes):
@@ -299,14 +322,17 @@ def kernel_inception_distance(a, b):
             - 2 * kab.mean()).item()
 
 
-def precision_recall(real, fake, k=3):
+def precision_recall(real, fake, k=3, seed=0):
     """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019): a set's manifold is the union
     of balls around its points, each as wide as the distance to its k-th nearest neighbour in the set.
     Precision: the share of fakes inside the real manifold (are samples realistic?); recall: the share of
-    reals inside the fake manifold (is the real variety covered?). Both sets are cut to the smaller
-    size first, since the radii shrink as a set grows."""
+    reals inside the fake manifold (is the real variety covered?). The larger set is cut to the smaller
+    one's size first, since the radii shrink as a set grows: by a seeded random subset, never the first
+    rows (a set sorted by class would lose whole classes)."""
     n = min(len(real), len(fake))
-    real, fake = real[:n].double(), fake[:n].double()
+    gen = torch.Generator().manual_seed(seed)
+    real, fake = (x[torch.randperm(len(x), generator=gen)[:n]].double() if len(x) > n else x.double()
+                  for x in (real, fake))
 
     def radii(x):  # distance of each point to its k-th nearest other point
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
@@ -317,19 +343,35 @@ def precision_recall(real, fake, k=3):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
+def same_class_mix(a, a_y, b, b_y, n_classes, seed):
+    """Seeded subsets of a and b with the same number of images of each class (min of the two per class), so
+    that an 'overall' figure compares the same class mix and does not score a class prior as damage."""
+    gen = torch.Generator().manual_seed(seed)
+    ia, ib = [], []
+    for c in range(n_classes):
+        pa, pb = torch.nonzero(a_y == c).flatten(), torch.nonzero(b_y == c).flatten()
+        k = min(len(pa), len(pb))
+        ia.append(pa[torch.randperm(len(pa), generator=gen)[:k]])
+        ib.append(pb[torch.randperm(len(pb), generator=gen)[:k]])
+    ia, ib = torch.cat(ia), torch.cat(ib)
+    return a[ia], b[ib]
+
+
 @torch.no_grad()
 def features_of(net, x, device, batch=256):
     return torch.cat([net(fedgan.to_unit(x[s:s + batch]).to(device), penultimate=True).cpu()
                       for s in range(0, len(x), batch)])
 
 
-def domain_metrics(fr, real_y, fs, fake_y, n_classes):
+def domain_metrics(fr, real_y, fs, fake_y, n_classes, seed=0):
     """FID, KID, precision and recall between real features fr (with labels real_y) and synthetic ones
-    fs (fake_y), per class and overall. A class with fewer than 2 real images gets None ('n/a')."""
+    fs (fake_y): per class, overall (on the same class mix, same_class_mix) and as the mean over classes
+    ('class mean': blind to no class, so it sees images drawn under the wrong label). A class with fewer than
+    2 real images gets None ('n/a')."""
     out = dict(fid={}, kid={}, precision={}, recall={})
     for key in [str(c) for c in range(n_classes)] + ["overall"]:
         if key == "overall":
-            a, b = fr, fs
+            a, b = same_class_mix(fr, real_y, fs, fake_y, n_classes, seed)
         else:
             a, b = fr[real_y == int(key)], fs[fake_y == int(key)]
         if len(a) < 2 or len(b) < 2:
@@ -338,7 +380,10 @@ def domain_metrics(fr, real_y, fs, fake_y, n_classes):
             continue
         out["fid"][key], out["kid"][key] = frechet_distance(a, b), kernel_inception_distance(a, b)
         k = min(3, len(a) - 1, len(b) - 1)
-        out["precision"][key], out["recall"][key] = precision_recall(a, b, k)
+        out["precision"][key], out["recall"][key] = precision_recall(a, b, k, seed)
+    for m in out:
+        per = [out[m][str(c)] for c in range(n_classes)]
+        out[m]["class mean"] = None if None in per else float(np.mean(per))
     return out
 
 
@@ -349,26 +394,206 @@ def pixel_features(x, side=8):
     return F.adaptive_avg_pool2d(fedgan.to_unit(x).float(), side).flatten(1)
 
 
-def domain_scores(net, g, real_x, real_y, n_classes, n_synth, seed, device, real_features=None, bootstrap=0):
-    """domain_metrics of generator g: n_synth images per class from `seed` against the real images, in the
-    classifier's features and (under "pixel") in pixel_features.
-    With bootstrap = B > 0 also the spread that comes from the reference set alone: the standard deviation
-    of each metric over B resamples (with replacement, within each class) of the real images."""
-    sx, sy = synthesize(g, n_synth, n_classes, seed)
-    fr = features_of(net, real_x, device) if real_features is None else real_features
-    fs = features_of(net, sx, device)
-    res = domain_metrics(fr, real_y, fs, sy, n_classes)
+@torch.no_grad()
+def deep_features(net, x, device, batch=256):
+    """uint8 images (n, C, H, W) -> (n, 2 * 352): per channel of each of the SmallCNN's four conv blocks, the
+    spatial mean and standard deviation of its pre-activation map (after BatchNorm, before ReLU). The
+    128-d head is one 'class evidence' axis; several depths before the ReLU, and their spread over space,
+    see contrast and texture (noise, blur, blobs) as well."""
+    out = []
+    for s in range(0, len(x), batch):
+        h, stats = fedgan.to_unit(x[s:s + batch]).to(device), []
+        for layer in net.body:
+            h = layer(h)
+            if isinstance(layer, nn.BatchNorm2d):
+                stats += [h.mean((2, 3)), h.std((2, 3))]                      # (b, C) each
+        out.append(torch.cat(stats, 1).cpu())
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class Reference:
+    """The held-out real images every fidelity figure is measured against, featurized once per space."""
+    x: torch.Tensor          # uint8 (n, C, H, W)
+    y: torch.Tensor          # (n,)
+    n_classes: int
+    net: nn.Module           # the domain classifier (features_of, deep_features)
+    device: torch.device
+    feats: dict = None       # space -> (n, d) features of x
+    centre: torch.Tensor = None  # deep features: mean and sd on x, so every dimension is z-scored on real images
+    spread: torch.Tensor = None
+
+    def __post_init__(self):
+        deep = deep_features(self.net, self.x, self.device)
+        self.centre, self.spread = deep.mean(0), deep.std(0)
+        keep = self.spread > 1e-6                                         # dead units carry nothing
+        self.centre, self.spread = self.centre[keep], self.spread[keep]
+        self.keep = keep
+        self.feats = self.featurize(self.x, deep)
+
+    def featurize(self, x, deep=None):
+        deep = deep_features(self.net, x, self.device) if deep is None else deep
+        return {"classifier": features_of(self.net, x, self.device), "pixel": pixel_features(x),
+                "deep": (deep[:, self.keep] - self.centre) / self.spread}
+
+
+SPACES = {"classifier": "", "pixel": "pixel ", "deep": "deep "}  # space -> prefix of its figures' names
+
+
+def fidelity(ref, x, y, seed, bootstrap=0):
+    """domain_metrics of images x (labels y) against the reference in every space: the classifier's 128-d
+    features at the top level, res["pixel"] and res["deep"] beside them. With bootstrap = B > 0 also
+    res["reference_sd"]: each figure's sd over B redraws of the reference within each class (with
+    replacement for FID and KID; half-size subsets without replacement for precision/recall, whose k-NN
+    radii collapse to 0 on duplicates, so their sd is an upper bound)."""
+    fs = ref.featurize(x)
+    per = {sp: domain_metrics(ref.feats[sp], ref.y, fs[sp], y, ref.n_classes, seed) for sp in SPACES}
+    res = dict(per["classifier"], pixel=per["pixel"], deep=per["deep"])
     if bootstrap:
         gen = torch.Generator().manual_seed(seed + 3)
+        by_class = [torch.nonzero(ref.y == c).flatten() for c in range(ref.n_classes)]
         draws = []
         for _ in range(bootstrap):
-            idx = torch.cat([i[torch.randint(len(i), (len(i),), generator=gen)]
-                             for i in (torch.nonzero(real_y == c).flatten() for c in range(n_classes)) if len(i)])
-            draws.append(domain_metrics(fr[idx], real_y[idx], fs, sy, n_classes))
-        res["reference_sd"] = {m: {k: float(np.std([d[m][k] for d in draws], ddof=1)) if res[m][k] is not None else None
-                                   for k in res[m]} for m in res}
-    res["pixel"] = domain_metrics(pixel_features(real_x), real_y, pixel_features(sx), sy, n_classes)
+            with_rep = torch.cat([i[torch.randint(len(i), (len(i),), generator=gen)] for i in by_class if len(i)])
+            half = torch.cat([i[torch.randperm(len(i), generator=gen)[:max(2, len(i) // 2)]] for i in by_class
+                              if len(i)])
+            d = {}
+            for sp in SPACES:
+                a = domain_metrics(ref.feats[sp][with_rep], ref.y[with_rep], fs[sp], y, ref.n_classes, seed)
+                b = domain_metrics(ref.feats[sp][half], ref.y[half], fs[sp], y, ref.n_classes, seed)
+                d[sp] = dict(fid=a["fid"], kid=a["kid"], precision=b["precision"], recall=b["recall"])
+            draws.append(d)
+
+        def sd(sp, m, k):
+            v = [dr[sp][m][k] for dr in draws]
+            return None if None in v else float(np.std(v, ddof=1))
+        sds = {sp: {m: {k: sd(sp, m, k) for k in per[sp][m]} for m in per[sp]} for sp in SPACES}
+        res["reference_sd"] = dict(sds["classifier"], pixel=sds["pixel"], deep=sds["deep"])
     return res
+
+
+def domain_scores(ref, g, n_synth, seed, bootstrap=0):
+    """fidelity of generator g (or an ImageSet): n_synth images per class from `seed` against the reference."""
+    sx, sy = synthesize(g, n_synth, ref.n_classes, seed)
+    return fidelity(ref, sx, sy, seed, bootstrap)
+
+
+# ------------------------------------------------------------------------------------------------
+# The metric ladder: does a figure see known damage, and rank real images above it?
+# ------------------------------------------------------------------------------------------------
+
+# damage: (what its level means, three levels from mild to strong); sizes in px are at 32 px, scaled
+LADDER = {"noise": ("additive Gaussian noise, sd in grey levels", (10, 20, 40)),
+          "blur": ("Gaussian blur, sigma in px", (0.5, 1.0, 2.0)),
+          "blobs": ("block averaging, block side in px", (2, 4, 8)),
+          "contrast": ("contrast about each image's mean, factor", (0.8, 0.6, 0.4)),
+          "brightness": ("brightness shift, grey levels", (10, 20, 40)),
+          "class swap": ("share of images under the other class's label", (0.1, 0.25, 0.5)),
+          "mode collapse": ("share replaced by copies of 2 images per class", (0.25, 0.5, 0.9)),
+          "trigger": ("share with the trigger pasted (64 px at 256 px)", (0.1, 0.25, 0.5))}
+
+
+def damage(x, y, kind, level, n_classes, seed):
+    """Known damage of uint8 images x (n, C, H, W) with labels y, at one LADDER level; returns (x, y)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, H = len(x), x.shape[-1]
+    f = x.double()
+    share = torch.randperm(n, generator=gen)[:round(level * n)] if kind in ("class swap", "mode collapse",
+                                                                             "trigger") else None
+    if kind == "noise":
+        f = f + level * torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    elif kind == "blur":
+        sigma = level * H / 32
+        r = max(1, math.ceil(3 * sigma))
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+        k = (k / k.sum()).to(f)
+        C = f.shape[1]
+        f = F.conv2d(F.pad(f, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
+        f = F.conv2d(F.pad(f, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
+    elif kind == "blobs":
+        b = max(1, round(level * H / 32))
+        f = F.interpolate(F.avg_pool2d(f, b, ceil_mode=True), scale_factor=b, mode="nearest")[..., :H, :H]
+    elif kind == "contrast":
+        m = f.mean((1, 2, 3), keepdim=True)
+        f = m + level * (f - m)
+    elif kind == "brightness":
+        f = f + level
+    elif kind == "class swap":
+        y = y.clone()
+        y[share] = (y[share] + 1 + torch.randint(n_classes - 1, (len(share),), generator=gen)) % n_classes
+    elif kind == "mode collapse":
+        f = f.clone()
+        for c in range(n_classes):
+            own = torch.nonzero(y == c).flatten()
+            if len(own) == 0:
+                continue
+            templates = own[torch.randperm(len(own), generator=gen)[:2]]
+            hit = share[y[share] == c]
+            f[hit] = f[templates[torch.randint(len(templates), (len(hit),), generator=gen)]]
+    elif kind == "trigger":
+        trig = fedgan.make_trigger(max(1, 64 * H // 256), x.shape[1], seed=0)
+        f = f.clone()
+        f[share] = fedgan.apply_trigger(x[share], trig, fedgan.trigger_margin(H)).double()
+    else:
+        raise ValueError(f"unknown damage {kind!r}")
+    return f.round().clamp(0, 255).to(torch.uint8), y
+
+
+def lower_is_better(metric):
+    return not metric.split(" (")[0].split(" ")[-1] in ("precision", "recall")
+
+
+def ladder(ref, real_x, real_y, seed, classes):
+    """Every fidelity figure of real images (a set disjoint from the reference) and of the same images under
+    each LADDER damage at its three levels. Returns dict(real={figure: value}, damaged={damage: [3 x
+    {figure: value}]}, verdict={figure: {damage: 'sees' | why not}})."""
+    score = lambda x, y: scalar_metrics(fidelity(ref, x, y, seed), classes)  # noqa: E731
+    real = score(real_x, real_y)
+    damaged = {kind: [score(*damage(real_x, real_y, kind, lv, ref.n_classes, seed + i))
+                      for i, lv in enumerate(levels)] for kind, (_, levels) in LADDER.items()}
+    verdict = {}
+    for m in real:
+        sign = 1 if lower_is_better(m) else -1
+        verdict[m] = {}
+        for kind, rows in damaged.items():
+            v = [sign * r[m] for r in rows if r.get(m) is not None]
+            if len(v) < 3 or real[m] is None:
+                verdict[m][kind] = "n/a"
+            elif min(v) <= sign * real[m]:
+                verdict[m][kind] = "misranks"       # some damaged set scores as well as real images
+            elif not (v[0] <= v[1] <= v[2]):              # ties: a figure that saturates still sees it
+                verdict[m][kind] = "not monotone"
+            else:
+                verdict[m][kind] = "sees"
+    return dict(real=real, damaged=damaged, verdict=verdict, levels={k: v for k, v in LADDER.items()})
+
+
+def ladder_passes(verdict, figure):
+    """A figure the study may read first: it sees every damage of the ladder."""
+    return all(v == "sees" for v in verdict[figure].values())
+
+
+def ladder_markdown(lad, figures=None):
+    """The ladder as markdown: per figure, its real value and per damage the three levels' values, then the
+    verdict."""
+    figures = figures or list(lad["real"])
+    lines = ["## The metric ladder: which figure sees which damage", "",
+             "A disjoint real set (the real floor's images) against the reference, and the same images under known "
+             "damage at three levels (mild, medium, strong). A figure **sees** a damage when it scores real images "
+             "better than every damaged set and orders the three levels; *misranks*: some damaged set scores as "
+             "well as real images; *not monotone*: damaged sets score worse than real but out of order. Damages: " +
+             "; ".join(f"{k}: {d} {', '.join(map(str, lv))}" for k, (d, lv) in lad["levels"].items()) + ".", "",
+             "| figure | real | " + " | ".join(lad["damaged"]) + " | sees all |", "|---" * (len(lad["damaged"]) + 3)
+             + "|"]
+    for m in figures:
+        cells = []
+        for kind, rows in lad["damaged"].items():
+            vals = "/".join(num(r.get(m)) for r in rows)
+            v = lad["verdict"][m][kind]
+            cells.append(vals + ("" if v == "sees" else f" ({v})"))
+        lines.append(f"| {m} | {num(lad['real'][m])} | " + " | ".join(cells) +
+                     f" | {'yes' if ladder_passes(lad['verdict'], m) else 'no'} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,24 +601,39 @@ def domain_scores(net, g, real_x, real_y, n_classes, n_synth, seed, device, real
 # ------------------------------------------------------------------------------------------------
 
 
-def trigger_strength(images, trigger, margin, reference):
-    """How far each image's trigger region has moved from the real images towards the trigger: the
-    projection of (x - mu) on (t - mu) over the patch's pixels, divided by |t - mu|^2, where mu is the
-    per-pixel mean of `reference` (real images) there. 0 = like real images on average, 1 = the trigger
-    itself; a generator that paints a faint trigger sits in between. images, reference: uint8 (n, C, H, W);
-    trigger uint8 (C, s, s). Returns (n,) float64."""
-    s, (H, W) = trigger.shape[-1], images.shape[-2:]
-    rows, cols = slice(H - margin - s, H - margin), slice(W - margin - s, W - margin)
-    mu = reference[..., rows, cols].double().mean(0)                   # (C, s, s)
-    direction = trigger.double() - mu                                   # (C, s, s)
-    x = images[..., rows, cols].double() - mu                           # (n, C, s, s)
-    return (x * direction).sum((1, 2, 3)) / direction.square().sum().clamp(min=1e-12)
+def patch_and_ring(images, s, margin):
+    """The trigger's place (n, C, s, s) in uint8 images (n, C, H, W), as float64, and the mean colour of a
+    ring s/2 px wide around it (n, C, 1, 1), clipped to the image."""
+    H, W = images.shape[-2:]
+    top, left, ring = H - margin - s, W - margin - s, max(1, s // 2)
+    x = images.double()
+    r0, c0 = max(0, top - ring), max(0, left - ring)
+    box = x[..., r0:top + s + ring, c0:left + s + ring]                        # the patch and its ring
+    mask = torch.ones(box.shape[-2:], dtype=torch.bool)
+    mask[top - r0:top - r0 + s, left - c0:left - c0 + s] = False
+    return x[..., top:top + s, left:left + s], box[..., mask].mean(-1)[..., None, None]
+
+
+def trigger_scores(images, trigger, margin, surround):
+    """Per image, how far the trigger's place has moved from the image's own surroundings towards the
+    trigger: z = patch minus the mean of the ring around it, projected on d = trigger minus `surround`
+    (C, 1, 1: the real images' mean ring colour), divided by |d|^2. A uniform change of brightness moves
+    patch and ring alike and leaves z unchanged; the trigger pasted on a typical surround scores 1; a
+    trigger elsewhere scores as real images do. images uint8 (n, C, H, W), trigger uint8 (C, s, s);
+    returns (n,) float64."""
+    patch, around = patch_and_ring(images, trigger.shape[-1], margin)
+    d = trigger.double() - surround                                               # (C, s, s)
+    return ((patch - around) * d).sum((1, 2, 3)) / d.square().sum().clamp(min=1e-12)
 
 
 def trigger_figures(images, trigger, margin, reference):
-    """The mean trigger strength of uint8 images and their trigger rate (fedgan.trigger_rate)."""
-    return dict(strength=trigger_strength(images, trigger, margin, reference).mean().item(),
-                rate=fedgan.trigger_rate(images, trigger, margin))
+    """The backdoor in uint8 images, against real `reference` images: strength = mean trigger_scores minus
+    the reference's mean (0 = as real images, ~1 = the trigger pasted on every image; brightness cannot
+    fake it), rate = share of images scoring above the reference's 99th percentile (1% of real images
+    pass by construction; a faint, blurred or attenuated trigger still counts)."""
+    surround = patch_and_ring(reference, trigger.shape[-1], margin)[1].mean(0)  # (C, 1, 1)
+    sc, rs = (trigger_scores(x, trigger, margin, surround) for x in (images, reference))
+    return dict(strength=(sc.mean() - rs.mean()).item(), rate=(sc > torch.quantile(rs, 0.99)).double().mean().item())
 
 
 def trigger_specs(cfgs):
@@ -405,7 +645,7 @@ def backdoor_metrics(g, cfg, specs, reference, seed, per_class):
     """Trigger strength (mean over generated images) and trigger rate, for the run's own trigger or,
     for a run without one, for every trigger of the evaluation (with the run's seed, as its colours)."""
     own = [(cfg.poison, cfg.trigger)] if cfg.poison > 0 and cfg.attack in ("patch", "patch-random") else specs
-    fake = fedgan.generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
+    fake = draw(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
     margin = fedgan.trigger_margin(cfg.img_size)
     return {str(size): trigger_figures(fake, fedgan.make_trigger(size, cfg.channels, kind, seed=cfg.seed), margin,
                                        reference) for size, kind in own}
@@ -425,12 +665,19 @@ def aggregation_weights(record):
     return w / w.sum() if w.sum() > 0 else w
 
 
-def detection_metrics(folder, cfg):
+def detection_metrics(folder, cfg, say=print):
     """From metrics.jsonl and summary.json: the attackers' final weight, their share of the aggregate
     per round (and its mean), the lowest benign final weight, TPR and FPR after warm-up, and the
-    shadow detectors' rates when the run logged them."""
-    recs = [json.loads(ln) for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    summary = json.loads((Path(folder) / "summary.json").read_text())
+    shadow detectors' rates when the run logged them. A run without those files (or with damaged ones)
+    gets no detection figures, and a line saying so."""
+    try:
+        recs = [json.loads(ln) for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+        recs[-1]["malicious"]
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        why = "missing" if isinstance(e, OSError) else "damaged"
+        say(f"{folder}: metrics.jsonl or summary.json {why}; scored without detection figures")
+        return {}
     mal = np.array(recs[-1]["malicious"], bool)
     robust_only = cfg.aggregator in ("median", "trimmed-mean")
     out = dict(lowest_benign_weight=summary.get("lowest_benign_weight"))
@@ -465,18 +712,60 @@ def t975(df):
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
+def betainc(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 / max(abs(1.0 - (a + b) * x / (a + 1)), tiny) * math.copysign(1, 1.0 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * h
+
+
+def t_pvalue(t, df):
+    """Two-sided p-value of Student's t with df degrees of freedom: I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    return betainc(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
+
+
+def holm(pvalues, alpha=0.05):
+    """Holm's step-down procedure: which hypotheses are rejected with the family-wise error held to alpha.
+    pvalues may hold None (not tested: never rejected, not counted)."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    keep = [False] * len(pvalues)
+    for rank, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - rank):
+            break
+        keep[i] = True
+    return keep
+
+
 def interval(values):
-    """Mean and 95% t-interval of values (one per training seed): dict(mean, lo, hi, n, sd). With one
-    value there is no interval (lo = hi = None); identical values give a zero-width one."""
+    """Mean and 95% t-interval of values (one per training seed): dict(mean, lo, hi, n, sd, p), p the
+    two-sided t-test p-value of mean 0. With one value there is no interval (lo = hi = p = None);
+    identical values give a zero-width one."""
     v = np.array([x for x in values if x is not None], float)
     if len(v) == 0:
-        return dict(mean=None, lo=None, hi=None, n=0, sd=None)
+        return dict(mean=None, lo=None, hi=None, n=0, sd=None, p=None)
     mean = float(v.mean())
     if len(v) == 1:
-        return dict(mean=mean, lo=None, hi=None, n=1, sd=None)
+        return dict(mean=mean, lo=None, hi=None, n=1, sd=None, p=None)
     sd = float(v.std(ddof=1))
     half = t975(len(v) - 1) * sd / math.sqrt(len(v))
-    return dict(mean=mean, lo=mean - half, hi=mean + half, n=len(v), sd=sd)
+    p = (t_pvalue(abs(mean) / (sd / math.sqrt(len(v))), len(v) - 1) if sd > 0 else float(mean == 0))
+    return dict(mean=mean, lo=mean - half, hi=mean + half, n=len(v), sd=sd, p=p)
 
 
 def arm_key(config):
@@ -526,10 +815,11 @@ def scalar_metrics(res, classes):
     for c, cname in enumerate(classes):
         if "lpips" in res:
             out[f"LPIPS ({cname})"] = res["lpips"][str(c)]["mean"]
-    for space, prefix in ((res, ""), (res.get("pixel", {}), "pixel ")):
+    for space, prefix in ((res, ""), (res.get("pixel", {}), "pixel "), (res.get("deep", {}), "deep ")):
         for m, label, scale in (("fid", "FID", 1), ("kid", "KID x1000", 1000), ("precision", "precision", 1),
                                 ("recall", "recall", 1)):
-            for key, cname in [("overall", "overall")] + [(str(c), cn) for c, cn in enumerate(classes)]:
+            for key, cname in [("overall", "overall"), ("class mean", "class mean")] + [
+                    (str(c), cn) for c, cn in enumerate(classes)]:
                 if m in space and space[m].get(key) is not None:
                     out[f"{prefix}{label} ({cname})"] = space[m][key] * scale
     for size, b in res.get("trigger", {}).items():
@@ -587,10 +877,28 @@ def summarize_arms(results, arms, configs, seed_of, baselines):
 # Reports: results.json, results.md and SVG plots (no plotting library)
 # ------------------------------------------------------------------------------------------------
 
-FAMILIES = [("Fidelity in the domain features, overall", lambda m: m.endswith("(overall)")),
-            ("Fidelity per class", lambda m: m.split(" (")[0].replace("pixel ", "") in ("FID", "KID x1000", "precision",
-                                                                                        "recall", "LPIPS")
-             and not m.endswith("(overall)")),
+HEADLINE = "deep FID (class mean)"  # the fidelity figure read first: the one the metric ladder validates best
+FIDELITY = ("FID", "KID x1000", "precision", "recall", "LPIPS")
+
+
+def figure_of(m):
+    """'pixel KID x1000 (overall)' -> ('pixel ', 'KID x1000', 'overall')."""
+    head, _, key = m.partition(" (")
+    prefix = next((p for p in ("pixel ", "deep ") if head.startswith(p)), "")
+    return prefix, head[len(prefix):], key.rstrip(")")
+
+
+FAMILIES = [("Fidelity in the validated space ('deep'), overall and mean over classes",
+             lambda m: figure_of(m)[0] == "deep " and figure_of(m)[2] in ("overall", "class mean")),
+            ("Fidelity per class: LPIPS and the validated space",
+             lambda m: figure_of(m)[1] == "LPIPS" or (figure_of(m)[0] == "deep " and
+                                                     figure_of(m)[2] not in ("overall", "class mean"))),
+            ("Fidelity in the classifier's head and in pixels, overall and mean over classes (see the ladder for what "
+             "each can see)", lambda m: figure_of(m)[0] != "deep " and figure_of(m)[1] in FIDELITY
+             and figure_of(m)[2] in ("overall", "class mean")),
+            ("Fidelity per class in the classifier's head and in pixels",
+             lambda m: figure_of(m)[0] != "deep " and figure_of(m)[1] in FIDELITY[:4]
+             and figure_of(m)[2] not in ("overall", "class mean")),
             ("Backdoor", lambda m: m.startswith("trigger")),
             ("Detection and weights", lambda m: m.split(" (")[0] in ("attacker final weight",
                                                                     "attacker share, mean over rounds",
@@ -604,14 +912,26 @@ def num(v):
     return "n/a" if v is None else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}")
 
 
-def cell(iv, mark_zero=False):
-    """'mean [lo, hi]' (or the mean alone for one seed); with mark_zero, * when the interval excludes 0."""
+def cell(iv):
+    """'mean [lo, hi]' (or the mean alone for one seed)."""
     if iv["mean"] is None:
         return "n/a"
     if iv["lo"] is None:
         return num(iv["mean"]) + " (1 seed)"
-    star = " *" if mark_zero and (iv["lo"] > 0 or iv["hi"] < 0) else ""
-    return f"{num(iv['mean'])} [{num(iv['lo'])}, {num(iv['hi'])}]{star}"
+    return f"{num(iv['mean'])} [{num(iv['lo'])}, {num(iv['hi'])}]"
+
+
+def diff_cell(iv, kept):
+    """A paired difference: its raw 95% interval, then * when Holm keeps it in its family, '(raw only)' when the
+    raw interval excludes 0 but Holm does not keep it, or the largest effect the interval leaves possible."""
+    text = cell(iv)
+    if iv["lo"] is None:
+        return text
+    if kept:
+        return text + " *"
+    if iv["lo"] > 0 or iv["hi"] < 0:
+        return text + " (raw only)"
+    return text + f" (|d| > {num(max(abs(iv['lo']), abs(iv['hi'])))} excluded)"
 
 
 def config_difference(config, base):
@@ -625,6 +945,19 @@ def table(arms, metrics, cells):
     return lines + [""]
 
 
+def holm_table(title, rows, metrics, ivs):
+    """A table of paired differences, Holm-adjusted within it: ivs(metric, row) -> interval. Returns the
+    markdown lines and the count (tested, raw, kept)."""
+    keys = [(m, r) for r in rows for m in metrics]
+    kept = dict(zip(keys, holm([ivs(m, r)["p"] for m, r in keys])))
+    tested = sum(ivs(m, r)["p"] is not None for m, r in keys)
+    raw = sum(ivs(m, r)["lo"] is not None and (ivs(m, r)["lo"] > 0 or ivs(m, r)["hi"] < 0) for m, r in keys)
+    lines = [title, ""] + table(rows, metrics, lambda m, r: diff_cell(ivs(m, r), kept[(m, r)]))
+    lines += [f"This table is one family: {tested} differences tested; at 5% about {0.05 * tested:.1f} would exclude 0 "
+              f"by chance alone; {raw} do unadjusted; Holm keeps {sum(kept.values())} (*).", ""]
+    return lines
+
+
 def markdown(results):
     lines = ["# FedGAN evaluation", "", "Protocol: " + results["protocol_text"], ""]
     arms, summary, diffs = results["arms"], results.get("summary", {}), results.get("differences", {})
@@ -635,6 +968,7 @@ def markdown(results):
                   f"| arm | seeds | differs from {base} in |", "|---|---|---|"]
         lines += [f"| {a} | {', '.join(map(str, v['seeds']))} | {v['differs']} |" for a, v in arms.items()] + [""]
     floor = results.get("real_floor", {})
+    lad = results.get("ladder")
     for family, belongs in FAMILIES:
         metrics = [m for m in summary if belongs(m)]
         if not metrics:
@@ -648,21 +982,30 @@ def markdown(results):
             continue
         lines += [f"## {family}: mean [95% interval] over training seeds", ""]
         lines += table(arms, metrics, lambda m, a: cell(summary[m][a]))
+        if lad and any(m in lad["verdict"] for m in metrics):
+            blind = [f"{m}: {', '.join(k for k, v in lad['verdict'][m].items() if v != 'sees')}" for m in metrics
+                     if m in lad["verdict"] and not ladder_passes(lad["verdict"], m)]
+            lines += ["Metric ladder: " + ("every figure here sees every damage of the ladder." if not blind else
+                                           "figures that do not see every damage (see the ladder table): " +
+                                           "; ".join(blind) + "."), ""]
         if any(m in floor for m in metrics):
             lines += ["Real training images in place of synthetic ones (the floor at this reference size): " +
                       ", ".join(f"{m} {num(floor[m])}" for m in metrics if m in floor) + ".", ""]
         noise = results.get("reference_noise")
         if noise and any(m in noise["sd"] for m in metrics):
-            lines += [f"Noise from the reference set alone (sd over {noise['bootstrap']} bootstrap resamples of the held-out "
+            lines += [f"Noise from the reference set alone (sd over {noise['bootstrap']} redraws of the held-out "
                       f"images, run {noise['run']}): " + ", ".join(f"{m} {num(noise['sd'][m])}" for m in metrics
                                                                  if m in noise["sd"]) + ".", ""]
         for b, d in diffs.items():
-            lines += [f"Paired difference from **{b}** (arm minus {b} trained as many rounds, per training seed; "
-                      "* = the 95% interval excludes 0):", ""]
-            lines += table([a for a in arms if a in d[metrics[0]]], metrics, lambda m, a: cell(d[m][a], True))
+            rows = [a for a in arms if a in d[metrics[0]]]
+            lines += holm_table(f"Paired difference from **{b}** (arm minus {b} trained as many rounds, per training "
+                                "seed; raw 95% interval):", rows, metrics, lambda m, a: d[m][a])
         if lengths:
-            lines += ["Longer minus shorter training of the same arm (paired by seed; * = excludes 0):", ""]
-            lines += table(list(lengths), metrics, lambda m, a: cell(lengths[a][m], True))
+            lines += holm_table("Longer minus shorter training of the same arm (paired by seed; raw 95% interval):",
+                                list(lengths), metrics, lambda m, a: lengths[a][m])
+    if lad:
+        figs = [m for m in lad["real"] if figure_of(m)[2] in ("overall", "class mean")]
+        lines += ladder_markdown(lad, figs)
     u = results.get("utility")
     if u:
         lines += [f"## Utility: test accuracy of a {u['classifier']} classifier, mean [95% interval] "
@@ -674,8 +1017,13 @@ def markdown(results):
         lines += head + [f"| {name} | " + " | ".join(cell(iv) for iv in c) + " |" for name, c in u["curves"].items()]
         lines.append("")
         for b, d in u["differences"].items():
-            lines += [f"Paired difference in accuracy from **{b}** (* = the 95% interval excludes 0):", ""] + head
-            lines += [f"| {name} | " + " | ".join(cell(iv, True) for iv in c) + " |" for name, c in d.items()]
+            rows = list(d)
+            kept = holm([iv["p"] for name in rows for iv in d[name]])
+            flat = {(name, i): k for (name, i), k in zip([(n, i) for n in rows for i in range(len(cols))], kept)}
+            lines += [f"Paired difference in accuracy from **{b}** (raw 95% interval; * = Holm keeps it within this "
+                      "table):", ""] + head
+            lines += [f"| {name} | " + " | ".join(diff_cell(iv, flat[(name, i)]) for i, iv in enumerate(c)) + " |"
+                      for name, c in d.items()]
             lines.append("")
     return "\n".join(lines)
 
@@ -800,7 +1148,7 @@ def load_run(folder, data_root, device):
     folder = Path(folder)
     if not (folder / "generator.pt").exists() or not (folder / "config.json").exists():
         raise EvalError(f"{folder} is not a finished fedgan run (needs config.json and generator.pt); "
-                        "train one with python fedgan.py --out DIR")
+                        "train one with python fedgan.py --out DIR, or give an .npz of images")
     try:
         cfg = fedgan.config_from_json(json.loads((folder / "config.json").read_text()), folder / "config.json")
     except ValueError:
@@ -814,6 +1162,32 @@ def load_run(folder, data_root, device):
         raise EvalError(f"cannot read {folder}/generator.pt ({type(e).__name__}); it is damaged: train the run again "
                         f"or resume it (python fedgan.py --resume {folder})")
     return cfg, raw, g.to(device)
+
+
+def load_images(path, a):
+    """(Config, settings dict, ImageSet) of an .npz of generated images: `images` (n, H, W[, C]) or (n, C, H, W),
+    any common dtype, and `labels` (n,) ints. Its reference is the held-out split of --data-root at the
+    images' size (the embedded synthetic set when --data-root is not given)."""
+    path = Path(path)
+    try:
+        z = np.load(path)
+        keys = set(z.files)
+    except Exception as e:
+        raise EvalError(f"cannot read {path} as .npz ({type(e).__name__}); give arrays 'images' and 'labels'")
+    if not {"images", "labels"} <= keys:
+        raise EvalError(f"{path} lacks images/labels (has {sorted(keys)}); save np.savez(path, images=..., labels=...)")
+    raw = fedgan.npz_images(z["images"], f"{path}: images")
+    x = torch.from_numpy(np.ascontiguousarray(fedgan.to_uint8_images(raw, f"{path}: images")[0])).permute(0, 3, 1, 2)
+    y = torch.from_numpy(fedgan.npz_labels(z["labels"], len(x), f"{path}: labels"))
+    size, channels = x.shape[-1], x.shape[1]
+    if x.shape[-2] != size:
+        raise EvalError(f"{path}: images are {x.shape[-2]}x{size}; give square images")
+    dataset = a.dataset or ("synthetic" if not a.data_root else "chestx" if channels == 1 else "isic")
+    cfg = fedgan.Config(dataset=dataset, data_root=a.data_root, img_size=size, channels=channels, rounds=1)
+    fedgan.finalize(cfg)
+    n_classes = int(y.max()) + 1 if len(y) else 0
+    raw_cfg = dict(dataclasses.asdict(cfg), images=path.stem)  # each file its own arm
+    return cfg, raw_cfg, ImageSet(x, y, n_classes)
 
 
 def data_key(cfg):
@@ -832,14 +1206,18 @@ def wanted(measure, metrics):
 def parse_args(argv):
     p = fedgan._Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by fedgan.py; runs whose configs differ only by "
-                   "the seed form one arm, named by the folders' name without its _s<seed> suffix")
+    p.add_argument("runs", nargs="*", help="run folders written by fedgan.py, or .npz files of generated images "
+                   "(arrays 'images' and 'labels'); runs whose configs differ only by the seed form one arm, named by "
+                   "the folders' name without its _s<seed> suffix")
+    p.add_argument("--ladder", metavar="DATA_ROOT", default=None,
+                   help="score known damage of real images instead of runs: which figure sees which damage (a data "
+                   "root, or 'synthetic' for the embedded set); with --img-size, --channels")
     p.add_argument("--out", default="eval_out", help="where results.json, results.md and the SVG plots go")
     p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
     p.add_argument("--metrics", default="lpips,fid,kid,pr,trigger,utility",
                    help="comma list of lpips, fid, kid, pr (precision/recall), trigger (strength and rate), utility")
-    p.add_argument("--baseline", default="", help="comma list of arms every other arm is compared with, seed by "
-                   "seed (e.g. vanilla,attack64)")
+    p.add_argument("--baseline", default=None, help="comma list of arms every other arm is compared with, seed by "
+                   "seed (e.g. vanilla,attack64); none by default")
     p.add_argument("--n-real", default="1,5,10,50,100,200,500", help="real images per class in the utility study")
     p.add_argument("--n-synth", type=int, default=1000, help="synthetic images per class (utility and FID)")
     p.add_argument("--seeds", type=int, default=5, help="classifier seeds of the utility study (per generator)")
@@ -852,15 +1230,26 @@ def parse_args(argv):
     p.add_argument("--fid-epochs", type=int, default=10, help="epochs of the domain-feature classifier")
     p.add_argument("--pairs", type=int, default=1000, help="LPIPS: random (synthetic, real) pairs per class")
     p.add_argument("--weights-dir", default=None, help=f"folder with {ALEXNET_FILE} and {LPIPS_FILE} (offline)")
-    p.add_argument("--data-root", default=None, help="override every run's data location")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-root", default=None, help="override every run's data location; the reference of .npz "
+                   "inputs")
+    p.add_argument("--dataset", default=None, choices=["synthetic", "chestx", "isic"],
+                   help=".npz inputs and --ladder: which data the reference is (class names, folder layout); by "
+                   "default synthetic without --data-root, else chestx for gray and isic for RGB")
+    p.add_argument("--img-size", type=int, default=32, help="--ladder: resolution of the real images")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="--ladder: 1 gray or 3 RGB")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the networks run")
     p.add_argument("--seed", type=int, default=0, help="seeds LPIPS pairs, synthetic latents, feature classifier")
     a = p.parse_args(argv)
+    if bool(a.runs) == bool(a.ladder):
+        raise EvalError("give run folders (or .npz files) to score, or --ladder DATA_ROOT, not both"
+                        if a.runs else "nothing to score: give run folders, .npz files or --ladder DATA_ROOT")
+    if a.ladder:
+        a.data_root = None if a.ladder == "synthetic" else a.ladder
     a.metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
     bad = set(a.metrics) - set(METRICS)
     if bad or not a.metrics:
         raise EvalError(f"--metrics {','.join(sorted(bad)) or '(empty)'} unknown; choose from {', '.join(METRICS)}")
-    a.baseline = [b.strip() for b in a.baseline.split(",") if b.strip()]
+    a.baseline = [b.strip() for b in (a.baseline or "").split(",") if b.strip()]
     try:
         a.n_real = [int(n) for n in a.n_real.split(",")]
     except ValueError:
@@ -869,6 +1258,8 @@ def parse_args(argv):
                             ("--epochs", a.epochs, 1), ("--fid-epochs", a.fid_epochs, 1), ("--pairs", a.pairs, 1)]:
         if value < lo:
             raise EvalError(f"{name} {value} must be at least {lo}")
+    if not 0 <= a.seed < 2 ** 32:
+        raise EvalError(f"--seed {a.seed} must lie in [0, 2^32)")
     check_out(Path(a.out), a.force)
     return a
 
@@ -878,30 +1269,46 @@ def check_out(out, force):
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; choose a folder path")
     if out.is_dir() and (out / "results.json").exists() and not force:
-        raise EvalError(f"{out} already holds results; pass --force to overwrite them, or choose another --out")
+        raise EvalError(f"--out {out} already holds results; pass --force to overwrite or choose another folder")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise EvalError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
 
 
+def load_data(cfg):
+    try:
+        return fedgan.data_of(cfg)
+    except fedgan.FedGANError as e:
+        raise EvalError(str(e))
+
+
 def load_runs(a, device):
-    """{run name: dict(cfg, config, g, data)}; the name is the folder's, or its path when two folders share one."""
+    """{run name: dict(cfg, config, g, data, folder)}; the name is the folder's (or file's stem), or its path
+    when two share one. Runs of one evaluation must share their data: one table across datasets, sizes or
+    channels would compare figures measured against different references."""
     runs, datasets = {}, {}
-    base = [Path(f).name for f in a.runs]
+    base = [Path(f).stem if str(f).endswith(".npz") else Path(f).name for f in a.runs]
     if len(set(map(str, map(Path, a.runs)))) < len(a.runs):
         raise EvalError("a run folder is given twice; pass each once")
     for folder, name in zip(a.runs, base):
-        cfg, raw, g = load_run(folder, a.data_root, device)
+        if str(folder).endswith(".npz"):
+            cfg, raw, g = load_images(folder, a)
+        else:
+            cfg, raw, g = load_run(folder, a.data_root, device)
+            g = g.eval()
         key = data_key(cfg)
         if key not in datasets:
-            try:
-                datasets[key] = fedgan.data_of(fedgan.finalize(cfg))
-            except fedgan.FedGANError as e:
-                raise EvalError(str(e))
-        runs[name if base.count(name) == 1 else str(folder)] = dict(cfg=cfg, config=raw, g=g.eval(),
-                                                                    data=datasets[key], folder=folder)
-    if "utility" in a.metrics and len({(k[0], k[1], k[2], k[3]) for k in datasets}) > 1:
-        raise EvalError("the runs use different data (dataset, size or channels); evaluate one dataset at a time")
+            datasets[key] = load_data(cfg)
+        if isinstance(g, ImageSet) and g.n_classes > len(datasets[key].classes):
+            raise EvalError(f"{folder} has labels up to {g.n_classes - 1} but its reference has "
+                            f"{len(datasets[key].classes)} classes; label the images 0..{len(datasets[key].classes) - 1}")
+        runs[name if base.count(name) == 1 else str(folder)] = dict(cfg=cfg, config=raw, g=g, data=datasets[key],
+                                                                    folder=folder)
+    kinds = {k[:4] for k in datasets}  # the synthetic set is made from each run's seed: one kind, many draws
+    if len(kinds) > 1:
+        which = sorted({f"{k[0]} {k[1] or ''} {k[2]} px {k[3]} ch".replace("  ", " ") for k in kinds})
+        raise EvalError(f"the runs use different data ({'; '.join(which)}); evaluate one dataset, size and channel "
+                        "count at a time")
     return runs
 
 
@@ -911,16 +1318,51 @@ def protocol_text(a, test_counts):
          "images, so their sampling noise largely cancels in the paired differences."] +
         [f"LPIPS: per class, mean over {a.pairs} random (synthetic, real held-out test) pairs of that class, "
          f"seed {a.seed}."] * ("lpips" in a.metrics) +
-        [f"Domain features: the 128-d penultimate layer of a small CNN trained {a.fid_epochs} epochs on the real "
-         f"training split; {a.n_synth} synthetic images per class. FID is biased upwards at this reference size "
-         "(see the real floor); KID (x1000) is unbiased; precision/recall use k = 3 nearest neighbours on equal-size "
-         "sets. The same four in pixel space ('pixel ...'): every image average-pooled to 8x8, its layout."]
-        * bool({"fid", "kid", "pr"} & set(a.metrics)) +
-        ["Trigger strength: projection of the generated patch region onto the trigger, relative to the real "
-         "images' mean there (0 = real, 1 = the trigger); trigger rate: share of images showing the trigger "
-         "(fedgan.trigger_rate)."] * ("trigger" in a.metrics) +
+        [f"Three feature spaces, {a.n_synth} synthetic images per class: 'deep' = per channel, the spatial mean and sd "
+         f"of the four pre-activation conv maps of a small CNN trained {a.fid_epochs} epochs on the real training "
+         "split, each dimension z-scored on the reference (the space the metric ladder below validates); plain = that "
+         "CNN's 128-d penultimate layer; 'pixel' = every image average-pooled to 8x8. FID is biased upwards at this "
+         "reference size (see the real floor); KID (x1000) is unbiased; precision/recall use k = 3 nearest "
+         "neighbours on equal-size seeded subsets; 'overall' compares the same class mix, 'class mean' averages the "
+         "per-class figures."] * bool({"fid", "kid", "pr"} & set(a.metrics)) +
+        ["Trigger strength: the trigger's place minus its own surround, projected on the trigger, minus the same on "
+         "real images (0 = as real images, 1 = the trigger pasted; a uniform change of brightness cannot move it); "
+         "trigger rate: share of images above the real images' 99th percentile of that score (1% of real images "
+         "count)."] * ("trigger" in a.metrics) +
         ["Intervals: mean over training seeds ± t(0.975, n-1) x sd / sqrt(n) (Student's t); a paired difference "
-         "takes the two arms' runs with the same seed."])
+         "takes the two arms' runs with the same seed; * marks a difference that Holm's procedure keeps at 5% "
+         "within its table (the family), with each table's count of tested cells."])
+
+
+def domain_reference(data, n_classes, a, device, say):
+    """The domain classifier trained on the real training split and the held-out Reference."""
+    say(f"training the domain-feature classifier on {len(data.train[1])} real images")
+    net = train_classifier(*data.train, n_classes, "small", a.fid_epochs, a.seed, device)
+    return Reference(*data.test, n_classes, net, device)
+
+
+def run_ladder(a):
+    """--ladder DATA_ROOT: the ladder alone, on the real images of a data root."""
+    device = fedgan.pick_device(a.device)
+    t0 = time.time()
+    say = lambda msg: print(f"[eval {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    cfg = fedgan.Config(dataset=a.dataset or ("synthetic" if not a.data_root else "chestx" if a.channels == 1
+                                              else "isic"), data_root=a.data_root, img_size=a.img_size,
+                        channels=a.channels, rounds=1)
+    try:
+        fedgan.finalize(cfg)
+    except fedgan.FedGANError as e:
+        raise EvalError(str(e))
+    data = load_data(cfg)
+    n_classes = len(data.classes)
+    ref = domain_reference(data, n_classes, a, device, say)
+    rx, ry = sample_per_class(*data.train, a.n_synth, n_classes, a.seed)
+    say(f"ladder: {len(ry)} real training images against the {len(ref.y)} held-out ones, {len(LADDER)} damages x 3")
+    counts = ", ".join(f"{int((ref.y == c).sum())} {cn}" for c, cn in enumerate(data.classes))
+    text = (f"{cfg.dataset} {a.data_root or ''} at {cfg.img_size} px, {cfg.channels} channel(s); reference: the held-out "
+            f"split ({counts}); the real set: {len(ry)} training images (up to {a.n_synth} per class); domain CNN "
+            f"{a.fid_epochs} epochs; seed {a.seed}.")
+    return dict(classes=data.classes, protocol_text=text, ladder=ladder(ref, rx, ry, a.seed, data.classes))
 
 
 def evaluate(a):
@@ -939,62 +1381,77 @@ def evaluate(a):
         raise EvalError(f"--baseline {','.join(missing)} is not an arm here; the arms are {', '.join(arms)}")
     seed_of = {n: r["cfg"].seed for n, r in runs.items()}
     first = next(iter(runs.values()))
-    classes, n_classes = first["data"].classes, len(first["data"].classes)
-    ty0 = first["data"].test[1]
-    test_counts = ", ".join(f"{int((ty0 == c).sum())} {cn}" for c, cn in enumerate(classes))
-    ref = runs[arms[a.baseline[0]][0]]["config"] if a.baseline else first["config"]
+    data = first["data"]
+    classes, n_classes = data.classes, len(data.classes)
+    tx, ty = data.test
+    test_counts = ", ".join(f"{int((ty == c).sum())} {cn}" for c, cn in enumerate(classes))
+    n_synth = a.n_synth
+    sets = [r["g"] for r in runs.values() if isinstance(r["g"], ImageSet)]
+    if sets:  # an image file gives what it holds: every set is scored on as many images per class
+        n_synth = min(a.n_synth, *(int((s.y == c).sum()) for s in sets for c in range(n_classes)))
+        if n_synth < 2:
+            raise EvalError("an .npz holds fewer than 2 images of some class; give at least 2 per class")
+        if n_synth < a.n_synth:
+            say(f"the .npz inputs hold {n_synth} images of their smallest class: {n_synth} per class for every input")
+    a.n_synth = n_synth
+    ref_cfg = runs[arms[a.baseline[0]][0]]["config"] if a.baseline else first["config"]
     results = dict(classes=classes, runs={}, baselines=a.baseline, protocol_text=protocol_text(a, test_counts),
                    arms={label: dict(runs=names, seeds=[seed_of[n] for n in names],
-                                     differs=config_difference(runs[names[0]]["config"], ref))
+                                     differs=config_difference(runs[names[0]]["config"], ref_cfg))
                          for label, names in arms.items()})
     specs = trigger_specs([r["cfg"] for r in runs.values()])
     noise_run = arms[a.baseline[0]][0] if a.baseline else next(iter(runs))
-    domain, fids, floors = bool({"fid", "kid", "pr"} & set(a.metrics)), {}, {}
+    domain, floors, refs = bool({"fid", "kid", "pr"} & set(a.metrics)), {}, {}
+    for key in dict.fromkeys(data_key(r["cfg"]) for r in runs.values()) if domain else []:
+        d = next(r["data"] for r in runs.values() if data_key(r["cfg"]) == key)
+        refs[key] = domain_reference(d, n_classes, a, device, say)
+        # the floor: as many real training images as synthetic ones, in place of the generator's
+        fx, fy = sample_per_class(*d.train, n_synth, n_classes, a.seed)
+        fl = fidelity(refs[key], fx, fy, a.seed)
+        floors[key] = {m: v for m, v in fl.items() if m in SPACES or wanted(m, a.metrics)}
+        for sp in ("pixel", "deep"):
+            floors[key][sp] = {m: v for m, v in fl[sp].items() if wanted(m, a.metrics)}
+        if "ladder" not in results:
+            say("the metric ladder: the floor's real images under known damage")
+            results["ladder"] = ladder(refs[key], fx, fy, a.seed, classes)
     for name, r in runs.items():
         res = results["runs"].setdefault(name, {})
         tx, ty = r["data"].test
-        key = data_key(r["cfg"])
         if "lpips" in a.metrics:
             say(f"{name}: LPIPS, {a.pairs} pairs per class")
             res["lpips"] = {str(c): v for c, v in lpips_per_class(r["g"], tx, ty, n_classes, features, lin, a.pairs,
                                                                    a.seed, device).items()}
         if domain:
-            if key not in fids:
-                say(f"training the domain-feature classifier on {len(r['data'].train[1])} real images")
-                net = train_classifier(*r["data"].train, n_classes, "small", a.fid_epochs, a.seed, device)
-                # the floor: as many real training images as synthetic ones, in place of the generator's
-                fx, fy = sample_per_class(*r["data"].train, a.n_synth, n_classes, a.seed)
-                fids[key] = (net, features_of(net, tx, device))
-                floors[key] = domain_metrics(fids[key][1], ty, features_of(net, fx, device), fy, n_classes)
-                floors[key]["pixel"] = domain_metrics(pixel_features(tx), ty, pixel_features(fx), fy, n_classes)
-            net, fr = fids[key]
-            say(f"{name}: domain features (FID, KID, precision, recall)")
-            dm = domain_scores(net, r["g"], tx, ty, n_classes, a.n_synth, a.seed, device, real_features=fr,
-                               bootstrap=50 if name == noise_run else 0)
+            say(f"{name}: fidelity in three feature spaces")
+            dm = domain_scores(refs[data_key(r["cfg"])], r["g"], n_synth, a.seed,
+                               bootstrap=30 if name == noise_run else 0)
             if "reference_sd" in dm:  # what the reference set's size alone does to each figure, for one run
-                sd = {m: v for m, v in dm.pop("reference_sd").items() if wanted(m, a.metrics)}
-                results["reference_noise"] = dict(run=name, bootstrap=50, sd=scalar_metrics(sd, classes))
+                sd = dm.pop("reference_sd")
+                sd = dict({m: v for m, v in sd.items() if wanted(m, a.metrics)},
+                          **{sp: {m: v for m, v in sd[sp].items() if wanted(m, a.metrics)} for sp in ("pixel", "deep")})
+                results["reference_noise"] = dict(run=name, bootstrap=30, sd=scalar_metrics(sd, classes))
             res.update({m: dm[m] for m in dm if wanted(m, a.metrics)})
-            res["pixel"] = {m: v for m, v in dm["pixel"].items() if wanted(m, a.metrics)}
+            for sp in ("pixel", "deep"):
+                res[sp] = {m: v for m, v in dm[sp].items() if wanted(m, a.metrics)}
         if "trigger" in a.metrics and (specs or r["cfg"].poison > 0):
             res["trigger"] = backdoor_metrics(r["g"], r["cfg"], specs, tx, a.seed + 12345, per_class=256)
-        res["detection"] = detection_metrics(r["folder"], r["cfg"])
+        if isinstance(r["g"], ImageSet):
+            continue
+        res["detection"] = detection_metrics(r["folder"], r["cfg"], say)
     if len(floors) == 1:  # one dataset: its real floor, under the same metric names
-        fl = next(iter(floors.values()))
-        floor_res = {m: fl[m] for m in fl if wanted(m, a.metrics)}
-        floor_res["pixel"] = {m: v for m, v in fl["pixel"].items() if wanted(m, a.metrics)}
+        floor_res, tx = next(iter(floors.values())), data.test[0]
         if "trigger" in a.metrics and specs:
-            (size, kind), d = specs[0], first["data"]
+            (size, kind) = specs[0]
             trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
             margin = fedgan.trigger_margin(first["cfg"].img_size)
-            floor_res["trigger"] = {str(size): trigger_figures(d.train[0], trig, margin, d.test[0])}
+            floor_res["trigger"] = {str(size): trigger_figures(data.train[0], trig, margin, tx)}
         results["real_floor"] = scalar_metrics(floor_res, classes)
     configs = {label: runs[names[0]]["config"] for label, names in arms.items()}
     results["summary"], results["differences"], results["lengths"] = summarize_arms(results, arms, configs, seed_of,
                                                                                     a.baseline)
     results["attacker_share"] = {label: [results["runs"][n]["detection"]["attacker_share"] for n in names]
                                  for label, names in arms.items()
-                                 if all(results["runs"][n]["detection"].get("attacker_share") and
+                                 if all(results["runs"][n].get("detection", {}).get("attacker_share") and
                                         None not in results["runs"][n]["detection"]["attacker_share"] for n in names)}
     if "utility" in a.metrics:
         results["utility"] = utility_study(a, runs, arms, configs, seed_of, n_classes, device, say)
@@ -1075,8 +1532,7 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
 
 def forest_metrics(summary):
     """The figures worth a panel in arms.svg, in this order, where present."""
-    keys = ["KID x1000 (overall)", "pixel KID x1000 (overall)", "FID (overall)", "precision (overall)",
-            "recall (overall)"]
+    keys = [HEADLINE, "deep KID x1000 (class mean)", "deep precision (class mean)", "deep recall (class mean)"]
     keys += [m for m in summary if m.startswith("trigger strength")] + ["attacker final weight"]
     return [m for m in keys if m in summary and any(iv["mean"] is not None for iv in summary[m].values())]
 
@@ -1084,7 +1540,7 @@ def forest_metrics(summary):
 def main(argv=None):
     try:
         a = parse_args(argv)
-        results = evaluate(a)
+        results = run_ladder(a) if a.ladder else evaluate(a)
     except (EvalError, fedgan.FedGANError) as e:
         sys.stderr.write(f"eval.py: error: {e}\n")
         sys.exit(2)
@@ -1096,6 +1552,13 @@ def main(argv=None):
         sys.exit(2)
     written = ["results.json", "results.md"]
     (out / "results.json").write_text(json.dumps(fedgan.json_safe(results), indent=2))
+    if a.ladder:
+        text = "\n".join(["# The metric ladder", "", "Data: " + results["protocol_text"], ""] +
+                         ladder_markdown(results["ladder"]))
+        (out / "results.md").write_text(text)
+        print(text)
+        print("wrote " + ", ".join(f"{out}/{f}" for f in written))
+        return
     (out / "results.md").write_text(markdown(results))
     panels = forest_metrics(results["summary"])
     if panels:

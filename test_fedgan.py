@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -833,9 +834,12 @@ def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_diffe
         assert all(0 <= iv["mean"] <= 1 for c in u["curves"].values() for iv in c)
         assert set(u["differences"]) == {"real only", "vanilla"} and "as many optimizer steps" in u["interval_text"]
         assert [ev.steps_per_epoch(n) for n in (4, 33, 34, 64)] == [1, 1, 2, 2]  # what --match-steps equalises
-        assert set(res["runs"]["vanilla_s0"]["fid"]) == {"0", "1", "overall"}
+        assert set(res["runs"]["vanilla_s0"]["fid"]) == {"0", "1", "overall", "class mean"}
+        assert set(res["runs"]["vanilla_s0"]["deep"]["fid"]) == {"0", "1", "overall", "class mean"}
+        assert ev.HEADLINE in res["summary"] and ev.HEADLINE in res["ladder"]["verdict"]
         md = (out / "results.md").read_text()
         assert "Paired difference from **vanilla**" in md and "| attack |" in md and "n real = 8" in md
+        assert "differences tested" in md and "Holm keeps" in md and "## The metric ladder" in md
         for svg in ("arms.svg", "attacker_share.svg", "utility.svg"):
             ET.fromstring((out / svg).read_text())  # well-formed
         assert (out / "utility.svg").read_text().count("<polyline") == 3
@@ -903,16 +907,106 @@ def test_kid_is_about_zero_on_itself_and_grows_with_noise():
     assert p > 0.9 and r < 0.5, (p, r)
 
 
-def test_trigger_strength_is_zero_on_clean_reals_and_positive_on_triggered():
+def test_trigger_figures_cannot_be_faked_by_brightness_and_see_a_blurred_colour_trigger():
     import eval as ev
-    x, _ = fedgan.synthetic_images(32, 32, 1, seed=0)
-    clean, held = x[0::2], x[1::2]
-    trig, margin = fedgan.make_trigger(4, 1), fedgan.trigger_margin(32)
-    on_clean = ev.trigger_strength(clean, trig, margin, reference=held)
-    assert abs(on_clean.mean().item()) < 0.1, on_clean.mean()
-    assert ev.trigger_strength(held, trig, margin, reference=held).mean().abs().item() < 1e-9  # 0 by definition
-    on_triggered = ev.trigger_strength(fedgan.apply_trigger(clean, trig, margin), trig, margin, reference=held)
-    assert (on_triggered > 0.9).all() and (on_triggered < 1.1).all(), on_triggered
+    x, _ = fedgan.synthetic_images(64, 32, 1, seed=0)
+    held, _ = fedgan.synthetic_images(64, 32, 1, seed=1)
+    trig, margin = fedgan.make_trigger(8, 1), fedgan.trigger_margin(32)
+    real = ev.trigger_figures(x, trig, margin, held)
+    assert abs(real["strength"]) < 0.05 and real["rate"] < 0.05, real
+    bright = ev.trigger_figures((x.int() + 26).clamp(0, 255).to(torch.uint8), trig, margin, held)
+    assert abs(bright["strength"] - real["strength"]) < 0.01 and bright["rate"] < 0.05, bright  # was 0.219 before
+    pasted = ev.trigger_figures(fedgan.apply_trigger(x, trig, margin), trig, margin, held)
+    assert 0.85 < pasted["strength"] < 1.15 and pasted["rate"] == 1.0, pasted
+    elsewhere = fedgan.apply_trigger(x.flip(-1), trig, margin).flip(-1)  # bottom-left
+    other = ev.trigger_figures(elsewhere, trig, margin, held)
+    assert abs(other["strength"]) < 0.05 and other["rate"] < 0.05, other
+    rgb, _ = fedgan.synthetic_images(64, 32, 3, seed=0)
+    rgb_held, _ = fedgan.synthetic_images(64, 32, 3, seed=1)
+    colour = fedgan.make_trigger(8, 3, seed=0)
+    pasted = fedgan.apply_trigger(rgb, colour, margin).float()
+    blurred = F.conv2d(F.pad(pasted, (1, 1, 1, 1), mode="replicate"), torch.ones(3, 1, 3, 3) / 9, groups=3)
+    blurred = blurred.round().to(torch.uint8)
+    assert fedgan.trigger_rate(blurred, colour, margin) == 0.0  # the training log's exact-match rate misses it
+    seen = ev.trigger_figures(blurred, colour, margin, rgb_held)
+    assert seen["rate"] > 0.9 and seen["strength"] > 0.2, seen
+
+
+def test_precision_recall_sees_every_class_of_a_set_sorted_by_class():
+    import eval as ev
+    g = torch.Generator().manual_seed(0)
+    real = torch.cat([torch.randn(150, 16, generator=g) - 2, torch.randn(150, 16, generator=g) + 2])
+    fake = torch.cat([torch.randn(500, 16, generator=g) - 2, torch.randn(500, 16, generator=g) + 2])
+    sorted_pr = ev.precision_recall(real, fake)
+    shuffled_pr = ev.precision_recall(real, fake[torch.randperm(1000, generator=g)])
+    assert sorted_pr[1] > 0.7 and all(abs(a - b) < 0.08 for a, b in zip(sorted_pr, shuffled_pr)), (sorted_pr,
+                                                                                                   shuffled_pr)
+    # 'overall' compares the same class mix: a 300/700 real set against 500/500 fakes
+    y_real, y_fake = torch.tensor([0] * 150 + [1] * 150), torch.tensor([0] * 500 + [1] * 500)
+    a, b = ev.same_class_mix(real, y_real, fake, y_fake, 2, seed=0)
+    assert len(a) == len(b) == 300 and torch.allclose(a.sum(0), real.sum(0))  # every real image, once
+    assert (b[:, 0].mean().abs() < 0.3), b[:, 0].mean()  # half from each class, as the real set
+
+
+def test_t_pvalues_match_the_t_table_and_holm_steps_down():
+    import eval as ev
+    for df, t in enumerate(ev.T975[:10], start=1):  # the 97.5% quantiles: two-sided p = 0.05
+        assert abs(ev.t_pvalue(t, df) - 0.05) < 2e-4, (df, ev.t_pvalue(t, df))
+    assert abs(ev.t_pvalue(1.0, 5) - 0.3632175) < 1e-6 and ev.t_pvalue(0.0, 3) == 1.0
+    assert ev.holm([0.01, 0.04, None, 0.03, 0.5]) == [True, False, False, False, False]  # 0.03 > 0.05/3
+    assert ev.holm([0.001, 0.012, 0.02]) == [True, True, True]  # 0.001 < .05/3, 0.012 < .05/2, 0.02 < .05
+    iv = ev.interval([1.0, 2.0, 3.0])
+    assert abs(iv["p"] - ev.t_pvalue(2.0 / (1.0 / math.sqrt(3)), 2)) < 1e-12
+    lines = ev.holm_table("t", ["a"], ["m1", "m2"], lambda m, r: ev.interval([1.0, 1.1, 0.9] if m == "m1" else
+                                                                            [0.1, -0.1, 0.05]))
+    text = "\n".join(lines)
+    assert "1.000 [0.752, 1.248] *" in text and "excluded)" in text and "2 differences tested" in text, text
+
+
+def _ladder(n_per_class):
+    """The metric ladder on PneumoniaMNIST at 32 px when present, else on the embedded synthetic set."""
+    import eval as ev
+    npz = HERE.parent / "shared" / "data" / "pneumoniamnist.npz"
+    data = (fedgan.load_data("chestx", str(npz), 32, 1, 0) if npz.exists() else
+            fedgan.load_data("synthetic", None, 32, 1, 0, synthetic_per_class=256))
+    net = ev.train_classifier(*data.train, 2, "small", 5, 0, torch.device("cpu"))
+    ref = ev.Reference(*data.test, 2, net, torch.device("cpu"))
+    rx, ry = ev.sample_per_class(*data.train, n_per_class, 2, 0)
+    return ev.ladder(ref, rx, ry, 0, data.classes), npz.exists()
+
+
+def test_metric_ladder_the_headline_figure_ranks_real_images_above_every_damage():
+    import eval as ev
+    lad, real_data = _ladder(500 if (HERE.parent / "shared" / "data" / "pneumoniamnist.npz").exists() else 64)
+    verdict = lad["verdict"][ev.HEADLINE]
+    print(f"    {'PneumoniaMNIST' if real_data else 'synthetic'}: {verdict}")
+    assert all(v in ("sees", "not monotone") for v in verdict.values()), verdict  # never ranks damage above real
+    assert all(v == "sees" for k, v in verdict.items() if k != "blobs"), verdict
+    # what the ladder was built to expose: the classifier's head scores reduced contrast as better than real
+    head = lad["verdict"]["KID x1000 (overall)"]
+    assert head["contrast"] == "misranks" or not real_data, head
+    md = "\n".join(ev.ladder_markdown(lad, [ev.HEADLINE]))
+    assert ev.HEADLINE in md and "class swap" in md
+
+
+def test_eval_scores_images_from_any_generator_given_as_npz():
+    import eval as ev
+    x, y = fedgan.synthetic_images(48, 32, 1, seed=5)  # the embedded set's look, other draws than the reference
+    noisy = (x.float() + 30 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "real.npz", images=x[:, 0].numpy(), labels=y.numpy())                 # (n, H, W) uint8
+        np.savez(tmp / "noisy.npz", images=noisy.permute(0, 2, 3, 1).numpy() / 255.0, labels=y.numpy())  # floats
+        quiet(ev.main, [str(tmp / "real.npz"), str(tmp / "noisy.npz"), "--metrics", "fid,kid,pr", "--n-synth", "40",
+                        "--fid-epochs", "2", "--out", str(tmp / "ev")])
+        res = json.loads((tmp / "ev" / "results.json").read_text())
+        assert set(res["arms"]) == {"real", "noisy"} and "detection" not in res["runs"]["real"]
+        fid = {a: res["summary"][ev.HEADLINE][a]["mean"] for a in ("real", "noisy")}
+        assert fid["real"] < fid["noisy"], fid
+        np.savez(tmp / "bad.npz", pictures=x.numpy())
+        _fails_cleanly([str(tmp / "bad.npz"), "--metrics", "fid", "--out", str(tmp / "ev2")], "lacks images/labels",
+                       main=ev.main)
+        _fails_cleanly(["--out", str(tmp / "ev2")], "nothing to score", main=ev.main)
 
 
 def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
@@ -931,8 +1025,9 @@ def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
             return torch.rand(len(z), 1, 16, 16, generator=rng) * 2 - 1
 
     # scored against the 128 training images: more reals, a steadier covariance than the 32 test ones
-    trained = ev.domain_scores(net, run.g.eval(), x, y, 2, 128, 0, torch.device("cpu"))["fid"]["overall"]
-    noise = ev.domain_scores(net, Noise(), x, y, 2, 128, 0, torch.device("cpu"))["fid"]["overall"]
+    ref = ev.Reference(x, y, 2, net, torch.device("cpu"))
+    trained = ev.domain_scores(ref, run.g.eval(), 128, 0)["fid"]["overall"]
+    noise = ev.domain_scores(ref, Noise(), 128, 0)["fid"]["overall"]
     print(f"    domain FID: trained 6 rounds {trained:.2f}, uniform noise {noise:.2f}")
     assert noise > 1.5 * trained, (noise, trained)
 
@@ -1290,12 +1385,14 @@ def test_eval_refuses_bad_inputs_before_any_work():
         (broken / "generator.pt").write_bytes((run / "generator.pt").read_bytes()[:500])
         fails([str(broken), "--metrics", "fid", "--out", str(tmp / "e2")], "cannot read")
     # a class missing from the real split: its FID is n/a, the rest is computed
-    net = ev.SmallCNN(1, 2)
+    net = ev.SmallCNN(1, 2).eval()
     g = fedgan.Generator(16, 1, 2, width=8)
     x, y = fedgan.synthetic_images(8, 16, 1, seed=0)
-    res = ev.domain_scores(net, g, x[y == 0], y[y == 0], 2, 8, 0, torch.device("cpu"))
-    for m in ("fid", "kid", "precision", "recall"):
-        assert res[m]["1"] is None and res[m]["0"] is not None and res[m]["overall"] is not None, m
+    res = ev.domain_scores(ev.Reference(x[y == 0], y[y == 0], 2, net, torch.device("cpu")), g, 8, 0)
+    for space in (res, res["pixel"], res["deep"]):
+        for m in ("fid", "kid", "precision", "recall"):
+            assert space[m]["1"] is None and space[m]["0"] is not None and space[m]["overall"] is not None, m
+            assert space[m]["class mean"] is None, m  # a mean over classes that misses one is not given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1649,8 +1746,8 @@ def test_bench_times_the_detector_warm():
 
 
 def main():
-    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
+    pattern = sys.argv[1] if len(sys.argv) > 1 else ""  # a regular expression over test names
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and re.search(pattern, n)]
     passed = failed = skipped = 0
     t_all = time.time()
     for name, fn in tests:
