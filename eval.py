@@ -1146,6 +1146,9 @@ def load_run(folder, data_root, device):
     """(Config, its settings as a dict with every field, generator) of a finished run folder; the dict has
     the defaults of fields newer than the run, so old and new runs of one experiment group together."""
     folder = Path(folder)
+    holder = fedgan.folder_in_use(folder)
+    if holder:
+        raise EvalError(f"{folder} is still training ({holder} holds it); score it when that run ends")
     if not (folder / "generator.pt").exists() or not (folder / "config.json").exists():
         raise EvalError(f"{folder} is not a finished fedgan run (needs config.json and generator.pt); "
                         "train one with python fedgan.py --out DIR, or give an .npz of images")
@@ -1158,10 +1161,22 @@ def load_run(folder, data_root, device):
         cfg.data_root = data_root
     try:
         g = fedgan.load_generator(folder / "generator.pt", map_location=device)
+        made_at = torch.load(folder / "generator.pt", map_location="cpu", weights_only=True).get("rounds")
     except Exception as e:
         raise EvalError(f"cannot read {folder}/generator.pt ({type(e).__name__}); it is damaged: train the run again "
                         f"or resume it (python fedgan.py --resume {folder})")
+    if made_at is not None and made_at != cfg.rounds:
+        raise EvalError(f"{folder}/generator.pt is from round {made_at} but the run is set to {cfg.rounds} rounds: it "
+                        f"is being extended or was stopped; finish it (python fedgan.py --resume {folder}) first")
     return cfg, raw, g.to(device)
+
+
+def recorded_fingerprint(folder):
+    """The data fingerprint config.json recorded when the run trained (None for older runs)."""
+    try:
+        return (json.loads((Path(folder) / "config.json").read_text()).get("data") or {}).get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 def load_images(path, a):
@@ -1299,6 +1314,10 @@ def load_runs(a, device):
         key = data_key(cfg)
         if key not in datasets:
             datasets[key] = load_data(cfg)
+        saved = None if isinstance(g, ImageSet) else recorded_fingerprint(folder)
+        if saved and saved != fedgan.data_fingerprint(datasets[key]):
+            raise EvalError(f"the data at {cfg.data_root} is not the data {folder} trained on (fingerprints differ); "
+                            "pass --data-root to that run's data")
         if isinstance(g, ImageSet) and g.n_classes > len(datasets[key].classes):
             raise EvalError(f"{folder} has labels up to {g.n_classes - 1} but its reference has "
                             f"{len(datasets[key].classes)} classes; label the images 0..{len(datasets[key].classes) - 1}")

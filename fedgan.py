@@ -29,8 +29,11 @@ import functools
 import json
 import math
 import os
+import hashlib
 import random
 import resource
+import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,8 +125,9 @@ class Config:
     warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
-    decay: float = opt(None, "weight decay d in (0, 1) of a flagged client (preset: chestx 0.8, isic 0.9, "
-                             "synthetic 0.8)", "defense: detector")
+    decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
+                             "d^c_i, c_i its flag count (not the optimizer's weight decay) (preset: chestx 0.8, isic "
+                             "0.9, synthetic 0.8)", "defense: detector")
     aggregator: str = opt(None, "how the server combines generators: fedavg | median | trimmed-mean | krum | "
                                 "multi-krum | clip (updates clipped to the median norm) (default fedavg)",
                           "defense: aggregator",
@@ -151,8 +155,8 @@ class Config:
     seed: int = opt(0, "seeds data split, models, training and the detector")
     # speed (may change on --resume: they do not change the experiment)
     device: str = opt("auto", "auto | cpu | cuda", "speed", choices=["auto", "cpu", "cuda"])
-    amp: bool = opt(True, "mixed precision (torch.autocast): on CUDA by default; on CPU only with --amp-dtype bf16",
-                    "speed")
+    amp: bool = opt(True, "mixed precision, torch.autocast (default on, which means: used on CUDA; a CPU run stays "
+                          "fp32 unless --amp-dtype bf16); --no-amp: fp32 everywhere", "speed")
     amp_dtype: str = opt("auto", "auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | bf16 | fp16",
                          "speed", choices=["auto", "bf16", "fp16"])
     tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (when autocast is off)", "speed")
@@ -166,8 +170,9 @@ class Config:
                        choices=["auto", "on", "off"])
     # run folder
     out: str = opt(None, "run folder (default runs/<dataset>_<defense>_p<poison>_s<seed>_<time>)", "run")
-    resume: str = opt(None, "continue the run in this folder; --rounds extends it, speed and output flags may "
-                            "change, the experiment's flags may not", "run")
+    resume: str = opt(None, "continue the run in this folder; --rounds extends it; the speed flags, --ckpt-every, "
+                            "--sample-every and --data-root (the same data moved: checked by its fingerprint) may "
+                            "change, the experiment's flags and --out may not", "run")
     ckpt_every: int = opt(5, "write checkpoint.pt (atomically) every this many rounds", "run")
     sample_every: int = opt(5, "write samples/round_NNNN.png every this many rounds", "run")
     bench: bool = opt(False, "time training steps, server aggregation and FedDetect; print figures and a JSON line",
@@ -187,8 +192,9 @@ SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), 
                      reconstruct=("posthoc", "reconstruct"))  # every other --defense value is an aggregator
 PART_DEFAULTS = dict(augment="none", detector="none", aggregator="fedavg", posthoc="none")
 # What --resume may change: how fast and where it runs, how often it writes, and how long it goes on.
+# --data-root may point to the same data moved elsewhere: its fingerprint is checked against the run's.
 RESUMABLE = {"rounds", "device", "amp", "amp_dtype", "tf32", "channels_last", "compile", "parallel_clients",
-             "offload", "ckpt_every", "sample_every", "resume"}
+             "offload", "ckpt_every", "sample_every", "resume", "data_root"}
 
 
 class FedGANError(Exception):
@@ -223,7 +229,10 @@ def parse_flags(argv=None):
 
 def parse_args(argv=None):
     """Config from the command line, presets filled and every value checked (not for --resume)."""
-    return finalize(Config(**parse_flags(argv)))
+    flags = parse_flags(argv)
+    cfg = finalize(Config(**flags))
+    check_needs(cfg, flags)
+    return cfg
 
 
 def finalize(cfg):
@@ -240,6 +249,9 @@ def finalize(cfg):
         raise FedGANError(f"--channels {cfg.channels} must be 1 (gray) or 3 (RGB)")
     if cfg.clients < 2:
         raise FedGANError(f"--clients {cfg.clients}: a federation needs at least 2 clients")
+    if cfg.dataset == "synthetic" and cfg.data_root:
+        raise FedGANError(f"--data-root {cfg.data_root} is read only by --dataset chestx or isic (synthetic data is "
+                          "made from the seed); add --dataset chestx (gray) or --dataset isic (RGB)")
     check_ranges(cfg)
     if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
@@ -256,8 +268,10 @@ def finalize(cfg):
         raise FedGANError("--adaptive fakes the loss a detector reads; use it with --detector paper|calibrated "
                           "(or --defense feddetect, or --shadow)")
     if len(ids) >= cfg.clients / 2:
+        most = math.ceil(cfg.clients / 2) - 1
         raise FedGANError(f"{len(ids)} malicious of {cfg.clients} clients is not a minority; the threat model "
-                          f"needs K < N/2, so use --malicious {math.ceil(cfg.clients / 2) - 1} or fewer")
+                          f"needs K < N/2, so " + (f"use --malicious {most} or fewer" if most >= 1 else
+                                                   f"an attack needs --clients {2 * len(ids) + 1} or more"))
     if any(i < 0 or i >= cfg.clients for i in ids):
         raise FedGANError(f"--malicious-ids {cfg.malicious_ids} names a client outside 0..{cfg.clients - 1}")
     if cfg.out is None:
@@ -298,6 +312,38 @@ def check_ranges(cfg):
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must {text}")
     if not 0 <= cfg.trim < 0.5:
         raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise FedGANError(f"--seed {cfg.seed} must lie in [0, 2^32)")
+
+
+# flag -> (when it means something, the flag that makes it so): a flag given without it does nothing
+NEEDS = dict(
+    detect_on=(lambda c: c.detector != "none", "--detector paper|calibrated (or --defense feddetect)"),
+    recover=(lambda c: c.detector != "none", "--detector paper|calibrated (or --defense feddetect)"),
+    detect_fpr=(lambda c: c.detector == "calibrated" or c.shadow, "--detector calibrated (or --shadow)"),
+    probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow, "--detect-on probe|loss+probe (or --shadow)"),
+    trim=(lambda c: c.aggregator == "trimmed-mean", "--aggregator trimmed-mean"),
+    dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
+    blend_alpha=(lambda c: c.attack in ("blend", "frequency"), "--attack blend|frequency"),
+    poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
+    attack_start=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
+    trigger=(lambda c: c.attack in ("patch", "patch-random") and c.poison > 0, "--poison SIZE"),
+    reconstruct_per_class=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
+    reconstruct_epochs=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
+    synthetic_per_class=(lambda c: c.dataset == "synthetic", "--dataset synthetic"),
+    bench_steps=(lambda c: c.bench, "--bench"),
+    bench_round=(lambda c: c.bench, "--bench"),
+)
+
+
+def check_needs(cfg, given):
+    """Refuse a flag given on the command line that does nothing without another one (after finalize)."""
+    for k in given:
+        if k in NEEDS and not NEEDS[k][0](cfg):
+            raise FedGANError(f"--{k.replace('_', '-')} does nothing without {NEEDS[k][1]}; add that, or drop "
+                              f"--{k.replace('_', '-')}")
+    if "malicious" in given and "malicious_ids" in given:
+        raise FedGANError("--malicious K and --malicious-ids name the malicious clients twice; give one of them")
 
 
 def attacking(cfg):
@@ -320,7 +366,7 @@ def malicious_ids(cfg):
 
 def config_from_json(d, where):
     """A Config from config.json, also one written before the defense had parts (detect_rule)."""
-    d = {k: v for k, v in d.items() if k != "environment"}
+    d = {k: v for k, v in d.items() if k not in ("environment", "data")}  # records of the run, not settings
     if "detect_rule" in d:  # written before --detector: the rule applied only under --defense feddetect
         rule = d.pop("detect_rule")
         d.setdefault("detector", rule if d.get("defense") == "feddetect" else "none")
@@ -408,11 +454,23 @@ def to_channels(x, channels):
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def to_uint8_images(a, what):
+def float_scale(arrays):
+    """The scale of float image data, decided once for a whole file from its 99.9th percentile (so a few
+    stray values cannot flip it): 255 for data in [0, 1], 1 for data in [0, 255]; None if not float."""
+    floats = [np.asarray(a) for a in arrays if np.asarray(a).dtype.kind == "f" and np.asarray(a).size]
+    if not floats:
+        return None
+    sample = np.concatenate([a.ravel()[::max(1, a.size // 1_000_000)] for a in floats])
+    sample = sample[np.isfinite(sample)]
+    return 255.0 if sample.size == 0 or np.quantile(sample, 0.999) <= 1.0 else 1.0
+
+
+def to_uint8_images(a, what, scale=None):
     """An image array of any common dtype -> (uint8 array, how it was read), or one clear error.
     uint8 as is; other integers up to 255 as is, above that scaled from their bit depth (the smallest
-    2^b - 1 covering the maximum: 12-bit data in uint16 is read as 12-bit); floats in [0, 1] times 255,
-    floats in [0, 255] rounded. NaN, inf, negative values and anything else are refused."""
+    2^b - 1 covering the maximum: 12-bit data in uint16 is read as 12-bit); floats by `scale` (float_scale
+    of the whole file; by default this array's own): x 255 for [0, 1], as is for [0, 255], the few values
+    beyond the range clipped and counted. NaN, inf, negative values and anything else are refused."""
     a = np.asarray(a)
     if a.size == 0:
         raise FedGANError(f"{what} is empty; give it images (a test split may also be left out: fedgan then "
@@ -428,11 +486,15 @@ def to_uint8_images(a, what):
         raise FedGANError(f"{what} has negative values (min {lo:g}); give images in [0, 1], [0, 255] or as "
                           "unsigned integers")
     if a.dtype.kind == "f":
-        if hi <= 1.0:
-            return np.round(a * 255.0).astype(np.uint8), f"{a.dtype} in [0, 1], scaled by 255"
-        if hi <= 255.0:
-            return np.round(a).astype(np.uint8), f"{a.dtype} in [0, 255]"
-        raise FedGANError(f"{what} is {a.dtype} with values up to {hi:g}; give floats in [0, 1] or [0, 255]")
+        scale = float_scale([a]) if scale is None else scale
+        top = 255.0 / scale
+        over = int((a > top).sum())
+        if over > max(10, a.size // 1000):  # more than stray values: the data is not in that range
+            raise FedGANError(f"{what} is {a.dtype} with {over} values above {top:g} (max {hi:g}); give floats in "
+                              "[0, 1] or [0, 255]")
+        clipped = f", {over} value{'s' * (over > 1)} above {top:g} clipped" if over else ""
+        return (np.round(np.clip(a, 0, top) * scale).astype(np.uint8),
+                f"{a.dtype} in [0, {top:g}]{', scaled by 255' if scale == 255 else ''}{clipped}")
     if hi <= 255:
         return a.astype(np.uint8), f"{a.dtype} in [0, 255]"
     bits = bit_depth(hi)
@@ -472,8 +534,9 @@ def npz_labels(labels, n, what):
     return labels.astype(np.int64)
 
 
-def describe_split(name, y, classes, shapes, dtypes, ranges):
-    """One split of the data report: count per class, image size, dtype and value range before conversion."""
+def describe_split(name, y, classes, shapes, dtypes, ranges, skipped=None):
+    """One split of the data report: count per class, image size, dtype and value range before conversion,
+    and the files skipped for their type."""
     counts = [int((y == c).sum()) for c in range(len(classes))]
     distinct = sorted(set(shapes))
     dims = [[int(v) for v in s.split("x")[:2]] for s in distinct]
@@ -482,7 +545,7 @@ def describe_split(name, y, classes, shapes, dtypes, ranges):
             f"W {min(w for _, w in dims)}-{max(w for _, w in dims)}")
     rng = f"{min(r[0] for r in ranges):g}..{max(r[1] for r in ranges):g}" if ranges else "?"
     return (f"{name} {len(y)} ({', '.join(f'{c} {k}' for c, k in zip(classes, counts))}), {size}, "
-            f"{', '.join(sorted(set(dtypes)))}, values {rng}")
+            f"{', '.join(sorted(set(dtypes)))}, values {rng}{skipped_text(skipped)}")
 
 
 HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I", "F")  # PIL modes deeper than 8 bits: convert("L") would clip them
@@ -494,12 +557,16 @@ def read_folder(root, classes, size, channels):
     by PIL; 16-bit and float images are scaled to 8 bits by the bit depth of the whole folder's maximum
     (so all images share one scale)."""
     from PIL import Image  # only needed for folder data
-    xs, ys, shapes, modes, deep, ranges = [], [], [], [], [], []
+    xs, ys, shapes, modes, deep, ranges, skipped = [], [], [], [], [], [], {}
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
+        entries = [p for p in (root / name).iterdir() if visible(p) and p.is_file()]
+        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXT)
+        for p in entries:
+            if p.suffix.lower() not in IMAGE_EXT:
+                skipped[p.suffix.lower() or "(no suffix)"] = skipped.get(p.suffix.lower() or "(no suffix)", 0) + 1
         if not files:
-            raise FedGANError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXT))}); add "
-                              "images or remove the folder")
+            raise FedGANError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXT))})"
+                              f"{skipped_text(skipped)}; add images or remove the folder")
         for p in files:
             try:
                 with Image.open(p) as im:
@@ -523,7 +590,17 @@ def read_folder(root, classes, size, channels):
             gray = np.clip(np.round(xs[i] * scale), 0, 255).astype(np.uint8)
             xs[i] = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
     x = np.stack([a[None] if channels == 1 else a.transpose(2, 0, 1) for a in xs])
-    return torch.from_numpy(x), torch.tensor(ys, dtype=torch.int64), (shapes, [f"PIL {m}" for m in modes], ranges)
+    return (torch.from_numpy(x), torch.tensor(ys, dtype=torch.int64),
+            (shapes, [f"PIL {m}" for m in modes], ranges, skipped))
+
+
+def skipped_text(skipped):
+    """', 3 files skipped for their type (2 .gif, 1 .webp)' or ''."""
+    if not skipped:
+        return ""
+    n = sum(skipped.values())
+    return (f", {n} file{'s' * (n > 1)} skipped for their type (" +
+            ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items())) + f"; readable: {', '.join(sorted(IMAGE_EXT))})")
 
 
 def read_npz(path, size, channels):
@@ -540,14 +617,21 @@ def read_npz(path, size, channels):
     if ("test_images" in keys) != ("test_labels" in keys):
         raise FedGANError(f"{path} has only one of test_images/test_labels; give both or neither")
 
-    def part(split):
-        what = f"{path}: {split}_images"
+    def raw_part(split):
         try:
-            raw = npz_images(z[f"{split}_images"], what)
+            raw = npz_images(z[f"{split}_images"], f"{path}: {split}_images")
             labels = npz_labels(z[f"{split}_labels"], len(raw), f"{path}: {split}_labels")
         except ValueError as e:  # e.g. an object array that needs pickle
             raise FedGANError(f"cannot read {split}_images/{split}_labels of {path} ({e}); store plain arrays")
-        arr, how = to_uint8_images(raw, what)
+        return raw, labels
+
+    raws = {split: raw_part(split) for split in ("train", "test") if f"{split}_images" in keys}
+    scale = float_scale([r for r, _ in raws.values()])  # one scale for the whole file, never one per split
+
+    def part(split):
+        what = f"{path}: {split}_images"
+        raw, labels = raws[split]
+        arr, how = to_uint8_images(raw, what, scale)
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
         y = torch.from_numpy(labels)
         info = ([f"{raw.shape[1]}x{raw.shape[2]}x{raw.shape[3]}"], [how], [(float(raw.min()), float(raw.max()))])
@@ -574,13 +658,24 @@ def check_splits(train_y, test_y, classes, where):
                           "with images; a class needs at least 2 when a share is held out for evaluation)")
 
 
+def visible(p):
+    """Not hidden: no leading dot (.ipynb_checkpoints/, macOS ._name.png files and .DS_Store are skipped)."""
+    return not p.name.startswith(".")
+
+
 def class_folders(root, dataset):
-    """The class sub-folders of root: the dataset's known names if present, else every sub-folder."""
-    subs = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
-    known = CLASS_NAMES.get(dataset, [])
-    if known and all(k.lower() in subs for k in known):
-        return [subs[k.lower()] for k in known]
-    return sorted(subs.values())
+    """The class sub-folders of root: exactly its non-hidden sub-folders, names compared as written. The
+    dataset's known names come first in their order (NORMAL 0, PNEUMONIA 1, as MedMNIST labels them), any
+    other folder after them in sorted order; two names that differ only in case are refused."""
+    subs = sorted(p.name for p in root.iterdir() if p.is_dir() and visible(p))
+    lower = [n.lower() for n in subs]
+    clash = sorted({n for n in subs if lower.count(n.lower()) > 1})
+    if clash:
+        raise FedGANError(f"{root} has class folders that differ only in case ({', '.join(clash)}); merge them into "
+                          "one folder per class")
+    known = [next(n for n in subs if n.lower() == k.lower()) for k in CLASS_NAMES.get(dataset, [])
+             if k.lower() in lower]
+    return known + [n for n in subs if n not in known]
 
 
 def default_data_root(dataset):
@@ -618,7 +713,7 @@ def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=
         known = CLASS_NAMES.get(dataset, [])  # MedMNIST orders labels as we do (0 normal, 1 pneumonia)
         classes = known if len(known) == n_classes else [str(c) for c in range(n_classes)]
     else:
-        split_root = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+        split_root = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and visible(p)}
         base = split_root.get("train", root)
         classes = class_folders(base, dataset)
         if len(classes) < 2:
@@ -636,7 +731,7 @@ def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=
     if held_out:  # carve a per-class held-out split, the same for every run on this data
         train, test = holdout_split(*train, test_frac, seed=0)
     report = [describe_split("train", train[1], classes, *tinfo),
-              describe_split("test", test[1], classes, *(tinfo if held_out else sinfo))
+              describe_split("test", test[1], classes, *(tinfo[:3] if held_out else sinfo))
               + (f" (held out: {test_frac:g} of each class)" if held_out else "")]
     check_splits(train[1], test[1], classes, root)
     return Data(tuple(train), tuple(test), classes, "; ".join(report))
@@ -1916,6 +2011,14 @@ class Run:
     start: int = 0              # first round to run (after a resume)
     seconds: float = 0.0        # training time before this session (after a resume)
     summary: Optional[dict] = None
+    lock: object = None         # the open run-folder lock (rank 0)
+    checkpointed: int = 0       # the round the newest checkpoint holds
+
+    now: int = 0                # the round being trained (from 1)
+
+    def checkpointed_text(self):
+        return (f"last checkpoint: round {self.checkpointed}" if self.checkpointed else
+                "no checkpoint yet: a resume starts from round 0")
 
 
 def setup_run(cfg):
@@ -1924,6 +2027,7 @@ def setup_run(cfg):
     out = Path(cfg.out)
     rank, world = dist_rank_world()
     check_out_folder(out, cfg.resume)
+    lock = lock_folder(out) if rank == 0 and cfg.resume else None  # a new folder is locked before it is written
     device = pick_device(cfg.device)
     set_precision(cfg, device)
     if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update):
@@ -1937,12 +2041,14 @@ def setup_run(cfg):
                           "use --nproc-per-node <= --clients")
     seed_everything(cfg.seed)
     data = data_of(cfg)
+    if cfg.resume:
+        check_fingerprint(out, data, cfg.data_root)
     x, y = data.train
     shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
               else split_clients(len(y), cfg.clients, cfg.seed))
     if min(len(s) for s in shards) < 2:
         raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
-                          "use fewer --clients or more data")
+                          f"use fewer --clients or more data (data: {data.report})")
     bad, n_classes = malicious_ids(cfg), len(data.classes)
     g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
     owned = owned_clients(cfg.clients, rank, world)
@@ -1966,9 +2072,11 @@ def setup_run(cfg):
             clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
                      cfg.seed, [len(s) for s in shards], cfg.scale_update)
-    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data)
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
     if cfg.resume and (out / "checkpoint.pt").exists():
         load_checkpoint(run, cfg.rounds)
+    elif cfg.resume and rank == 0:
+        print(f"no checkpoint in {out}: starting from round 0")
     return run
 
 
@@ -1988,13 +2096,17 @@ def defense_of(cfg, data, device, g):
                         cfg.aggregator, cfg.trim, posthoc, cfg.seed, probe, cfg.shadow, cfg.recover)
 
 
-def check_out_folder(out, resume):
-    """A new run needs a new or empty folder it can write; a resumed one, its own folder."""
+def check_out_folder(out, resume, held=False):
+    """A new run needs a new or empty folder it can write (a lock file left there does not count) that no
+    other process holds (held: this process holds it); a resumed one, its own folder."""
     if dist_rank_world()[0] != 0 or resume:
         return
     if out.exists() and not out.is_dir():
         raise FedGANError(f"--out {out} is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()):
+    holder = folder_in_use(out) if out.exists() and not held else None
+    if holder:
+        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
                           "or choose another --out")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
@@ -2002,21 +2114,134 @@ def check_out_folder(out, resume):
         raise FedGANError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
 
 
+def lock_folder(out):
+    """Hold out/.lock for this process's life, so a run folder has one writer. flock is released by the OS
+    however the process ends; the holder's pid and host are written inside for the message a second process
+    gets, and cleared at a clean end, so a lock found with a name in it was left by a process that is gone
+    (it is taken over, with a line). Returns the open file (None where flock does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise FedGANError(f"cannot create {out} ({e.strerror}); choose another --out")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        print(f"{out}: taking over the lock left by {previous}, which is no longer running")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+def unlock_folder(f):
+    """A clean end: the holder's name cleared, the lock released."""
+    if f is not None and not f.closed:
+        f.seek(0)
+        f.truncate()
+        f.close()
+
+
+def folder_in_use(out):
+    """The holder ('pid N on HOST') when another process holds out/.lock, else None."""
+    try:
+        import fcntl
+        with open(Path(out) / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "another process"
+    except (ImportError, OSError):
+        pass
+    return None
+
+
+def data_fingerprint(data):
+    """sha256 (first 16 hex digits) of each split's uint8 images and labels, as loaded: what a run trained
+    and is scored on, whatever path it was read from."""
+    def digest(*tensors):
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    return dict(train=digest(*data.train), test=digest(*data.test))
+
+
+def check_fingerprint(out, data, root):
+    """On --resume: the data loaded now must be the data the run trained on (a moved root is fine)."""
+    try:
+        saved = json.loads((out / "config.json").read_text()).get("data", {}).get("fingerprint")
+    except (OSError, ValueError):
+        return
+    if saved and saved != data_fingerprint(data):
+        raise FedGANError(f"the data at {root} differs from the data {out} trained on (fingerprints {saved} against "
+                          f"{data_fingerprint(data)}); pass --data-root to the run's own data")
+
+
+class Stopped(Exception):
+    """SIGTERM, raised in the main thread so the run ends through the same path as Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped()
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: main prints the message as one line and exits with `code`."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 def train(cfg):
     """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
     rank 0 alone writes the run folder."""
     run = setup_run(cfg)
     log = print if run.lead else (lambda *a, **k: None)
-    if run.lead:
-        start_folder(run, cfg)
-    log(describe(run, cfg))
-    log(f"data: {run.data.report}")
-    if run.lead and cfg.detector != "none" and cfg.warmup >= cfg.rounds - 1:
-        sys.stderr.write(f"fedgan.py: warning: --warmup {cfg.warmup} >= --rounds {cfg.rounds} - 1: the detector never "
-                         "runs (it acts in rounds t > warmup, t from 0)\n")
+    try:
+        if run.lead:
+            if run.lock is None and not cfg.resume:  # a new folder: lock, then look again (another may have won)
+                run.lock = lock_folder(run.out)
+                check_out_folder(run.out, None, held=True)
+            start_folder(run, cfg)
+        log(describe(run, cfg))
+        log(f"data: {run.data.report}")
+        if run.lead and cfg.detector != "none" and cfg.warmup >= cfg.rounds - 1:
+            sys.stderr.write(f"fedgan.py: warning: --warmup {cfg.warmup} >= --rounds {cfg.rounds} - 1: the detector "
+                             "never runs (it acts in rounds t > warmup, t from 0)\n")
+        rounds(run, cfg, log)
+    except (KeyboardInterrupt, Stopped) as e:
+        what, code = ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+        raise Interrupted(f"stopped by {what} in round {run.now} ({run.checkpointed_text()}); continue with: "
+                          f"python fedgan.py --resume {run.out}", code) from None
+    except OSError as e:  # a full or read-only disk: the last checkpoint stays good
+        raise FedGANError(f"cannot write in {run.out} ({e.strerror or e}); free some space or fix its permissions, "
+                          f"then continue with: python fedgan.py --resume {run.out} (last checkpoint: round "
+                          f"{run.checkpointed})") from None
+    finally:
+        unlock_folder(run.lock)
+    return run
+
+
+def rounds(run, cfg, log):
+    """Rounds run.start .. cfg.rounds - 1, checkpoints, and the end of the run."""
     t0 = time.time() - run.seconds
     for t in range(run.start, cfg.rounds):
-        tr = time.time()
+        tr, run.now = time.time(), t + 1
         center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}           # this round's G
         g_states, reports = client_updates(run.fed, center, t, log)                        # procedure A
         g_new, decision = server_round(run.server, run.defense, g_states, reports.g_loss, center, t,
@@ -2034,7 +2259,6 @@ def train(cfg):
         run.summary = finish(run, cfg, time.time() - t0)
     elif run.lead:
         log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
-    return run
 
 
 def describe(run, cfg):
@@ -2090,7 +2314,9 @@ def start_folder(run, cfg):
         (run.out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FedGANError(f"cannot create {run.out} ({e.strerror}); choose another --out")
-    record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg))
+    record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg),
+                  data=dict(path=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+                            fingerprint=data_fingerprint(run.data)))
     atomic_write_text(run.out / "config.json", json.dumps(record, indent=2))
     metrics = run.out / "metrics.jsonl"
     keep = []
@@ -2123,16 +2349,19 @@ def environment(run, cfg):
 
 
 def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_save(text, path, write=lambda obj, p: p.write_text(obj))
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def atomic_save(obj, path, write=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file, and a failed or
+    interrupted write (a full disk, a signal) leaves no .tmp behind."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        (write or torch.save)(obj, tmp)  # torch.save looked up now, not bound at import
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state():
@@ -2188,6 +2417,7 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
                          rng=rng_state(), seconds=seconds,
                          config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
                     run.out / "checkpoint.pt")
+    run.checkpointed = rounds_done
 
 
 def read_checkpoint(path):
@@ -2216,6 +2446,7 @@ def load_checkpoint(run, rounds):
                              ck["history"], ck["norm_history"], ck.get("probe_history", []))
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
+    run.checkpointed = ck["round"]
 
 
 @torch.no_grad()
@@ -2276,7 +2507,7 @@ def finish(run, cfg, seconds):
     if cfg.attack == "patch" and cfg.poison > 0:
         trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
         extra = backdoor_figures(run.g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
-    return summarize(run.out, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
+    return summarize(run.out, cfg.rounds, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
 
 
 def detection_rates(flags, mal):
@@ -2288,14 +2519,23 @@ def detection_rates(flags, mal):
                 first=int(hit[0]) + 1 if len(hit) else None)
 
 
-def summarize(out, warmup, detecting, aggregator_name, seconds, extra=None):
+def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=None):
     """End-of-run summary from metrics.jsonl: flags per client, final weights, detection rates after
     warm-up (for Krum, rejection rates and the attackers' mean share of the aggregate), plus `extra`."""
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    try:
+        recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    except (OSError, ValueError):
+        recs = []
+    if not recs:  # the log is gone: the rounds are the checkpoint's, the per-round figures are lost
+        s = dict(rounds=rounds, seconds=round(seconds, 1), note="metrics.jsonl was missing or unreadable: no "
+                 "per-round figures", **(extra or {}))
+        atomic_write_text(out / "summary.json", json.dumps(s, indent=2))
+        print(f"done: {rounds} rounds in {seconds:.0f}s (metrics.jsonl was missing: no per-round figures)")
+        return s
     flags = np.array([r["flagged"] for r in recs])
     post = np.array([r["round"] - 1 > warmup for r in recs])  # Algorithm 1's t = round - 1
     mal = np.array(recs[-1]["malicious"], bool)
-    s = dict(rounds=len(recs), seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
+    s = dict(rounds=rounds, seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
     w = np.array(s["final_weights"])
     s["malicious_final_weight"] = float(w[mal].sum())
@@ -2526,6 +2766,11 @@ def resume_config(flags):
     except ValueError:
         raise FedGANError(f"--resume {folder}: config.json is not valid JSON; restore it or start a new run")
     cfg = config_from_json(saved, folder / "config.json")
+    recorded = (saved.get("data") or {}).get("path")
+    if "data_root" not in flags and cfg.data_root and not Path(cfg.data_root).exists() and recorded \
+            and Path(recorded).exists():  # a relative root, resumed from another directory
+        print(f"data root {cfg.data_root} is not found from here; using the run's recorded {recorded}")
+        flags = dict(flags, data_root=recorded)
     for k, v in flags.items():
         if k not in RESUMABLE and v != getattr(cfg, k):
             raise FedGANError(f"--{k.replace('_', '-')} cannot change on --resume (the run has "
@@ -2550,15 +2795,33 @@ def init_distributed(cfg):
 def main(argv=None):
     try:
         flags = parse_flags(argv)
-        cfg = resume_config(flags) if flags.get("resume") else finalize(Config(**flags))
+        if flags.get("resume"):
+            cfg = resume_config(flags)
+        else:
+            cfg = finalize(Config(**flags))
+            check_needs(cfg, flags)
         if cfg.bench:
             return bench(cfg)
         init_distributed(cfg)
-        return train(cfg)
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: SIGTERM keeps its default
+            return train(cfg)
+        try:
+            return train(cfg)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except FedGANError as e:
         if dist_rank_world()[0] == 0:
             sys.stderr.write(f"fedgan.py: error: {e}\n")
         sys.exit(2)
+    except Interrupted as e:
+        if dist_rank_world()[0] == 0:
+            sys.stderr.write(f"fedgan.py: {e}\n")
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # before the run began: nothing to resume
+        sys.stderr.write("fedgan.py: stopped by Ctrl-C before the first round; nothing was trained\n")
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

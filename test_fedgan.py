@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1393,6 +1394,212 @@ def test_eval_refuses_bad_inputs_before_any_work():
         for m in ("fid", "kid", "precision", "recall"):
             assert space[m]["1"] is None and space[m]["0"] is not None and space[m]["overall"] is not None, m
             assert space[m]["class mean"] is None, m  # a mean over classes that misses one is not given
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: nothing trains, resumes or scores silently on the wrong thing
+# ---------------------------------------------------------------------------------------------
+
+
+def _start(args):
+    """fedgan.py in a child process (one thread), its output in pipes; returns the Popen."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(HERE / "fedgan.py")] + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+
+
+def _holding(folder, p, timeout=120):
+    """Wait until process p holds folder's lock and has trained a round."""
+    t = time.time()
+    while time.time() - t < timeout:
+        lock, metrics = Path(folder) / ".lock", Path(folder) / "metrics.jsonl"
+        if (lock.exists() and f"pid {p.pid}" in lock.read_text() and metrics.exists()
+                and metrics.read_text().strip()):
+            return
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    raise AssertionError("the run never took its folder")
+
+
+def _cli_fails(args, must_mention, code=2):
+    p = subprocess.run([sys.executable, str(HERE / "fedgan.py")] + args, capture_output=True, text=True, cwd=HERE,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    err = p.stderr.strip()
+    assert p.returncode == code and len(err.splitlines()) == 1 and "Traceback" not in err, (p.returncode, err)
+    assert must_mention.lower() in err.lower(), (must_mention, err)
+    return err
+
+
+def test_one_process_per_run_folder_and_signals_end_in_one_line():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "run")
+        long = ["--img-size", "16", "--width", "8", "--local-steps", "1", "--rounds", "500", "--ckpt-every", "2"]
+        a = _start(long + ["--out", out])
+        _holding(out, a)
+        _cli_fails(long + ["--seed", "2", "--out", out], f"in use by pid {a.pid}")       # a second new run
+        _cli_fails(["--resume", out, "--rounds", "600"], f"in use by pid {a.pid}")       # a resume beside it
+        _fails_cleanly([out, "--metrics", "fid", "--out", str(Path(tmp) / "e")], "still training", main=ev.main)
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+        assert a.returncode == 143 and len(err.strip().splitlines()) == 1, (a.returncode, err)
+        assert "stopped by SIGTERM" in err and f"--resume {out}" in err and "Traceback" not in err, err
+        assert not list(Path(out).glob("*.tmp")) and (Path(out) / ".lock").read_text() == ""
+        b = _start(["--resume", out])                                                     # the other order
+        _holding(out, b)
+        _cli_fails(long + ["--out", out], f"in use by pid {b.pid}")
+        b.send_signal(signal.SIGINT)                                                      # Ctrl-C
+        _, err = b.communicate(timeout=120)
+        assert b.returncode == 130 and "stopped by Ctrl-C" in err and "Traceback" not in err, err
+        c = _start(["--resume", out])
+        _holding(out, c)
+        c.kill()                                                                          # SIGKILL: no clean end
+        c.communicate()
+        d = _start(["--resume", out, "--rounds", str(json.loads((Path(out) / "config.json").read_text())["rounds"])])
+        text, err = d.communicate(timeout=300)
+        assert d.returncode == 0 and f"taking over the lock left by pid {c.pid}" in text, text[-1000:] + err
+
+
+def test_flags_that_do_nothing_alone_are_refused_and_advice_is_not_circular():
+    cases = [(["--poison", "4", "--detect-on", "probe"], "--detect-on does nothing without --detector"),
+             (["--recover"], "--recover does nothing"), (["--trim", "0.2"], "--aggregator trimmed-mean"),
+             (["--dirichlet-alpha", "0.3"], "--partition dirichlet"), (["--blend-alpha", "0.5"], "--attack blend"),
+             (["--poison", "4", "--detector", "paper", "--detect-fpr", "0.01"], "--detector calibrated"),
+             (["--poison", "4", "--malicious", "0", "--malicious-ids", "1"], "give one of them"),
+             (["--reconstruct-epochs", "3"], "--posthoc reconstruct"), (["--poison-frac", "0.5"], "an attack"),
+             (["--data-root", "x.npz"], "--dataset chestx"), (["--seed", "-5"], "[0, 2^32)"),
+             (["--seed", "99999999999999999999"], "[0, 2^32)"),
+             (["--clients", "2", "--poison", "4"], "--clients 3 or more")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for argv, words in cases:
+            _fails_cleanly(argv + ["--out", str(Path(tmp) / "r")], words)
+            assert not (Path(tmp) / "r").exists(), argv
+    # with what they need, they are accepted
+    fedgan.parse_args(["--poison", "4", "--detector", "calibrated", "--detect-on", "probe", "--recover",
+                       "--detect-fpr", "0.01", "--partition", "dirichlet", "--dirichlet-alpha", "0.3"])
+
+
+def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        x, y = _eight_images()
+        train = x.astype(np.float32) / 255
+        train[0, 0, 0] = 1.004  # one stray value above 1 must not flip the split's scale
+        data = _load(_npz(tmp / "f.npz", train, y, x.astype(np.float32) / 255, y))
+        assert torch.equal(data.train[0][1:], data.test[0][1:]) and int(data.train[0].max()) == 255
+        assert "1 value above 1 clipped" in data.report, data.report
+        # NORMAL/PNEUMONIA/COVID19: three classes, the known two first; hidden things skipped, other types counted
+        for name in ("NORMAL", "PNEUMONIA", "COVID19"):
+            _write_images(tmp / "three" / name, 4)
+        _write_images(tmp / "three" / ".ipynb_checkpoints", 2)
+        (tmp / "three" / "NORMAL" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+        from PIL import Image
+        Image.new("L", (20, 20)).save(tmp / "three" / "NORMAL" / "x.gif")
+        data = _load(tmp / "three")
+        assert data.classes == ["NORMAL", "PNEUMONIA", "COVID19"] and len(data.train[1]) + len(data.test[1]) == 12
+        assert "1 file skipped for their type (1 .gif" in data.report, data.report
+        _write_images(tmp / "three" / "normal", 4)
+        try:
+            _load(tmp / "three")
+        except fedgan.FedGANError as e:
+            assert "differ only in case" in str(e), e
+        else:
+            raise AssertionError("NORMAL/ beside normal/ accepted")
+
+
+def test_resume_finds_moved_data_keeps_its_books_and_refuses_other_data():
+    npz = Path(tempfile.mkdtemp())
+    try:
+        x, y = np.random.default_rng(0).integers(0, 256, (64, 16, 16)).astype(np.uint8), np.arange(64) % 2
+        _npz(npz / "d.npz", x, y)
+        common = ["--dataset", "chestx", "--img-size", "16", "--width", "8", "--local-steps", "1", "--ckpt-every", "1"]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            p = subprocess.run([sys.executable, str(HERE / "fedgan.py"), *common, "--data-root", "d.npz", "--rounds",
+                                "2", "--out", str(out)], cwd=npz, capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert p.returncode == 0, p.stderr
+            saved = json.loads((out / "config.json").read_text())
+            assert saved["data"]["path"] == str((npz / "d.npz").resolve()) and set(saved["data"]["fingerprint"]) == {
+                "train", "test"}
+            # resumed from another directory: the relative root is found through the recorded path
+            text = _run_cli(["--resume", str(out), "--rounds", "3"]).stdout
+            assert "using the run's recorded" in text, text
+            # the data moved: --data-root may point to it; other data is refused
+            shutil.copy(npz / "d.npz", npz / "moved.npz")
+            _run_cli(["--resume", str(out), "--rounds", "4", "--data-root", str(npz / "moved.npz")])
+            _npz(npz / "other.npz", 255 - x, y)
+            _cli_fails(["--resume", str(out), "--rounds", "5", "--data-root", str(npz / "other.npz")],
+                       "differs from the data")
+            # the log deleted: the summary's rounds come from the checkpoint
+            (out / "metrics.jsonl").unlink()
+            _run_cli(["--resume", str(out), "--rounds", "5"])
+            assert json.loads((out / "summary.json").read_text())["rounds"] == 5
+            # the checkpoint deleted: said, and the run starts over
+            (out / "checkpoint.pt").unlink()
+            text = _run_cli(["--resume", str(out), "--rounds", "2"]).stdout
+            assert f"no checkpoint in {out}: starting from round 0" in text, text
+    finally:
+        shutil.rmtree(npz)
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_no_tmp():
+    real = torch.save
+
+    def full(obj, path, *a, **kw):
+        if str(path).endswith("checkpoint.pt.tmp"):
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        fedgan.torch.save = full
+        try:
+            _fails_cleanly(TINY + ["--rounds", "2", "--out", str(Path(tmp) / "r")], "No space left on device")
+        finally:
+            fedgan.torch.save = real
+        assert not list(Path(tmp, "r").glob("*.tmp")) and (Path(tmp) / "r" / ".lock").read_text() == ""
+
+
+def test_eval_refuses_stale_or_mixed_runs_and_scores_a_run_without_its_log():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small, large = tmp / "a_s0", tmp / "b_s0"
+        quiet(fedgan.train, tiny_cfg(small, "--rounds", "1", "--local-steps", "1"))
+        quiet(fedgan.train, tiny_cfg(large, "--rounds", "1", "--local-steps", "1", "--img-size", "32"))
+        _fails_cleanly([str(small), str(large), "--metrics", "fid", "--out", str(tmp / "e")], "different data",
+                       main=ev.main)
+        cfg = json.loads((small / "config.json").read_text())
+        being_extended = tmp / "c_s0"
+        shutil.copytree(small, being_extended)
+        (being_extended / "config.json").write_text(json.dumps(dict(cfg, rounds=60)))
+        _fails_cleanly([str(being_extended), "--metrics", "fid", "--out", str(tmp / "e")], "is from round 1",
+                       main=ev.main)
+        (small / "metrics.jsonl").unlink()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ev.main([str(small), "--metrics", "fid", "--n-synth", "8", "--fid-epochs", "1", "--out", str(tmp / "e")])
+        assert "scored without detection figures" in out.getvalue()
+
+
+def test_help_says_what_the_flags_do():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            fedgan.parse_flags(["--help"])
+        except SystemExit:
+            pass
+    text = " ".join(out.getvalue().split())
+    assert "--out may not" in text and "(default True)" not in text.split("--amp")[1][:300]
+    assert "not the optimizer's weight decay" in text
+    import eval as ev
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            ev.parse_args(["--help"])
+        except SystemExit:
+            pass
+    assert "(default: )" not in out.getvalue() and "where the networks run" in out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

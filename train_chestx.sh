@@ -56,13 +56,15 @@ if [ "$QUICK" = 1 ]; then
     IMG=${IMG:-32}; ROUNDS=${ROUNDS:-100}; SEEDS=${SEEDS:-3}; SHORT=${SHORT:-20}
     OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
     METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
-    MODEL=(--arch small --width 8 --local-steps 5 --warmup 5 --reconstruct-epochs 5 --reconstruct-per-class 200)
+    MODEL=(--arch small --width 8 --local-steps 5 --warmup 5)
+    RECON="--reconstruct-epochs 5 --reconstruct-per-class 200"  # only where --posthoc reconstruct uses them
     STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 3)
 else
     IMG=${IMG:-256}; ROUNDS=${ROUNDS:-200}; SEEDS=${SEEDS:-1}; SHORT=${SHORT:-0}
     OUT=${OUT:-runs/paper_$DATASET$SUFFIX}
     METRICS=${METRICS:-lpips,fid,kid,pr,trigger}
     MODEL=(--arch paper)
+    RECON=""
     STUDY=()
 fi
 for v in SEEDS JOBS ROUNDS SHORT; do
@@ -94,7 +96,9 @@ if [ "$GRID" = paper ]; then
     for p in 16 32 64; do
         NAMES+=("attack$p"); FLAGS+=("--poison $(px_of $p)")
         for defense in feddetect reconstruct flip rotate; do
-            NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense")
+            extra=""
+            if [ "$defense" = reconstruct ]; then extra=" $RECON"; fi
+            NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense$extra")
         done
     done
     UTILITY=${UTILITY:-vanilla attack32 feddetect32}
@@ -103,7 +107,7 @@ else
     p=$TRIGGER; a="--poison $(px_of $p)"
     NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p")
     FLAGS+=("$a" "$a --defense feddetect" "$a --detector calibrated" "$a --aggregator multi-krum"
-            "$a --augment rotate" "$a --posthoc reconstruct" "$a --detector calibrated --detect-on loss+probe")
+            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe")
     BASELINES=vanilla,attack$p
 fi
 if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla attack64 calibrated64"
