@@ -768,9 +768,17 @@ def interval(values):
     return dict(mean=mean, lo=mean - half, hi=mean + half, n=len(v), sd=sd, p=p)
 
 
+def meaningful(config):
+    """config without the settings that do nothing in it (fedgan.NEEDS: --reconstruct-epochs without a
+    reconstruction, --trim without a trimmed mean, ...), so runs that differ only there are one arm."""
+    cfg = fedgan.Config(**{f.name: config[f.name] for f in dataclasses.fields(fedgan.Config) if f.name in config})
+    return {k: v for k, v in config.items() if not (k in fedgan.NEEDS and not fedgan.NEEDS[k][0](cfg))}
+
+
 def arm_key(config):
-    """What makes an experiment: config.json without the seed and the speed and output settings."""
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
+    """What makes an experiment: config.json without the seed, the speed and output settings, and the
+    settings that do nothing in it."""
+    return json.dumps({k: v for k, v in meaningful(config).items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
 
 
 def arm_label(names):
@@ -935,6 +943,7 @@ def diff_cell(iv, kept):
 
 
 def config_difference(config, base):
+    config, base = meaningful(config), meaningful(base)
     keys = sorted(k for k in set(config) | set(base) if k not in NOT_THE_EXPERIMENT and config.get(k) != base.get(k))
     return ", ".join(f"{k}={config.get(k)}" for k in keys) or "(the baseline)"
 

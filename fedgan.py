@@ -23,6 +23,7 @@ Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMa
 Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -71,7 +72,9 @@ class Config:
                         "data")
     synthetic_per_class: int = opt(256, "synthetic data: training images per class (test: a quarter of that)", "data")
     test_frac: float = opt(0.1, "held-out fraction per class when the data has no test split", "data")
-    clients: int = opt(4, "number of clients N; the training set is split into N shards", "data")
+    clients: int = opt(4, "number of clients N; the training set is split into N shards; 1 = the centralized "
+                          "reference (one party, all the data: give it N times the local steps to match a federation "
+                          "of N at equal image-steps)", "data")
     partition: str = opt("iid", "client shards: iid (random, equal) | dirichlet (class mix ~ Dir(alpha) per client)",
                          "data", choices=["iid", "dirichlet"])
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small = very non-IID", "data")
@@ -144,9 +147,15 @@ class Config:
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
     lr: float = opt(2e-4, "Adam learning rate for G and D (betas 0.5, 0.999)")
-    arch: str = opt("small", "small (sized by --width/--max-channels, suits a CPU) | paper (the study's sizes: G "
-                             "channels 32768/res up to 512 with StyleGAN2's transposed-conv upsampling, D "
-                             "from 64 doubling to 2048 at 4x4)", choices=["small", "paper"])
+    ema: float = opt(0.0, "half-life, in thousands of training images, of the server's moving average of the global "
+                          "generator (StyleGAN2's G_ema, ramped up over the first rounds): samples, generator.pt and "
+                          "eval use the average, clients still start from the plain global; 0 = off (the paper)")
+    r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
+                         "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
+    arch: str = opt("auto", "auto (paper on CUDA, small on a CPU, which says so in the log) | small (sized by "
+                            "--width/--max-channels, suits a CPU) | paper (the study's sizes: G channels 32768/res up "
+                            "to 512 with StyleGAN2's transposed-conv upsampling, D from 64 doubling to 2048 at 4x4)",
+                    choices=["auto", "small", "paper"])
     width: int = opt(32, "model width: generator channels = min(max, width * img_size / res); "
                          "discriminator starts at width and doubles")
     max_channels: int = opt(256, "channel cap for both networks")
@@ -242,13 +251,19 @@ def finalize(cfg):
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     resolve_defense(cfg)
+    if cfg.arch == "auto":  # the paper's networks where they can train, and a line saying so where they cannot
+        cfg.arch = "paper" if pick_device(cfg.device).type == "cuda" else "small"
     s = cfg.img_size
     if s < 16 or s > 256 or s & (s - 1):
         raise FedGANError(f"--img-size {s} is not a power of two in 16..256; use 16, 32, 64, 128 or 256")
     if cfg.channels not in (1, 3):
         raise FedGANError(f"--channels {cfg.channels} must be 1 (gray) or 3 (RGB)")
-    if cfg.clients < 2:
-        raise FedGANError(f"--clients {cfg.clients}: a federation needs at least 2 clients")
+    if cfg.clients < 1:
+        raise FedGANError(f"--clients {cfg.clients} must be at least 1 (1 = the centralized reference)")
+    if cfg.clients == 1 and (attacking(cfg) or cfg.malicious or cfg.malicious_ids or cfg.detector != "none"
+                             or cfg.aggregator != "fedavg" or cfg.shadow or cfg.partition != "iid"):
+        raise FedGANError("--clients 1 is the centralized reference: one party trains on all the data, so there is "
+                          "no attack, detector, robust aggregator or partition to run; use --clients 2 or more")
     if cfg.dataset == "synthetic" and cfg.data_root:
         raise FedGANError(f"--data-root {cfg.data_root} is read only by --dataset chestx or isic (synthetic data is "
                           "made from the seed); add --dataset chestx (gray) or --dataset isic (RGB)")
@@ -955,12 +970,19 @@ def modulated_conv2d(x, weight, styles, demodulate=True, padding=1, up=False):
         out = blur_up(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2))  # (B, Cout, 2H, 2W)
     else:
         out = F.conv2d(x, weight.to(x.dtype), padding=padding)           # (B, Cout, H, W)
-    if demodulate:  # 1 / ||weight * style|| over (Cin, k, k), per sample and output channel
-        acc = torch.promote_types(weight.dtype, torch.float32)          # fp32 under autocast, fp64 stays fp64
-        w2 = weight.to(acc).square().sum(dim=(2, 3))                     # (Cout, Cin)
-        d = torch.rsqrt(styles.to(acc).square() @ w2.t() + 1e-8)         # (B, Cout)
-        out = out * d[:, :, None, None].to(out.dtype)
+    if demodulate:
+        out = out * demodulation(weight, styles)[:, :, None, None].to(out.dtype)
     return out
+
+
+def demodulation(weight, styles):
+    """1 / ||weight * style|| over (Cin, k, k), per sample and output channel: (B, Cout), in fp32 (fp64 stays
+    fp64) even under autocast, which would run the matmul in bf16 (off by 0.2-0.4%)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    dev = weight.device.type
+    with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():  # not meta
+        w2 = weight.to(acc).square().sum(dim=(2, 3))                     # (Cout, Cin)
+        return torch.rsqrt(styles.to(acc).square() @ w2.t() + 1e-8)      # (B, Cout)
 
 
 class StyledConv(nn.Module):
@@ -1150,6 +1172,7 @@ class Local:
     amp_dtype: Optional[torch.dtype] = None   # autocast dtype, None = fp32
     channels_last: bool = False               # NHWC batches and models (CUDA)
     compile: bool = False
+    r1: float = 0.0                           # R1 gamma (0 = off), lazily every R1_EVERY D steps
 
 
 @dataclass
@@ -1177,14 +1200,17 @@ def client_seed(seed, client_id):
     return seed * 1_000_003 + 7919 * (client_id + 1)
 
 
-def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, clean=None, attack_start=0):
+def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, clean=None, attack_start=0,
+                parallel=False):
     """A client around its shard and discriminator d; home: where its models live between turns
-    (default the device; 'cpu' when offloading, see client_to)."""
+    (default the device; 'cpu' when offloading, see client_to). With --compile, a client trained in turn
+    has its modules compiled; clients side by side (parallel) do not: client_update_parallel compiles the
+    batched functions instead, so exactly one path is compiled."""
     g = copy.deepcopy(g_global)
     g.to(home or device), d.to(home or device)
     if local.channels_last:
         g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
-    if local.compile:  # in place, so state_dict keys stay plain; one graph serves every client (same code)
+    if local.compile and not parallel:  # in place, so state_dict keys stay plain; one graph serves every client
         g.compile(), d.compile()
     betas = (0.5, 0.999)
     return Client(client_id, x.to(device), y.to(device), g, d,
@@ -1240,6 +1266,21 @@ def g_loss_of(fake_logits):
     return F.softplus(-fake_logits).mean(-1)
 
 
+R1_EVERY = 16  # lazy regularization: the penalty every 16 D steps, weighted x16 (StyleGAN2)
+
+
+def r1_penalty(real_logits, real):
+    """|grad_x D(x)|^2 at the real images, per image, mean over the batch: real_logits (..., B) from
+    real (..., B, C, H, W), which requires grad. -> (...). Kept in the graph, so D can descend it."""
+    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.square().sum((-3, -2, -1)).mean(-1)
+
+
+def r1_due(local, t, steps, s):
+    """Is D step s of round t one that pays the lazy R1 penalty? (counted over the run, not the round)"""
+    return local.r1 > 0 and (t * steps + s) % R1_EVERY == 0
+
+
 def client_update(client, g_state, steps, t=0):
     """Procedure A: load the global generator, then `steps` of (D step, G step) on round t's shard.
     -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees."""
@@ -1252,16 +1293,19 @@ def client_update(client, g_state, steps, t=0):
     cursor = dict(perm=None, pos=len(x))
     d_sum = torch.zeros((), device=device)
     g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
-    for _ in range(steps):
+    for s in range(steps):
         b = next_batch(client, x, y, cursor, g, bs)
         real, labels, z = b["real"], b["labels"], b["z"]
+        r1 = r1_due(local, t, steps, s)
 
         with autocast(device, local.amp_dtype):  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
-            d_loss = d_loss_of(d(real, labels), d(fake, labels))
+            real_logits = d(real.requires_grad_(r1), labels)
+            d_loss = d_loss_of(real_logits, d(fake, labels))
+        penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0
         client.opt_d.zero_grad(set_to_none=True)
-        client.scaler.scale(d_loss).backward()
+        client.scaler.scale(d_loss + penalty).backward()
         client.scaler.step(client.opt_d)
 
         with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
@@ -1332,7 +1376,7 @@ def client_update_parallel(clients, g_state, steps, t=0):
     g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
     gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
     disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
-    if local.compile:  # functional_call bypasses Module.compile, so compile the batched functions
+    if local.compile:  # the templates are plain modules here (make_client, parallel): compile the batched calls
         gen, disc = torch.compile(gen), torch.compile(disc)
     shards = [shard(c, t) for c in clients]
     device = shards[0][0].device
@@ -1340,16 +1384,19 @@ def client_update_parallel(clients, g_state, steps, t=0):
     cursors = [dict(perm=None, pos=len(x)) for x, _ in shards]
     d_sum = torch.zeros(len(clients), device=device)
     g_sum = torch.zeros(len(clients), device=device)
-    for _ in range(steps):
+    for s in range(steps):
         bs_ = [next_batch(c, x, y, cur, g0, bs) for c, (x, y), cur in zip(clients, shards, cursors)]
         real, labels, z = (torch.stack([b[k] for b in bs_]) for k in ("real", "labels", "z"))  # (N, B, ...)
         noise_d, noise_g = ([torch.stack(layer) for layer in zip(*[b[k] for b in bs_])] for k in ("noise_d", "noise_g"))
+        r1 = r1_due(local, t, steps, s)
         with autocast(device, local.amp_dtype):
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
-            d_loss = d_loss_of(disc(pd, bd, real, labels), disc(pd, bd, fake, labels))     # (N,)
+            real_logits = disc(pd, bd, real.requires_grad_(r1), labels)                      # (N, B)
+            d_loss = d_loss_of(real_logits, disc(pd, bd, fake, labels))                     # (N,)
+        penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0  # (N,)
         opt_d.zero_grad(set_to_none=True)
-        d_loss.sum().backward()  # clients share no parameter, so each slice gets its own client's gradient
+        (d_loss + penalty).sum().backward()  # clients share no parameter: each slice gets its own gradient
         opt_d.step()
         with autocast(device, local.amp_dtype):
             g_loss = g_loss_of(disc(pd, bd, gen(pg, z, labels, noise_g), labels))
@@ -1807,6 +1854,24 @@ def shadow_flags(server, defense, ok, t):
     return out
 
 
+def ema_beta(half_life_kimg, images, seen, rampup=0.05):
+    """How much of the moving average one round of `images` training images keeps: half of it is gone
+    after half_life_kimg thousand images. Early on the half-life is at most rampup x the `seen` images so
+    far (StyleGAN2's ramp-up), so the untrained start does not linger in it."""
+    half = min(half_life_kimg * 1000, rampup * seen) if rampup else half_life_kimg * 1000
+    return 0.5 ** (images / max(half, 1e-8))
+
+
+def ema_update(avg, new, beta):
+    """avg <- beta * avg + (1 - beta) * new, in place, for every floating-point tensor of a state dict;
+    integer buffers (counters) are copied from new."""
+    for k, v in avg.items():
+        if v.is_floating_point():
+            v.mul_(beta).add_(new[k].to(v.dtype), alpha=1 - beta)
+        else:
+            v.copy_(new[k])
+
+
 def server_round(server, defense, g_states, losses, center, t, distributed=False):
     """Procedure B: record the reports, detect, reweight, aggregate. g_states {id: generator state}
     holds every client in one process, and this rank's clients under torchrun (where rank 0's decision
@@ -1855,13 +1920,25 @@ def collective(op, *args, **kw):
                           "a rank died: the last checkpoint is intact, restart with --resume OUT")
 
 
+def comm_device():
+    """Where a collective's tensors must live: nccl moves GPU tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def reduced(buf, op=dist.all_reduce, **kw):
+    """buf (a CPU tensor) after the collective op, done on the backend's device; back on the CPU."""
+    moved = buf.to(comm_device())
+    collective(op, moved, **kw)
+    return moved.cpu()
+
+
 def gather_losses(results, n_clients, distributed):
     """Every client's (d_loss, g_loss) on every rank: each rank fills its own slots, then one all-reduce."""
     buf = torch.zeros(2, n_clients, dtype=torch.float64)
     for i, (dl, gl) in results.items():
         buf[0, i], buf[1, i] = dl, gl
     if distributed:
-        collective(dist.all_reduce, buf)
+        buf = reduced(buf)
     return buf[0].tolist(), buf[1].tolist()
 
 
@@ -1871,7 +1948,7 @@ def norms_of_all(g_states, center, n_clients, distributed):
     for i, s in g_states.items():
         buf[i] = update_norms([s], center)[0]
     if distributed:
-        collective(dist.all_reduce, buf)
+        buf = reduced(buf)
     return buf.tolist()
 
 
@@ -1879,7 +1956,7 @@ def broadcast_decision(server, decision):
     """Rank 0's decision and server weights on every rank (one tensor), so all ranks stay identical."""
     buf = torch.tensor(np.stack([decision.flags, server.counts, server.weights, decision.ok, decision.used]),
                        dtype=torch.float64)
-    collective(dist.broadcast, buf, src=0)
+    buf = reduced(buf, dist.broadcast, src=0)
     b = buf.numpy()
     server.counts, server.weights = b[1].astype(np.int64), b[2].copy()
     return Decision(b[0] > 0.5, b[3] > 0.5, b[4].copy())
@@ -1946,7 +2023,7 @@ def set_precision(cfg, device):
 def local_of(cfg, device):
     """The clients' training settings from a Config (the edge)."""
     return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
-                 cfg.channels_last and device.type == "cuda", cfg.compile)
+                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1)
 
 
 def activation_mb(arch, n_classes, device, amp_dtype):
@@ -2011,10 +2088,16 @@ class Run:
     start: int = 0              # first round to run (after a resume)
     seconds: float = 0.0        # training time before this session (after a resume)
     summary: Optional[dict] = None
+    g_ema: Optional[nn.Module] = None  # --ema: the server's moving average of the global generator
     lock: object = None         # the open run-folder lock (rank 0)
     checkpointed: int = 0       # the round the newest checkpoint holds
 
     now: int = 0                # the round being trained (from 1)
+
+    @property
+    def output(self):
+        """The generator a user gets (samples, generator.pt, eval): the average with --ema, else the global."""
+        return self.g if self.g_ema is None else self.g_ema
 
     def checkpointed_text(self):
         return (f"last checkpoint: round {self.checkpointed}" if self.checkpointed else
@@ -2067,12 +2150,14 @@ def setup_run(cfg):
                                              cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
             clean = (xi, yi) if cfg.attack_start > 0 else None  # a late attacker trains clean until it starts
             clients[i] = make_client(i, xp, yp, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     clean, cfg.attack_start)
+                                     clean, cfg.attack_start, parallel=parallel)
         else:
-            clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None)
+            clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
+                                     parallel=parallel)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
                      cfg.seed, [len(s) for s in shards], cfg.scale_update)
-    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock,
+              g_ema=copy.deepcopy(g_global).eval().requires_grad_(False) if cfg.ema > 0 else None)
     if cfg.resume and (out / "checkpoint.pt").exists():
         load_checkpoint(run, cfg.rounds)
     elif cfg.resume and rank == 0:
@@ -2248,11 +2333,15 @@ def rounds(run, cfg, log):
                                        run.fed.distributed)                                # procedure B
         if g_new is not None:
             run.g.load_state_dict(g_new)
+        if run.g_ema is not None:
+            images = sum(run.fed.steps) * cfg.batch
+            with torch.no_grad():
+                ema_update(run.g_ema.state_dict(), run.g.state_dict(), ema_beta(cfg.ema, images, (t + 1) * images))
         last = t + 1 == cfg.rounds
         if run.lead:
             log_round(run, t, cfg.rounds, reports, decision, time.time() - tr)
             if (t + 1) % cfg.sample_every == 0 or last:
-                save_samples(run.g, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
+                save_samples(run.output, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
         if (t + 1) % cfg.ckpt_every == 0 or last:
             save_checkpoint(run, t + 1, cfg, time.time() - t0)  # gathers client state: every rank calls it
     if run.lead and (run.start < cfg.rounds or not (run.out / "summary.json").exists()):
@@ -2261,19 +2350,38 @@ def rounds(run, cfg, log):
         log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
 
 
+def paper_hours_on(device, cfg, images):
+    """A rough estimate of the hours the paper's networks would take for `images` training images on this
+    device: their forward FLOPs per image (counted on the meta device), x 6 for G and x 9 for D (a D step
+    sees real and fake images, a G step goes through D, a backward pass costs two forwards), at this
+    device's fp32 matmul speed."""
+    with torch.device("meta"):
+        g, d = build_models(2, **dict(arch_of(cfg), arch="paper"))
+        z, y = torch.randn(1, g.z_dim), torch.zeros(1, dtype=torch.long)
+        g_fl = count_forward_flops(g, z, y)
+        d_fl = count_forward_flops(d, torch.randn(1, cfg.channels, cfg.img_size, cfg.img_size), y)
+    return images * (6 * g_fl + 9 * d_fl) / (matmul_gflops(device, n=1024, reps=3) * 1e9) / 3600
+
+
 def describe(run, cfg):
     """The run's first log line."""
     fed, amp = run.fed, amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
+    note = ""
+    if fed.device.type == "cpu" and cfg.arch == "small" and cfg.img_size >= 128:  # the card's command on a CPU
+        hours = paper_hours_on(fed.device, cfg, (cfg.rounds - run.start) * sum(fed.steps) * cfg.batch)
+        note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: its networks "
+                f"(--arch paper) need a GPU, and would take roughly {hours:,.0f} h here")
     parts = [cfg.augment != "none" and f"augment {cfg.augment}",
              cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
              cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]
-    return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, {cfg.clients} clients "
+    return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, "
+            f"{'1 client: the centralized reference' if cfg.clients == 1 else f'{cfg.clients} clients'} "
             f"(shards {fed.sizes}, {fed.steps[0]} steps/round), malicious {fed.malicious}, "
             f"attack {cfg.attack if fed.malicious else 'none'}, defense: {', '.join(p for p in parts if p)}, "
             f"device {fed.device}{' (' + str(amp).replace('torch.', '') + ' autocast)' if amp else ''}, "
             f"clients {'side by side' if fed.parallel else 'in turn'}{', offloaded to host' if fed.offload else ''}, "
             f"{dist_rank_world()[1]} process(es), out {run.out}"
-            + (f", resuming at round {run.start}/{cfg.rounds}" if run.start else ""))
+            + (f", resuming at round {run.start}/{cfg.rounds}" if run.start else "") + note)
 
 
 def fmt(xs, nd=3):
@@ -2399,12 +2507,25 @@ def private_state(client):
                        scaler=client.scaler.state_dict(), rng=client.rng.get_state()))
 
 
-def load_private_state(client, state):
+def load_private_state(client, state, reseed):
+    """Restore what a client keeps between rounds. Resumed on another device type, its noise stream's
+    state does not fit (a CPU generator's is 5,056 bytes, a CUDA one's 16): the stream is then re-seeded
+    from `reseed` (the seed, client id and round: deterministic). A GradScaler switched on (fp16) after a
+    run without one starts fresh. Returns what was not restored exactly, for one line in the log."""
     client.d.load_state_dict(state["d"])
     client.opt_d.load_state_dict(state["opt_d"])
     client.opt_g.load_state_dict(state["opt_g"])
-    client.scaler.load_state_dict(state["scaler"])
-    client.rng.set_state(state["rng"])
+    changed = []
+    if client.scaler.is_enabled() and not state["scaler"]:
+        changed.append("fp16 loss scaling starts fresh")
+    else:
+        client.scaler.load_state_dict(state["scaler"])
+    if state["rng"].numel() == client.rng.get_state().numel():
+        client.rng.set_state(state["rng"])
+    else:
+        client.rng.manual_seed(reseed)
+        changed.append(f"noise streams re-seeded for {client.rng.device.type}")
+    return changed
 
 
 def save_checkpoint(run, rounds_done, cfg, seconds):
@@ -2413,6 +2534,7 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
     if run.lead:
         s = run.server
         atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(), weights=s.weights.tolist(),
+                         **({"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}),
                          history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
                          rng=rng_state(), seconds=seconds,
                          config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
@@ -2440,8 +2562,14 @@ def load_checkpoint(run, rounds):
         raise FedGANError(f"{run.out} is at round {ck['round']}; --rounds {rounds} would shorten it: give --rounds "
                           f">= {ck['round']}")
     run.g.load_state_dict(ck["g"])
+    if run.g_ema is not None:
+        run.g_ema.load_state_dict(ck["g_ema"])
+    changed = set()
     for i, c in run.fed.clients.items():
-        load_private_state(c, ck["clients"][i])
+        changed.update(load_private_state(c, ck["clients"][i], client_seed(ck["config"]["seed"], i) + ck["round"]))
+    if changed and run.lead:
+        print(f"resumed on another device or precision: {', '.join(sorted(changed))} (the run goes on "
+              "deterministically, but not bitwise as it would have on the first device)")
     run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
                              ck["history"], ck["norm_history"], ck.get("probe_history", []))
     set_rng_state(ck["rng"])
@@ -2498,15 +2626,16 @@ def reconstruct(g, x, y, n_classes, per_class, epochs, local, seed, arch, device
 
 def finish(run, cfg, seconds):
     """After the last round: the post-hoc step, generator.pt, the backdoor figures and summary.json."""
+    g = run.output  # the moving average with --ema: what is fine-tuned, saved and measured
     if run.defense.posthoc is not None:
-        run.defense.posthoc(run.g)
-        save_samples(run.g, run.out / "samples" / "reconstructed.png", cfg.seed)
-    atomic_save(dict(kwargs=run.g.kwargs, state_dict=run.g.state_dict(), classes=run.data.classes, rounds=cfg.rounds),
-                run.out / "generator.pt")
+        run.defense.posthoc(g.requires_grad_(True))
+        save_samples(g, run.out / "samples" / "reconstructed.png", cfg.seed)
+    atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run.data.classes, rounds=cfg.rounds,
+                     ema=cfg.ema), run.out / "generator.pt")
     extra = {}
     if cfg.attack == "patch" and cfg.poison > 0:
         trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
-        extra = backdoor_figures(run.g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
+        extra = backdoor_figures(g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
     return summarize(run.out, cfg.rounds, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
 
 
@@ -2624,8 +2753,8 @@ def bench(cfg):
     g = build_models(2, **arch_of(cfg))[0].to(device)
     parallel, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
     local = local_of(cfg, device)
-    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device)
-               for i in range(cfg.clients if parallel else 1)]
+    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
+                           parallel=parallel) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
     step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
             else (lambda k: client_update(clients[0], state, k)))

@@ -32,8 +32,9 @@ from isoforest import IsolationForest, average_path_length
 
 HERE = Path(__file__).resolve().parent
 PNEUMONIAMNIST = HERE.parent / "shared" / "data" / "pneumoniamnist.npz"
+# --device cpu: the tiny runs compare numbers made on a CPU, and must stay there on a machine with a GPU
 TINY = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --ckpt-every 100 "
-        "--sample-every 100").split()
+        "--sample-every 100 --device cpu").split()
 
 
 class Skip(Exception):
@@ -281,8 +282,9 @@ def test_krum_picks_a_central_update_and_clip_bounds_norms():
 def test_robust_defenses_run_end_to_end():
     for defense in ("median", "trimmed-mean", "krum", "multi-krum", "clip"):
         with tempfile.TemporaryDirectory() as tmp:
+            trim = ["--trim", "0.25"] if defense == "trimmed-mean" else []
             cfg = tiny_cfg(Path(tmp) / "r", "--defense", defense, "--poison", "4", "--rounds", "3", "--local-steps", "1",
-                           "--trim", "0.25", "--warmup", "0")
+                           "--warmup", "0", *trim)
             run = quiet(fedgan.train, cfg)
             assert all(torch.isfinite(v).all() for v in run.g.state_dict().values()), defense
             recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -557,10 +559,10 @@ def test_pneumoniamnist_trains_a_few_rounds():
 
 
 def _run_cli(args, ranks=1, env_extra=None):
-    """fedgan.py in a child process with one thread (so both sides do identical arithmetic); ranks > 1
-    starts it under torchrun with gloo on 127.0.0.1."""
+    """fedgan.py in a child process with one thread (so both sides do identical arithmetic) and no GPU in
+    sight (the comparisons are of CPU runs); ranks > 1 starts it under torchrun with gloo on 127.0.0.1."""
     import subprocess
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
     launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   "--nproc-per-node", str(ranks)]
     p = subprocess.run(launch + [str(HERE / "fedgan.py")] + args, capture_output=True, text=True, env=env,
@@ -1193,6 +1195,132 @@ def test_compiled_training_matches_eager():
         assert max_rel_diff(eager, comp) < 1e-4, max_rel_diff(eager, comp)
 
 
+def test_parallel_clients_are_compiled_once_and_match_eager():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--rounds", "1", "--local-steps", "2", "--width", "8", "--parallel-clients", "on")
+        eager = quiet(fedgan.train, tiny_cfg(Path(tmp) / "e", *args))
+        comp = quiet(fedgan.train, tiny_cfg(Path(tmp) / "c", *args, "--compile"))
+        # one path compiled: the batched functions, not the client modules they run (Module.compile'd or not)
+        assert all(c.g._compiled_call_impl is None and c.d._compiled_call_impl is None
+                   for c in comp.fed.clients.values())
+        assert np.allclose(eager.server.loss_history, comp.server.loss_history, atol=1e-4)
+        assert max_rel_diff(eager, comp) < 1e-4, max_rel_diff(eager, comp)
+
+
+def test_bf16_clients_side_by_side_match_clients_in_turn():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--amp-dtype", "bf16", "--rounds", "2", "--local-steps", "2")
+        turn = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", *args, "--parallel-clients", "off"))
+        side = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "on"))
+        # bf16 keeps 8 bits of mantissa: batched kernels round differently, so agreement is to bf16's scale
+        assert np.allclose(turn.server.loss_history, side.server.loss_history, rtol=0.05), (
+            turn.server.loss_history, side.server.loss_history)
+        assert max_rel_diff(turn, side) < 0.05, max_rel_diff(turn, side)
+
+
+def test_demodulation_stays_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    weight, styles = torch.randn(8, 4, 3, 3, generator=g), torch.randn(2, 4, generator=g) + 1
+    exact = fedgan.demodulation(weight, styles)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fedgan.demodulation(weight, styles)
+        plain_bf16 = torch.rsqrt(styles.square() @ weight.square().sum((2, 3)).t() + 1e-8)  # what autocast does
+    assert under.dtype == torch.float32 and torch.equal(under, exact)
+    assert plain_bf16.dtype == torch.bfloat16 and not torch.equal(plain_bf16.float(), exact)
+
+
+def test_collectives_use_the_backends_device():
+    real = fedgan.dist.get_backend
+    try:
+        fedgan.dist.get_backend = lambda: "gloo"
+        assert fedgan.comm_device() == torch.device("cpu")
+        fedgan.dist.get_backend = lambda: "nccl"  # nccl moves GPU tensors only
+        cur = torch.cuda.current_device
+        torch.cuda.current_device = lambda: 0
+        try:
+            assert fedgan.comm_device() == torch.device("cuda", 0)
+        finally:
+            torch.cuda.current_device = cur
+    finally:
+        fedgan.dist.get_backend = real
+
+
+def test_resume_on_another_precision_or_device_goes_on():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r"
+        quiet(fedgan.main, TINY + ["--rounds", "2", "--local-steps", "1", "--ckpt-every", "1", "--out", str(out)])
+        # fp32 -> bf16 autocast: the same checkpoint goes on
+        quiet(fedgan.main, ["--resume", str(out), "--rounds", "3", "--amp-dtype", "bf16"])
+        # a checkpoint whose client streams came from another device type (a CUDA generator's 16-byte state)
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        for c in ck["clients"]:
+            c["rng"] = torch.zeros(16, dtype=torch.uint8)
+        torch.save(ck, out / "checkpoint.pt")
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            fedgan.main(["--resume", str(out), "--rounds", "4"])
+        assert "noise streams re-seeded for cpu" in text.getvalue(), text.getvalue()[-500:]
+        assert json.loads((out / "summary.json").read_text())["rounds"] == 4
+
+
+def test_the_cards_command_says_on_a_cpu_that_it_trains_the_small_networks():
+    cfg = fedgan.parse_args(["--dataset", "synthetic", "--img-size", "128", "--device", "cpu"])
+    assert cfg.arch == "small"  # auto: the paper's networks only where they can train
+    with tempfile.TemporaryDirectory() as tmp:
+        run = quiet(fedgan.setup_run, fedgan.parse_args(["--img-size", "128", "--device", "cpu", "--width", "4",
+                                                         "--synthetic-per-class", "8", "--out", str(Path(tmp) / "r")]))
+        line = fedgan.describe(run, cfg)
+    assert "NOTE: on a CPU these are the small networks" in line and "--arch paper" in line, line
+
+
+def test_ema_is_the_stated_average_and_survives_resume_bitwise():
+    avg = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    fedgan.ema_update(avg, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}, beta=0.75)
+    assert torch.allclose(avg["w"], torch.tensor([1.5, 3.0])) and avg["n"].item() == 5  # 0.75 old + 0.25 new
+    # a half-life of h kimg: after h * 1000 images the old average weighs one half (once past the ramp-up)
+    beta = fedgan.ema_beta(2.0, 500, seen=10 ** 9)
+    assert math.isclose(beta ** 4, 0.5, rel_tol=1e-12)
+    assert fedgan.ema_beta(2.0, 500, seen=500) < 1e-6  # the ramp-up: the first round replaces the average
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--local-steps", "1", "--ema", "0.5", "--ckpt-every", "1"]
+        straight = Path(tmp) / "a"
+        quiet(fedgan.main, args + ["--rounds", "4", "--out", str(straight)])
+        split = Path(tmp) / "b"
+        quiet(fedgan.main, args + ["--rounds", "2", "--out", str(split)])
+        quiet(fedgan.main, ["--resume", str(split), "--rounds", "4"])
+        ga, gb = (torch.load(p / "generator.pt", weights_only=True) for p in (straight, split))
+        assert ga["ema"] == 0.5 and all(torch.equal(ga["state_dict"][k], gb["state_dict"][k]) for k in ga["state_dict"])
+        plain = torch.load(straight / "checkpoint.pt", weights_only=True)
+        assert all(torch.equal(plain["g_ema"][k], v) for k, v in ga["state_dict"].items())  # generator.pt: the average
+        assert any(not torch.equal(plain["g"][k], ga["state_dict"][k]) for k in plain["g"]
+                   if plain["g"][k].is_floating_point())  # the average is not the last global generator
+
+
+def test_r1_penalty_matches_finite_differences_and_both_client_loops_agree():
+    torch.manual_seed(0)
+    d = fedgan.Discriminator(16, 1, 2, width=4).double()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1])
+    got = fedgan.r1_penalty(d(x, y), x)
+    eps, grad = 1e-6, torch.zeros_like(x)
+    with torch.no_grad():
+        flat = x.detach().clone().flatten()
+        for i in range(flat.numel()):
+            up, down = flat.clone(), flat.clone()
+            up[i] += eps
+            down[i] -= eps
+            grad.view(-1)[i] = (d(up.view_as(x), y).sum() - d(down.view_as(x), y).sum()) / (2 * eps)
+    want = grad.square().sum((1, 2, 3)).mean()
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--rounds", "2", "--local-steps", "9", "--r1", "10")  # 18 D steps: R1 at steps 0 and 16
+        turn = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", *args, "--parallel-clients", "off"))
+        side = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "on"))
+        plain = quiet(fedgan.train, tiny_cfg(Path(tmp) / "p", "--rounds", "2", "--local-steps", "9"))
+        assert max_rel_diff(turn, side) < 1e-4, max_rel_diff(turn, side)
+        assert max_rel_diff(turn, plain) > 1e-3  # the penalty changed training
+
+
 def test_cuda_amp_trains_without_nan():
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
@@ -1403,7 +1531,7 @@ def test_eval_refuses_bad_inputs_before_any_work():
 
 def _start(args):
     """fedgan.py in a child process (one thread), its output in pipes; returns the Popen."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, str(HERE / "fedgan.py")] + args, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
 
@@ -1423,7 +1551,7 @@ def _holding(folder, p, timeout=120):
 
 def _cli_fails(args, must_mention, code=2):
     p = subprocess.run([sys.executable, str(HERE / "fedgan.py")] + args, capture_output=True, text=True, cwd=HERE,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+                       env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), timeout=600)
     err = p.stderr.strip()
     assert p.returncode == code and len(err.splitlines()) == 1 and "Traceback" not in err, (p.returncode, err)
     assert must_mention.lower() in err.lower(), (must_mention, err)
@@ -1690,7 +1818,7 @@ def test_probe_detector_refuses_torchrun_with_one_line():
 # to 2%. Re-record: run these flags and take the two sha256s and the losses (see the test).
 GOLDEN_MACHINE = ("2.14.1+cu130", "AVX2", "AMD EPYC")
 GOLDEN_ARGS = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --local-steps 3 --ckpt-every 100 "
-               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1").split()
+               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1 --device cpu").split()
 GOLDEN = {  # name: (flags, metrics keys compared, sha256 of those metrics, sha256 of generator.pt's tensors, last g_loss)
     "feddetect_resume": (["--defense", "feddetect"], "counts d_loss excluded flagged g_loss malicious round weights",
                          "0b621b7b521ef20c6b8204d56b4300fbb02cde2c85411428e885645bd573ead8",

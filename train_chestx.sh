@@ -10,7 +10,8 @@
 #          scaled to IMG); for each trigger FedDetect, model reconstruction, random flip, random rotation.
 #   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
 #          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
-#          probe of the generators with the loss, calibrated rule).
+#          probe of the generators with the loss, calibrated rule); and central, the centralized reference
+#          (one party on all the training data for as many image-steps: what federation costs).
 # Every run of the grid is trained once per training seed (SEEDS of them, from SEED on), into
 # OUT/<name>_s<seed>. With SHORT > 0 each run is first trained SHORT rounds, that generator is kept as
 # OUT/<name>_r<SHORT>_s<seed>, and the run is then extended to ROUNDS (bitwise the same as a straight
@@ -57,6 +58,7 @@ if [ "$QUICK" = 1 ]; then
     OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
     METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
     MODEL=(--arch small --width 8 --local-steps 5 --warmup 5)
+    CENTRAL="--clients 1 --local-steps $((5 * ${CLIENTS:-4}))"  # one party, all the data, as many image-steps
     RECON="--reconstruct-epochs 5 --reconstruct-per-class 200"  # only where --posthoc reconstruct uses them
     STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 3)
 else
@@ -65,6 +67,7 @@ else
     METRICS=${METRICS:-lpips,fid,kid,pr,trigger}
     MODEL=(--arch paper)
     RECON=""
+    CENTRAL="--clients 1"  # one local epoch over all the data: as many image-steps as N clients' epochs
     STUDY=()
 fi
 for v in SEEDS JOBS ROUNDS SHORT; do
@@ -105,9 +108,10 @@ if [ "$GRID" = paper ]; then
     BASELINES=vanilla,attack32
 else
     p=$TRIGGER; a="--poison $(px_of $p)"
-    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p")
+    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p" "central")
     FLAGS+=("$a" "$a --defense feddetect" "$a --detector calibrated" "$a --aggregator multi-krum"
-            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe")
+            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe"
+            "$CENTRAL")
     BASELINES=vanilla,attack$p
 fi
 if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla attack64 calibrated64"
