@@ -2111,6 +2111,15 @@ def setup_run(cfg):
     rank, world = dist_rank_world()
     check_out_folder(out, cfg.resume)
     lock = lock_folder(out) if rank == 0 and cfg.resume else None  # a new folder is locked before it is written
+    try:
+        return build_run(cfg, out, rank, world, lock)
+    except BaseException:
+        unlock_folder(lock)  # refused or interrupted before the run began: the folder is free again
+        raise
+
+
+def build_run(cfg, out, rank, world, lock):
+    """setup_run's work once the folder is checked (and, for a resume, held)."""
     device = pick_device(cfg.device)
     set_precision(cfg, device)
     if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update):

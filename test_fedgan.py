@@ -1402,7 +1402,7 @@ def test_bad_data_is_refused_with_one_line_and_nothing_written():
         cases = [  # (data root, what the one line must say)
             (_npz(tmp / "nan.npz", nan, y), "NaN"),
             (_npz(tmp / "neg.npz", x8.astype(np.int16) - 5, y), "negative values"),
-            (_npz(tmp / "big.npz", x8 * 2.0, y), "values up to"),
+            (_npz(tmp / "big.npz", x8 * 2.0, y), "values above 255"),
             (_npz(tmp / "short.npz", x8, y[:6]), "one integer label per image"),
             (_npz(tmp / "neglabel.npz", x8, y - 1), "negative label"),
             (_npz(tmp / "fraclabel.npz", x8, y + 0.5), "integer class ids"),
