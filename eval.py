@@ -1483,6 +1483,13 @@ def evaluate(a):
                                         None not in results["runs"][n]["detection"]["attacker_share"] for n in names)}
     if "utility" in a.metrics:
         results["utility"] = utility_study(a, runs, arms, configs, seed_of, n_classes, device, say)
+    # samples.png: real held-out images, then each arm's first run, the same latents for every arm
+    labels = torch.arange(n_classes).repeat_interleave(8)
+    hx, hy = data.test
+    real = sample_per_class(hx, hy, 8, n_classes, a.seed)[0] if all((hy == c).sum() >= 8 for c in range(n_classes)) \
+        else None
+    results["sheet"] = ([("real (held out)", real)] if real is not None else []) + [
+        (arm, draw(runs[names[0]]["g"], labels, a.seed + 777)) for arm, names in arms.items()]
     return results
 
 
@@ -1558,6 +1565,23 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
                           **{n: v.tolist() for n, v in acc.items()}})
 
 
+def sample_sheet(rows, n_classes, per_class=8, scale=2):
+    """A PIL image of labelled blocks, one per (label, uint8 images (n_classes * per_class, C, S, S)): one row
+    per class, the same latents in every block, so arms can be compared image by image."""
+    from PIL import Image, ImageDraw
+    s, c = rows[0][1].shape[-1] * scale, rows[0][1].shape[1]
+    left, gap = 110, 6
+    sheet = Image.new("RGB", (left + per_class * s, len(rows) * (n_classes * s + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, img) in enumerate(rows):
+        top = i * (n_classes * s + gap)
+        big = img.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        grid = big.reshape(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)
+        sheet.paste(Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).convert("RGB"), (left, top))
+        draw.text((4, top + n_classes * s // 2 - 6), label, fill="black")
+    return sheet
+
+
 def forest_metrics(summary):
     """The figures worth a panel in arms.svg, in this order, where present."""
     keys = [HEADLINE, "deep KID x1000 (class mean)", "deep precision (class mean)", "deep recall (class mean)"]
@@ -1569,6 +1593,7 @@ def main(argv=None):
     try:
         a = parse_args(argv)
         results = run_ladder(a) if a.ladder else evaluate(a)
+        sheet = results.pop("sheet", None)
     except (EvalError, fedgan.FedGANError) as e:
         sys.stderr.write(f"eval.py: error: {e}\n")
         sys.exit(2)
@@ -1599,6 +1624,9 @@ def main(argv=None):
     if "utility" in results:
         (out / "utility.svg").write_text(utility_svg(results["utility"]))
         written.append("utility.svg")
+    if sheet:
+        sample_sheet(sheet, len(results["classes"])).save(out / "samples.png")
+        written.append("samples.png")
     print(markdown(results))
     print("wrote " + ", ".join(f"{out}/{f}" for f in written))
 

@@ -23,7 +23,6 @@ Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMa
 Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM.
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -979,10 +978,11 @@ def demodulation(weight, styles):
     """1 / ||weight * style|| over (Cin, k, k), per sample and output channel: (B, Cout), in fp32 (fp64 stays
     fp64) even under autocast, which would run the matmul in bf16 (off by 0.2-0.4%)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    dev = weight.device.type
-    with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():  # not meta
-        w2 = weight.to(acc).square().sum(dim=(2, 3))                     # (Cout, Cin)
-        return torch.rsqrt(styles.to(acc).square() @ w2.t() + 1e-8)      # (B, Cout)
+    norm = lambda: torch.rsqrt(styles.to(acc).square() @ weight.to(acc).square().sum(dim=(2, 3)).t() + 1e-8)  # noqa
+    if weight.device.type not in ("cpu", "cuda"):  # the meta device (FLOP counts) has no autocast to leave
+        return norm()
+    with torch.autocast(weight.device.type, enabled=False):
+        return norm()
 
 
 class StyledConv(nn.Module):
@@ -2431,6 +2431,8 @@ def start_folder(run, cfg):
         (run.out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FedGANError(f"cannot create {run.out} ({e.strerror}); choose another --out")
+    if not run.start:
+        save_real(run.data, run.out / "samples" / "real.png", cfg.seed)
     record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg),
                   data=dict(path=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
                             fingerprint=data_fingerprint(run.data)))
@@ -2604,11 +2606,25 @@ def generate(g, labels, seed, batch=256):
 
 def save_samples(g, path, seed, per_class=8):
     """A grid PNG: one row per class, the same latents every time (so rounds can be compared)."""
+    save_grid(generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed), g.n_classes, path)
+
+
+def save_grid(img, rows, path):
+    """uint8 images (rows * k, C, S, S), row after row, as one PNG."""
     from PIL import Image
-    img = generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)     # (n, C, S, S)
     n, c, s, _ = img.shape
-    grid = img.view(g.n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(g.n_classes * s, per_class * s, c)
+    grid = img.reshape(rows, n // rows, c, s, s).permute(0, 3, 1, 4, 2).reshape(rows * s, n // rows * s, c)
     Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
+
+
+def save_real(data, path, seed, per_class=8):
+    """samples/real.png: real training images in the samples' layout (one row per class), to compare at a glance."""
+    x, y = data.train
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=gen)[:per_class]]
+                     for c in range(len(data.classes))])
+    if len(idx) == per_class * len(data.classes):  # every class has enough images to fill its row
+        save_grid(x[idx], len(data.classes), path)
 
 
 def backdoor_figures(g, trigger, margin, real_images, seed, per_class=256):

@@ -845,6 +845,9 @@ def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_diffe
         assert "differences tested" in md and "Holm keeps" in md and "## The metric ladder" in md
         for svg in ("arms.svg", "attacker_share.svg", "utility.svg"):
             ET.fromstring((out / svg).read_text())  # well-formed
+        from PIL import Image
+        with Image.open(out / "samples.png") as im:  # real, vanilla, attack: 3 blocks of 2 rows of 16 px x 2
+            assert im.height == 3 * (2 * 32 + 6), im.size
         assert (out / "utility.svg").read_text().count("<polyline") == 3
 
 
@@ -1897,8 +1900,8 @@ FOREST = ("average_path_length", "_as_2d", "IsolationForest")
 def test_every_piece_readme_names_copies_alone():
     import isoforest
     torch.manual_seed(0)
-    ns = copy_alone("EqualLinear", "ScaledLeakyReLU", "blur_up", "modulated_conv2d", "StyledConv", "ToRGB",
-                    "channels_at", "Generator")
+    ns = copy_alone("EqualLinear", "ScaledLeakyReLU", "blur_up", "modulated_conv2d", "demodulation", "StyledConv",
+                    "ToRGB", "channels_at", "Generator")
     for up in ("bilinear", "transpose"):
         g = ns["Generator"](16, 1, 2, width=8, up_mode=up)
         assert g(torch.randn(3, g.z_dim), torch.tensor([0, 1, 1])).shape == (3, 1, 16, 16)
@@ -1935,6 +1938,16 @@ def test_every_piece_readme_names_copies_alone():
     assert ns["apply_trigger_random"](x, trig, seed=1).sum() == 2 * 16 * 255
     assert ns["blend_trigger"](x, 0.5).float().mean() > 50 and ns["frequency_trigger"](x + 100, 0.5).shape == x.shape
     assert ns["flip_labels"](torch.tensor([0, 1]), 2).tolist() == [1, 0]
+    ns = copy_alone("ema_beta", "ema_update", "r1_penalty")
+    avg = {"w": torch.zeros(2)}
+    ns["ema_update"](avg, {"w": torch.ones(2)}, ns["ema_beta"](1.0, 1000, 10 ** 6))
+    assert torch.allclose(avg["w"], torch.full((2,), 0.5))
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    assert torch.allclose(ns["r1_penalty"]((2 * x).sum((1, 2, 3)), x), torch.tensor(64.0))  # |grad|^2 = 4 x 16
+    import eval as ev
+    ns = copy_alone("patch_and_ring", "trigger_scores", "trigger_figures", module=ev)
+    held = torch.full((8, 1, 32, 32), 60, dtype=torch.uint8)
+    assert ns["trigger_figures"](torch.full_like(held, 90), trig, 1, held)["strength"] == 0.0  # brighter: no trigger
 
 
 def test_aggregators_take_flower_ndarrays_and_keep_integer_buffers():
