@@ -145,7 +145,9 @@ class Config:
     rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
-    lr: float = opt(2e-4, "Adam learning rate for G and D (betas 0.5, 0.999)")
+    lr: float = opt(2e-4, "Adam learning rate for G and D")
+    beta1: float = opt(0.5, "Adam's beta1 for G and D (the paper's 0.5; StyleGAN2 uses 0, with beta2 0.99)")
+    beta2: float = opt(0.999, "Adam's beta2 for G and D")
     ema: float = opt(0.0, "half-life, in thousands of training images, of the server's moving average of the global "
                           "generator (StyleGAN2's G_ema, ramped up over the first rounds): samples, generator.pt and "
                           "eval use the average, clients still start from the plain global; 0 = off (the paper)")
@@ -317,7 +319,7 @@ def check_ranges(cfg):
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
-    between = dict(lr=(0, 1, "lie in (0, 1)"), decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
+    between = dict(lr=(0, 1, "lie in (0, 1)"), beta1=(-1e-12, 1, "lie in [0, 1)"), beta2=(0, 1, "lie in (0, 1)"), decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
                    test_frac=(0, 1, "lie in (0, 1)"), blend_alpha=(0, 1.0000001, "lie in (0, 1]"),
                    poison_frac=(0, 1.0000001, "lie in (0, 1]"),
                    dirichlet_alpha=(0, math.inf, "be above 0"))
@@ -1173,6 +1175,7 @@ class Local:
     channels_last: bool = False               # NHWC batches and models (CUDA)
     compile: bool = False
     r1: float = 0.0                           # R1 gamma (0 = off), lazily every R1_EVERY D steps
+    betas: tuple = (0.5, 0.999)               # Adam's
 
 
 @dataclass
@@ -1212,7 +1215,7 @@ def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, cl
         g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     if local.compile and not parallel:  # in place, so state_dict keys stay plain; one graph serves every client
         g.compile(), d.compile()
-    betas = (0.5, 0.999)
+    betas = local.betas
     return Client(client_id, x.to(device), y.to(device), g, d,
                   opt_g=torch.optim.Adam(g.parameters(), lr=local.lr, betas=betas),
                   opt_d=torch.optim.Adam(d.parameters(), lr=local.lr, betas=betas),
@@ -2023,7 +2026,7 @@ def set_precision(cfg, device):
 def local_of(cfg, device):
     """The clients' training settings from a Config (the edge)."""
     return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
-                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1)
+                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1, (cfg.beta1, cfg.beta2))
 
 
 def activation_mb(arch, n_classes, device, amp_dtype):
