@@ -153,6 +153,11 @@ class Config:
                           "eval use the average, clients still start from the plain global; 0 = off (the paper)")
     r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
                          "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
+    d_batch: str = opt("separate", "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
+                                   "does: BatchNorm then normalizes each batch on its own, and as D's first layers have "
+                                   "no bias, D cannot see a fake batch's contrast) | joint (one batch of both, so "
+                                   "BatchNorm's statistics are shared and contrast is visible)",
+                       choices=["separate", "joint"])
     arch: str = opt("auto", "auto (paper on CUDA, small on a CPU, which says so in the log) | small (sized by "
                             "--width/--max-channels, suits a CPU) | paper (the study's sizes: G channels 32768/res up "
                             "to 512 with StyleGAN2's transposed-conv upsampling, D from 64 doubling to 2048 at 4x4)",
@@ -1176,6 +1181,7 @@ class Local:
     compile: bool = False
     r1: float = 0.0                           # R1 gamma (0 = off), lazily every R1_EVERY D steps
     betas: tuple = (0.5, 0.999)               # Adam's
+    joint_d: bool = False                     # D sees real and fake images as one batch (--d-batch joint)
 
 
 @dataclass
@@ -1284,6 +1290,17 @@ def r1_due(local, t, steps, s):
     return local.r1 > 0 and (t * steps + s) % R1_EVERY == 0
 
 
+def d_logits(d, real, fake, labels, joint, dim=0):
+    """D's logits on the real and the fake images (each (..., B)): two calls, or with `joint` one call on
+    both (concatenated along the batch axis `dim`), so that BatchNorm normalizes them with shared statistics."""
+    if not joint:
+        return (None if real is None else d(real, labels)), d(fake, labels)
+    if real is None:  # unused here: the G step passes the real batch too
+        return None, d(fake, labels)
+    both = d(torch.cat([real, fake], dim), torch.cat([labels, labels], dim))
+    return both.split(real.shape[dim], dim=-1)
+
+
 def client_update(client, g_state, steps, t=0):
     """Procedure A: load the global generator, then `steps` of (D step, G step) on round t's shard.
     -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees."""
@@ -1304,15 +1321,16 @@ def client_update(client, g_state, steps, t=0):
         with autocast(device, local.amp_dtype):  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
-            real_logits = d(real.requires_grad_(r1), labels)
-            d_loss = d_loss_of(real_logits, d(fake, labels))
+            real_logits, fake_logits = d_logits(d, real.requires_grad_(r1), fake, labels, local.joint_d)
+            d_loss = d_loss_of(real_logits, fake_logits)
         penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0
         client.opt_d.zero_grad(set_to_none=True)
         client.scaler.scale(d_loss + penalty).backward()
         client.scaler.step(client.opt_d)
 
         with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
-            g_loss = g_loss_of(d(g(z, labels, noise=b["noise_g"]), labels))
+            fake = g(z, labels, noise=b["noise_g"])
+            g_loss = g_loss_of(d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d)[1])
         client.opt_g.zero_grad(set_to_none=True)
         client.scaler.scale(g_loss).backward()
         client.scaler.step(client.opt_g)
@@ -1395,14 +1413,17 @@ def client_update_parallel(clients, g_state, steps, t=0):
         with autocast(device, local.amp_dtype):
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
-            real_logits = disc(pd, bd, real.requires_grad_(r1), labels)                      # (N, B)
-            d_loss = d_loss_of(real_logits, disc(pd, bd, fake, labels))                     # (N,)
+            real_logits, fake_logits = d_logits(lambda x, y: disc(pd, bd, x, y), real.requires_grad_(r1), fake,
+                                                labels, local.joint_d, dim=1)               # (N, B) each
+            d_loss = d_loss_of(real_logits, fake_logits)                                    # (N,)
         penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0  # (N,)
         opt_d.zero_grad(set_to_none=True)
         (d_loss + penalty).sum().backward()  # clients share no parameter: each slice gets its own gradient
         opt_d.step()
         with autocast(device, local.amp_dtype):
-            g_loss = g_loss_of(disc(pd, bd, gen(pg, z, labels, noise_g), labels))
+            fake = gen(pg, z, labels, noise_g)
+            g_loss = g_loss_of(d_logits(lambda x, y: disc(pd, bd, x, y), real.detach() if local.joint_d else None,
+                                        fake, labels, local.joint_d, dim=1)[1])
         opt_g.zero_grad(set_to_none=True)
         g_loss.sum().backward()
         opt_g.step()
@@ -2026,7 +2047,8 @@ def set_precision(cfg, device):
 def local_of(cfg, device):
     """The clients' training settings from a Config (the edge)."""
     return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
-                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1, (cfg.beta1, cfg.beta2))
+                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1, (cfg.beta1, cfg.beta2),
+                 cfg.d_batch == "joint")
 
 
 def activation_mb(arch, n_classes, device, amp_dtype):
