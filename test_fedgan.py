@@ -1324,6 +1324,24 @@ def test_r1_penalty_matches_finite_differences_and_both_client_loops_agree():
         assert max_rel_diff(turn, plain) > 1e-3  # the penalty changed training
 
 
+def test_a_separate_batch_discriminator_is_blind_to_contrast_and_a_joint_one_is_not():
+    torch.manual_seed(0)
+    d = fedgan.Discriminator(32, 1, 2, width=8).train()
+    x, y = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (16,))
+    # separate batches: bias-free convs, leaky ReLUs and BatchNorm make D(a x) = D(x) for any a > 0
+    _, same = fedgan.d_logits(d, x, x, y, joint=False)
+    _, tripled = fedgan.d_logits(d, x, 3 * x, y, joint=False)
+    assert (same - tripled).abs().max() < 1e-3 * same.abs().mean()
+    _, same = fedgan.d_logits(d, x, x, y, joint=True)  # one batch: the fakes' contrast shows against the reals'
+    _, tripled = fedgan.d_logits(d, x, 3 * x, y, joint=True)
+    assert (same - tripled).abs().mean() > 0.1 * same.abs().mean()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ("--rounds", "2", "--local-steps", "2", "--d-batch", "joint")
+        turn = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", *args, "--parallel-clients", "off"))
+        side = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "on"))
+        assert max_rel_diff(turn, side) < 1e-4, max_rel_diff(turn, side)
+
+
 def test_cuda_amp_trains_without_nan():
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
