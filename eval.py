@@ -1227,7 +1227,7 @@ def wanted(measure, metrics):
     return {"precision": "pr", "recall": "pr"}.get(measure, measure) in metrics
 
 
-def parse_args(argv):
+def build_parser():
     p = fedgan._Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders written by fedgan.py, or .npz files of generated images "
@@ -1263,7 +1263,11 @@ def parse_args(argv):
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="--ladder: 1 gray or 3 RGB")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the networks run")
     p.add_argument("--seed", type=int, default=0, help="seeds LPIPS pairs, synthetic latents, feature classifier")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    a = build_parser().parse_args(argv)
     if bool(a.runs) == bool(a.ladder):
         raise EvalError("give run folders (or .npz files) to score, or --ladder DATA_ROOT, not both"
                         if a.runs else "nothing to score: give run folders, .npz files or --ladder DATA_ROOT")

@@ -1968,6 +1968,65 @@ def test_every_piece_readme_names_copies_alone():
     assert ns["trigger_figures"](torch.full_like(held, 90), trig, 1, held)["strength"] == 0.0  # brighter: no trigger
 
 
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+
+
+def _commands(text, program):
+    """Every `python PROGRAM ...` command in the fenced code blocks of a markdown text, as argv lists:
+    continuation lines joined, comments cut, optional parts ([...]) and alternatives dropped, placeholder
+    values in capitals (S, N, PX) read as 1."""
+    import shlex
+    out = []
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):
+        block = re.sub(r"\\\n\s*", " ", block)
+        for line in block.splitlines():
+            line = line.split(" # ")[0].strip()
+            m = re.search(rf"python {re.escape(program)}(.*)", line)
+            if not m:
+                continue
+            rest = m.group(1)
+            while re.search(r"\[[^\[\]]*\]", rest):
+                rest = re.sub(r"\[[^\[\]]*\]", " ", rest)
+            argv = [("1" if re.fullmatch(r"[A-Z]{1,3}", w) else w) for w in shlex.split(rest)]
+            out.append(argv)
+    return out
+
+
+def test_every_documented_command_parses_and_every_link_exists():
+    import eval as ev
+    seen = 0
+    for doc in DOCS:
+        text = doc.read_text()
+        for argv in _commands(text, "fedgan.py"):
+            try:
+                fedgan.parse_flags(argv)
+            except SystemExit:
+                raise AssertionError(f"{doc.name}: python fedgan.py {' '.join(argv)} no longer parses")
+            seen += 1
+        for argv in _commands(text, "eval.py"):
+            try:
+                ev.build_parser().parse_args(argv)
+            except SystemExit:
+                raise AssertionError(f"{doc.name}: python eval.py {' '.join(argv)} no longer parses")
+            seen += 1
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (doc.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{doc.name} links to {target}, which does not exist"
+    assert seen >= 8, seen  # the check found the commands
+
+
+def test_the_worked_example_in_readme_runs():
+    text = (HERE / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def clipped_mean" in b)
+    ns = dict(vars(fedgan))
+    exec(code, ns)
+    s = [{"a": torch.tensor([1.0, 0.0])}, {"a": torch.tensor([5.0, 0.0])}]
+    out = ns["clipped_mean"](s, {"a": torch.zeros(2)}, max_norm=2.0)
+    assert torch.allclose(out["a"], torch.tensor([1.5, 0.0]))  # (1 + 2) / 2: the far update clipped to norm 2
+
+
 def test_aggregators_take_flower_ndarrays_and_keep_integer_buffers():
     nd = [[np.array([1.0, 2.0], np.float32), np.array([3], np.int64)],
           [np.array([3.0, 6.0], np.float32), np.array([4], np.int64)],
