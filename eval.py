@@ -698,7 +698,7 @@ def detection_metrics(folder, cfg, say=print):
 # config.json keys that do not change the experiment: runs differing only in these are one arm
 NOT_THE_EXPERIMENT = {"seed", "out", "resume", "environment", "device", "amp", "amp_dtype", "tf32", "channels_last",
                       "compile", "parallel_clients", "offload", "ckpt_every", "sample_every", "bench", "bench_steps",
-                      "bench_round"}
+                      "bench_round", "recipe"}  # recipe: a name for values recorded on their own
 # Student's t, 97.5% quantile, by degrees of freedom (the two-sided 95% interval)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]

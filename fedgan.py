@@ -145,18 +145,22 @@ class Config:
     rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
-    lr: float = opt(2e-4, "Adam learning rate for G and D")
-    beta1: float = opt(0.5, "Adam's beta1 for G and D (the paper's 0.5; StyleGAN2 uses 0, with beta2 0.99)")
-    beta2: float = opt(0.999, "Adam's beta2 for G and D")
+    recipe: str = opt("paper", "paper (Adam 2e-4, betas 0.5/0.999, D on separate real and fake batches: the paper's "
+                               "DCGAN code) | fedgan (Adam 2e-3, betas 0/0.99 as StyleGAN2, D on one joint batch; "
+                               "see README, Results); --lr, --beta1, --beta2, --d-batch given on their own win",
+                      choices=["paper", "fedgan"])
+    lr: float = opt(None, "Adam learning rate for G and D (recipe: paper 2e-4, fedgan 2e-3)")
+    beta1: float = opt(None, "Adam's beta1 for G and D (recipe: paper 0.5, fedgan 0)")
+    beta2: float = opt(None, "Adam's beta2 for G and D (recipe: paper 0.999, fedgan 0.99)")
     ema: float = opt(0.0, "half-life, in thousands of training images, of the server's moving average of the global "
                           "generator (StyleGAN2's G_ema, ramped up over the first rounds): samples, generator.pt and "
                           "eval use the average, clients still start from the plain global; 0 = off (the paper)")
     r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
                          "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
-    d_batch: str = opt("separate", "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
-                                   "does: BatchNorm then normalizes each batch on its own, and as D's first layers have "
-                                   "no bias, D cannot see a fake batch's contrast) | joint (one batch of both, so "
-                                   "BatchNorm's statistics are shared and contrast is visible)",
+    d_batch: str = opt(None, "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
+                             "does: BatchNorm then normalizes each batch on its own, and as D's first layers have no "
+                             "bias, D cannot see a fake batch's contrast) | joint (one batch of both, so BatchNorm's "
+                             "statistics are shared and contrast is visible) (recipe: paper separate, fedgan joint)",
                        choices=["separate", "joint"])
     arch: str = opt("auto", "auto (paper on CUDA, small on a CPU, which says so in the log) | small (sized by "
                             "--width/--max-channels, suits a CPU) | paper (the study's sizes: G channels 32768/res up "
@@ -201,6 +205,10 @@ PRESETS = {  # flags given on the command line win over these
     "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=30),
     "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200),
     "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200),
+}
+RECIPES = {  # flags given on the command line win over these; runs written before --recipe used "paper"
+    "paper": dict(lr=2e-4, beta1=0.5, beta2=0.999, d_batch="separate"),
+    "fedgan": dict(lr=2e-3, beta1=0.0, beta2=0.99, d_batch="joint"),
 }
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
@@ -253,7 +261,7 @@ def parse_args(argv=None):
 def finalize(cfg):
     """Fill presets, resolve the defense into its parts and check every value before anything is read
     or written."""
-    for k, v in PRESETS[cfg.dataset].items():
+    for k, v in {**PRESETS[cfg.dataset], **RECIPES[cfg.recipe]}.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     resolve_defense(cfg)
@@ -391,6 +399,8 @@ def config_from_json(d, where):
     if "detect_rule" in d:  # written before --detector: the rule applied only under --defense feddetect
         rule = d.pop("detect_rule")
         d.setdefault("detector", rule if d.get("defense") == "feddetect" else "none")
+    for k, v in RECIPES["paper"].items():  # written before the recipe's fields existed: the paper's recipe ran
+        d.setdefault(k, v)
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - names)
     if unknown:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 
@@ -1340,6 +1341,16 @@ def test_a_separate_batch_discriminator_is_blind_to_contrast_and_a_joint_one_is_
         turn = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", *args, "--parallel-clients", "off"))
         side = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "on"))
         assert max_rel_diff(turn, side) < 1e-4, max_rel_diff(turn, side)
+
+
+def test_recipes_fill_what_is_not_given_and_old_runs_read_as_the_papers():
+    paper = fedgan.parse_args(["--out", "x"])
+    assert (paper.recipe, paper.lr, paper.beta1, paper.beta2, paper.d_batch) == ("paper", 2e-4, 0.5, 0.999, "separate")
+    ours = fedgan.parse_args(["--recipe", "fedgan", "--lr", "1e-3", "--out", "x"])
+    assert (ours.lr, ours.beta1, ours.beta2, ours.d_batch) == (1e-3, 0.0, 0.99, "joint")  # --lr given: it wins
+    old = {k: v for k, v in dataclasses.asdict(paper).items() if k not in ("recipe", "beta1", "beta2", "d_batch")}
+    again = fedgan.config_from_json(old, "config.json")  # a run written before these fields existed
+    assert (again.beta1, again.beta2, again.d_batch) == (0.5, 0.999, "separate")
 
 
 def test_cuda_amp_trains_without_nan():

@@ -30,6 +30,7 @@
 #   CLIENTS    clients (4)                                   DEVICE     auto | cpu | cuda
 #   JOBS       runs trained at once (1); with JOBS > 1 each gets OMP_NUM_THREADS=1 unless it is set
 #   SHADOW     1: every run logs what all five detectors would flag (fedgan.py --shadow)
+#   RECIPE     fedgan.py --recipe: paper (the paper's optimizer and discriminator batches; default) | fedgan
 #   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET; study: ..._study)
 #   METRICS    fidelity metrics (lpips,fid,kid,pr,trigger; quick without lpips unless LPIPS_DIR is set)
 #   LPIPS_DIR  folder with the LPIPS weights (offline)      PYTHON     interpreter (python)
@@ -51,6 +52,7 @@ PYTHON=${PYTHON:-python}
 LPIPS_DIR=${LPIPS_DIR:-}
 JOBS=${JOBS:-1}
 SHADOW=${SHADOW:-0}
+RECIPE=${RECIPE:-paper}
 case "$GRID" in paper|study) ;; *) echo "GRID=$GRID: choose paper or study" >&2; exit 2 ;; esac
 if [ "$QUICK" = 1 ]; then
     # 32 px, 100 rounds of 5 local steps with a width-8 model: 5-6 minutes a run on one CPU core
@@ -88,7 +90,7 @@ if [ -n "$LPIPS_DIR" ]; then
 fi
 # shellcheck disable=SC2206  # a flag list, split on purpose
 STUDY+=(${EVAL_FLAGS:-})
-COMMON=("${DATA[@]}" --img-size "$IMG" --clients "$CLIENTS" --device "$DEVICE" "${MODEL[@]}")
+COMMON=("${DATA[@]}" --img-size "$IMG" --clients "$CLIENTS" --device "$DEVICE" --recipe "$RECIPE" "${MODEL[@]}")
 if [ "$SHADOW" = 1 ]; then COMMON+=(--shadow); fi
 
 px_of() { local px=$(( $1 * IMG / 256 )); echo $(( px < 1 ? 1 : px )); }
