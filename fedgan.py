@@ -145,10 +145,10 @@ class Config:
     rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
-    recipe: str = opt("paper", "paper (Adam 2e-4, betas 0.5/0.999, D on separate real and fake batches: the paper's "
-                               "DCGAN code) | fedgan (Adam 2e-3, betas 0/0.99 as StyleGAN2, D on one joint batch; "
-                               "see README, Results); --lr, --beta1, --beta2, --d-batch given on their own win",
-                      choices=["paper", "fedgan"])
+    recipe: str = opt("fedgan", "fedgan (Adam 2e-3, betas 0/0.99 as StyleGAN2, D on one joint batch of real and "
+                                "fake images; see docs/results.md) | paper (Adam 2e-4, betas 0.5/0.999, D on separate "
+                                "real and fake batches, as the paper's DCGAN code); --lr, --beta1, --beta2, --d-batch "
+                                "given on their own win", choices=["fedgan", "paper"])
     lr: float = opt(None, "Adam learning rate for G and D (recipe: paper 2e-4, fedgan 2e-3)")
     beta1: float = opt(None, "Adam's beta1 for G and D (recipe: paper 0.5, fedgan 0)")
     beta2: float = opt(None, "Adam's beta2 for G and D (recipe: paper 0.999, fedgan 0.99)")
@@ -166,8 +166,8 @@ class Config:
                             "--width/--max-channels, suits a CPU) | paper (the study's sizes: G channels 32768/res up "
                             "to 512 with StyleGAN2's transposed-conv upsampling, D from 64 doubling to 2048 at 4x4)",
                     choices=["auto", "small", "paper"])
-    width: int = opt(32, "model width: generator channels = min(max, width * img_size / res); "
-                         "discriminator starts at width and doubles")
+    width: int = opt(None, "model width: generator channels = min(max, width * img_size / res); "
+                           "discriminator starts at width and doubles (preset: synthetic 8, chestx/isic 32)")
     max_channels: int = opt(256, "channel cap for both networks")
     z_dim: int = opt(64, "latent size")
     w_dim: int = opt(128, "style (w) size")
@@ -202,9 +202,9 @@ class Config:
 
 
 PRESETS = {  # flags given on the command line win over these
-    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=30),
-    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200),
-    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200),
+    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8),  # the first run: under a minute
+    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200, width=32),
+    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200, width=32),
 }
 RECIPES = {  # flags given on the command line win over these; runs written before --recipe used "paper"
     "paper": dict(lr=2e-4, beta1=0.5, beta2=0.999, d_batch="separate"),

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 PNEUMONIAMNIST = HERE.parent / "shared" / "data" / "pneumoniamnist.npz"
 # --device cpu: the tiny runs compare numbers made on a CPU, and must stay there on a machine with a GPU
 TINY = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --ckpt-every 100 "
-        "--sample-every 100 --device cpu").split()
+        "--sample-every 100 --device cpu --recipe paper").split()  # the tests were built on the paper's recipe
 
 
 class Skip(Exception):
@@ -1344,8 +1344,10 @@ def test_a_separate_batch_discriminator_is_blind_to_contrast_and_a_joint_one_is_
 
 
 def test_recipes_fill_what_is_not_given_and_old_runs_read_as_the_papers():
-    paper = fedgan.parse_args(["--out", "x"])
-    assert (paper.recipe, paper.lr, paper.beta1, paper.beta2, paper.d_batch) == ("paper", 2e-4, 0.5, 0.999, "separate")
+    paper = fedgan.parse_args(["--recipe", "paper", "--out", "x"])
+    assert (paper.lr, paper.beta1, paper.beta2, paper.d_batch) == (2e-4, 0.5, 0.999, "separate")
+    default = fedgan.parse_args(["--out", "x"])
+    assert (default.recipe, default.lr, default.d_batch, default.width, default.rounds) == ("fedgan", 2e-3, "joint", 8, 40)
     ours = fedgan.parse_args(["--recipe", "fedgan", "--lr", "1e-3", "--out", "x"])
     assert (ours.lr, ours.beta1, ours.beta2, ours.d_batch) == (1e-3, 0.0, 0.99, "joint")  # --lr given: it wins
     old = {k: v for k, v in dataclasses.asdict(paper).items() if k not in ("recipe", "beta1", "beta2", "d_batch")}
@@ -1850,7 +1852,7 @@ def test_probe_detector_refuses_torchrun_with_one_line():
 # to 2%. Re-record: run these flags and take the two sha256s and the losses (see the test).
 GOLDEN_MACHINE = ("2.14.1+cu130", "AVX2", "AMD EPYC")
 GOLDEN_ARGS = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --local-steps 3 --ckpt-every 100 "
-               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1 --device cpu").split()
+               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1 --device cpu --recipe paper").split()
 GOLDEN = {  # name: (flags, metrics keys compared, sha256 of those metrics, sha256 of generator.pt's tensors, last g_loss)
     "feddetect_resume": (["--defense", "feddetect"], "counts d_loss excluded flagged g_loss malicious round weights",
                          "0b621b7b521ef20c6b8204d56b4300fbb02cde2c85411428e885645bd573ead8",
