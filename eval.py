@@ -1193,13 +1193,7 @@ def load_images(path, a):
     any common dtype, and `labels` (n,) ints. Its reference is the held-out split of --data-root at the
     images' size (the embedded synthetic set when --data-root is not given)."""
     path = Path(path)
-    try:
-        z = np.load(path)
-        keys = set(z.files)
-    except Exception as e:
-        raise EvalError(f"cannot read {path} as .npz ({type(e).__name__}); give arrays 'images' and 'labels'")
-    if not {"images", "labels"} <= keys:
-        raise EvalError(f"{path} lacks images/labels (has {sorted(keys)}); save np.savez(path, images=..., labels=...)")
+    z, _ = fedgan.open_npz(path, ("images", "labels"), "save np.savez(path, images=..., labels=...)")
     raw = fedgan.npz_images(z["images"], f"{path}: images")
     x = torch.from_numpy(np.ascontiguousarray(fedgan.to_uint8_images(raw, f"{path}: images")[0])).permute(0, 3, 1, 2)
     y = torch.from_numpy(fedgan.npz_labels(z["labels"], len(x), f"{path}: labels"))

@@ -634,17 +634,22 @@ def skipped_text(skipped):
             ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items())) + f"; readable: {', '.join(sorted(IMAGE_EXT))})")
 
 
-def read_npz(path, size, channels):
-    """MedMNIST-style .npz: train_images (n, H, W[, C]) and train_labels; test_* optional.
-    -> (x, y) train, (x, y) test or None, number of classes, and what each split was (for the report)."""
+def open_npz(path, needed, fix):
+    """(np.load of an .npz holding the arrays `needed`, its array names), or one clear error ending in `fix`."""
     try:
         z = np.load(path)
         keys = set(z.files)
     except Exception as e:
-        raise FedGANError(f"cannot read {path} as .npz ({type(e).__name__}); give a MedMNIST-style .npz file")
-    if not {"train_images", "train_labels"} <= keys:
-        raise FedGANError(f"{path} lacks train_images/train_labels (has {sorted(keys)}); "
-                          "use a MedMNIST-style .npz")
+        raise FedGANError(f"cannot read {path} as .npz ({type(e).__name__}); {fix}")
+    if not set(needed) <= keys:
+        raise FedGANError(f"{path} lacks {'/'.join(needed)} (has {sorted(keys)}); {fix}")
+    return z, keys
+
+
+def read_npz(path, size, channels):
+    """MedMNIST-style .npz: train_images (n, H, W[, C]) and train_labels; test_* optional.
+    -> (x, y) train, (x, y) test or None, number of classes, and what each split was (for the report)."""
+    z, keys = open_npz(path, ("train_images", "train_labels"), "use a MedMNIST-style .npz file")
     if ("test_images" in keys) != ("test_labels" in keys):
         raise FedGANError(f"{path} has only one of test_images/test_labels; give both or neither")
 
