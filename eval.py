@@ -1567,16 +1567,15 @@ def sample_sheet(rows, n_classes, per_class=8, scale=2):
     """A PIL image of labelled blocks, one per (label, uint8 images (n_classes * per_class, C, S, S)): one row
     per class, the same latents in every block, so arms can be compared image by image."""
     from PIL import Image, ImageDraw
-    s, c = rows[0][1].shape[-1] * scale, rows[0][1].shape[1]
+    s = rows[0][1].shape[-1] * scale
     left, gap = 110, 6
     sheet = Image.new("RGB", (left + per_class * s, len(rows) * (n_classes * s + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
+    pen = ImageDraw.Draw(sheet)
     for i, (label, img) in enumerate(rows):
         top = i * (n_classes * s + gap)
         big = img.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-        grid = big.reshape(n_classes, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(n_classes * s, per_class * s, c)
-        sheet.paste(Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).convert("RGB"), (left, top))
-        draw.text((4, top + n_classes * s // 2 - 6), label, fill="black")
+        sheet.paste(fedgan.grid_image(big, n_classes).convert("RGB"), (left, top))
+        pen.text((4, top + n_classes * s // 2 - 6), label, fill="black")
     return sheet
 
 

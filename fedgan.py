@@ -23,13 +23,14 @@ Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMa
 Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM.
 """
 import argparse
+import collections
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
-import hashlib
 import random
 import resource
 import signal
@@ -332,7 +333,8 @@ def check_ranges(cfg):
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
-    between = dict(lr=(0, 1, "lie in (0, 1)"), beta1=(-1e-12, 1, "lie in [0, 1)"), beta2=(0, 1, "lie in (0, 1)"), decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
+    between = dict(lr=(0, 1, "lie in (0, 1)"), beta1=(-1e-12, 1, "lie in [0, 1)"), beta2=(0, 1, "lie in (0, 1)"),
+                   decay=(0, 1, "lie in (0, 1)"), detect_fpr=(0, 0.5, "lie in (0, 0.5)"),
                    test_frac=(0, 1, "lie in (0, 1)"), blend_alpha=(0, 1.0000001, "lie in (0, 1]"),
                    poison_frac=(0, 1.0000001, "lie in (0, 1]"),
                    dirichlet_alpha=(0, math.inf, "be above 0"))
@@ -588,13 +590,11 @@ def read_folder(root, classes, size, channels):
     by PIL; 16-bit and float images are scaled to 8 bits by the bit depth of the whole folder's maximum
     (so all images share one scale)."""
     from PIL import Image  # only needed for folder data
-    xs, ys, shapes, modes, deep, ranges, skipped = [], [], [], [], [], [], {}
+    xs, ys, shapes, modes, deep, ranges, skipped = [], [], [], [], [], [], collections.Counter()
     for label, name in enumerate(classes):
         entries = [p for p in (root / name).iterdir() if visible(p) and p.is_file()]
         files = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXT)
-        for p in entries:
-            if p.suffix.lower() not in IMAGE_EXT:
-                skipped[p.suffix.lower() or "(no suffix)"] = skipped.get(p.suffix.lower() or "(no suffix)", 0) + 1
+        skipped.update(p.suffix.lower() or "(no suffix)" for p in entries if p.suffix.lower() not in IMAGE_EXT)
         if not files:
             raise FedGANError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXT))})"
                               f"{skipped_text(skipped)}; add images or remove the folder")
@@ -622,7 +622,7 @@ def read_folder(root, classes, size, channels):
             xs[i] = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
     x = np.stack([a[None] if channels == 1 else a.transpose(2, 0, 1) for a in xs])
     return (torch.from_numpy(x), torch.tensor(ys, dtype=torch.int64),
-            (shapes, [f"PIL {m}" for m in modes], ranges, skipped))
+            (shapes, [f"PIL {m}" for m in modes], ranges, dict(skipped)))
 
 
 def skipped_text(skipped):
@@ -630,8 +630,8 @@ def skipped_text(skipped):
     if not skipped:
         return ""
     n = sum(skipped.values())
-    return (f", {n} file{'s' * (n > 1)} skipped for their type (" +
-            ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items())) + f"; readable: {', '.join(sorted(IMAGE_EXT))})")
+    kinds = ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items()))
+    return f", {n} file{'s' * (n > 1)} skipped for their type ({kinds}; readable: {', '.join(sorted(IMAGE_EXT))})"
 
 
 def open_npz(path, needed, fix):
@@ -1310,8 +1310,6 @@ def d_logits(d, real, fake, labels, joint, dim=0):
     both (concatenated along the batch axis `dim`), so that BatchNorm normalizes them with shared statistics."""
     if not joint:
         return (None if real is None else d(real, labels)), d(fake, labels)
-    if real is None:  # unused here: the G step passes the real batch too
-        return None, d(fake, labels)
     both = d(torch.cat([real, fake], dim), torch.cat([labels, labels], dim))
     return both.split(real.shape[dim], dim=-1)
 
@@ -2320,9 +2318,10 @@ def check_fingerprint(out, data, root):
         saved = json.loads((out / "config.json").read_text()).get("data", {}).get("fingerprint")
     except (OSError, ValueError):
         return
-    if saved and saved != data_fingerprint(data):
+    now = data_fingerprint(data) if saved else None
+    if saved and saved != now:
         raise FedGANError(f"the data at {root} differs from the data {out} trained on (fingerprints {saved} against "
-                          f"{data_fingerprint(data)}); pass --data-root to the run's own data")
+                          f"{now}); pass --data-root to the run's own data")
 
 
 class Stopped(Exception):
@@ -2649,12 +2648,17 @@ def save_samples(g, path, seed, per_class=8):
     save_grid(generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed), g.n_classes, path)
 
 
-def save_grid(img, rows, path):
-    """uint8 images (rows * k, C, S, S), row after row, as one PNG."""
+def grid_image(img, rows):
+    """uint8 images (rows * k, C, S, S), row after row, as one PIL image."""
     from PIL import Image
     n, c, s, _ = img.shape
     grid = img.reshape(rows, n // rows, c, s, s).permute(0, 3, 1, 4, 2).reshape(rows * s, n // rows * s, c)
-    Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy()).save(path)
+    return Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy())
+
+
+def save_grid(img, rows, path):
+    """uint8 images (rows * k, C, S, S), row after row, as one PNG."""
+    grid_image(img, rows).save(path)
 
 
 def save_real(data, path, seed, per_class=8):
