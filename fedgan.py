@@ -2324,8 +2324,9 @@ def check_fingerprint(out, data, root):
                           f"{now}); pass --data-root to the run's own data")
 
 
-class Stopped(Exception):
-    """SIGTERM, raised in the main thread so the run ends through the same path as Ctrl-C."""
+class Stopped(BaseException):
+    """SIGTERM, raised in the main thread so the run ends through the same path as Ctrl-C. A BaseException,
+    as KeyboardInterrupt is: code that catches Exception (torch's load_state_dict does) must not swallow it."""
 
 
 def on_sigterm(signum, frame):
