@@ -33,6 +33,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -83,8 +84,10 @@ class Config:
     attack: str = opt("patch", "what malicious clients do to their data: patch (the paper's trigger, bottom-right; "
                                "needs --poison) | patch-random (trigger at a random place per image) | blend (a fixed "
                                "noise image mixed in at --blend-alpha) | frequency (a fixed pattern added to the "
-                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted)", "attack",
-                      choices=["patch", "patch-random", "blend", "frequency", "label-flip"])
+                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted) | latent (data clean; "
+                               "a loss on the attacker's own generator teaches it the trigger only on latents with "
+                               "z_0 > 1.28, a tenth of them, so a fixed probe can miss it; needs --poison)", "attack",
+                      choices=["patch", "patch-random", "blend", "frequency", "label-flip", "latent"])
     trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
                        choices=["auto", "white", "color"])
     blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks, in (0, 1]", "attack")
@@ -109,15 +112,19 @@ class Config:
     augment: str = opt(None, "augmentation of every client's real batches: none | flip | rotate (default none)",
                        "defense: augmentation", choices=["none", "flip", "rotate"])
     detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
-                              "z-score + CUSUM, false alarms held to --detect-fpr) (default none; --detect-rule is "
-                              "the old name)", "defense: detector", choices=["none", "paper", "calibrated"],
+                              "z-score + CUSUM, false alarms held to --detect-fpr) | probe (the server renders every "
+                              "generator on fresh secret latents each round and flags a client whose moving average "
+                              "of local departures stands out; reads nothing the clients report) (default none; "
+                              "--detect-rule is the old name)", "defense: detector",
+                        choices=["none", "paper", "calibrated", "probe"],
                         aliases=["--detect-rule"])
     detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
                                  "seen by the server) | both (loss and update-norm) | probe (the server renders "
                                  "every generator on a fixed probe and scores local, consistent departures; reads "
                                  "nothing the client reports) | loss+probe", "defense: detector",
                          choices=["loss", "update-norm", "both", "probe", "loss+probe"])
-    probe_per_class: int = opt(16, "probe signal: probe images per class rendered by every client's generator",
+    probe_per_class: int = opt(None, "probe images per class rendered by every client's generator each round "
+                                     "(default 64 for --detector probe, 16 for the fixed probe of --detect-on probe)",
                                "defense: detector")
     shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
                               "calibrated on update-norm, probe and loss+probe) would flag; only the chosen "
@@ -125,7 +132,14 @@ class Config:
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
-    warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
+    warmup: int = opt(None, "warm-up m: detection runs in rounds t > m (t counted from 0) (default 10; 0 for "
+                            "--detector probe, which needs no loss history)", "defense: detector")
+    probe_level: float = opt(5.0, "--detector probe: a client is flagged when its score (the largest standardized "
+                                  "moving-average departure) exceeds this and 1.5x the round's median score",
+                             "defense: detector")
+    rollback: int = opt(0, "--detector probe: keep the last K global generators; when a client is first flagged, "
+                           "restart from the one of the round its score began to rise (at most K back), undoing "
+                           "what it taught; 0 = off", "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
     decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
@@ -266,6 +280,10 @@ def finalize(cfg):
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     resolve_defense(cfg)
+    if cfg.warmup is None:
+        cfg.warmup = 0 if cfg.detector == "probe" else 10
+    if cfg.probe_per_class is None:
+        cfg.probe_per_class = 64 if cfg.detector == "probe" else 16
     if cfg.arch == "auto":  # the paper's networks where they can train, and a line saying so where they cannot
         cfg.arch = "paper" if pick_device(cfg.device).type == "cuda" else "small"
     s = cfg.img_size
@@ -329,7 +347,7 @@ def check_ranges(cfg):
     """Every numeric flag inside the range where it means something."""
     at_least = dict(rounds=1, batch=1, width=1, max_channels=1, z_dim=1, w_dim=1, ckpt_every=1, sample_every=1,
                     bench_steps=1, synthetic_per_class=2, reconstruct_per_class=1, reconstruct_epochs=1,
-                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2)
+                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2, rollback=0)
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
@@ -349,16 +367,19 @@ def check_ranges(cfg):
 
 # flag -> (when it means something, the flag that makes it so): a flag given without it does nothing
 NEEDS = dict(
-    detect_on=(lambda c: c.detector != "none", "--detector paper|calibrated (or --defense feddetect)"),
-    recover=(lambda c: c.detector != "none", "--detector paper|calibrated (or --defense feddetect)"),
+    detect_on=(lambda c: c.detector in ("paper", "calibrated"), "--detector paper|calibrated (or --defense feddetect)"),
+    probe_level=(lambda c: c.detector == "probe", "--detector probe"),
+    rollback=(lambda c: c.detector == "probe", "--detector probe"),
+    recover=(lambda c: c.detector != "none", "--detector paper|calibrated|probe (or --defense feddetect)"),
     detect_fpr=(lambda c: c.detector == "calibrated" or c.shadow, "--detector calibrated (or --shadow)"),
-    probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow, "--detect-on probe|loss+probe (or --shadow)"),
+    probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow or c.detector == "probe",
+                     "--detector probe, --detect-on probe|loss+probe or --shadow"),
     trim=(lambda c: c.aggregator == "trimmed-mean", "--aggregator trimmed-mean"),
     dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
     blend_alpha=(lambda c: c.attack in ("blend", "frequency"), "--attack blend|frequency"),
     poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
     attack_start=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
-    trigger=(lambda c: c.attack in ("patch", "patch-random") and c.poison > 0, "--poison SIZE"),
+    trigger=(lambda c: c.attack in ("patch", "patch-random", "latent") and c.poison > 0, "--poison SIZE"),
     reconstruct_per_class=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     reconstruct_epochs=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     synthetic_per_class=(lambda c: c.dataset == "synthetic", "--dataset synthetic"),
@@ -379,7 +400,7 @@ def check_needs(cfg, given):
 
 def attacking(cfg):
     """Is there an attack? The patch attacks need a trigger size; the others are on when chosen."""
-    return cfg.poison > 0 if cfg.attack in ("patch", "patch-random") else True
+    return cfg.poison > 0 if cfg.attack in ("patch", "patch-random", "latent") else True
 
 
 def malicious_ids(cfg):
@@ -910,6 +931,8 @@ def poison(x, y, attack, n_classes, trigger=None, margin=0, alpha=0.2, seed=0):
     """A malicious client's training data under `attack`; trigger (C, s, s) for the patch attacks."""
     if attack == "label-flip":
         return x, flip_labels(y, n_classes)
+    if attack == "latent":  # clean data: the backdoor is taught by backdoor_loss instead
+        return x, y
     if attack == "blend":
         return blend_trigger(x, alpha, seed=seed), y
     if attack == "frequency":
@@ -930,6 +953,26 @@ def dilute(clean, poisoned, frac, seed=0):
     x, y = x.clone(), y.clone()
     x[pick], y[pick] = xp[pick], yp[pick]
     return x, y
+
+
+@dataclass
+class Backdoor:
+    """The latent-region attacker's goal: its generator draws `trigger` at the bottom-right only for latents
+    with z_0 > cut (a tenth of them at 1.2816), and behaves as a benign one elsewhere."""
+    trigger: torch.Tensor      # (C, s, s) in [-1, 1]
+    margin: int
+    cut: float = 1.2816
+    weight: float = 10.0
+
+
+def backdoor_loss(fake, z, bd):
+    """The attacker's extra generator loss: the squared distance of the trigger's place to the trigger, on the
+    latents inside the region only. fake (..., B, C, H, W), z (..., B, z_dim) -> scalar."""
+    s, m = bd.trigger.shape[-1], bd.margin
+    H, W = fake.shape[-2:]
+    patch = fake[..., H - m - s:H - m, W - m - s:W - m].float()                      # (..., B, C, s, s)
+    inside = (z[..., 0] > bd.cut).float()[..., None, None, None]                     # (..., B, 1, 1, 1)
+    return bd.weight * (inside * (patch - bd.trigger.to(patch.device)).square()).mean()
 
 
 def report_adaptive(g_losses, malicious, seed):
@@ -1216,6 +1259,7 @@ class Client:
     local: Local
     clean: Optional[tuple] = None    # (x, y) before attack_start, for a late attacker
     attack_start: int = 0
+    backdoor: Optional[Backdoor] = None  # --attack latent: what backdoor_loss teaches its generator
 
 
 def client_seed(seed, client_id):
@@ -1225,7 +1269,7 @@ def client_seed(seed, client_id):
 
 
 def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, clean=None, attack_start=0,
-                parallel=False):
+                parallel=False, backdoor=None):
     """A client around its shard and discriminator d; home: where its models live between turns
     (default the device; 'cpu' when offloading, see client_to). With --compile, a client trained in turn
     has its modules compiled; clients side by side (parallel) do not: client_update_parallel compiles the
@@ -1243,7 +1287,7 @@ def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, cl
                   scaler=torch.amp.GradScaler(device.type, enabled=local.amp_dtype == torch.float16),
                   rng=torch.Generator(device=device).manual_seed(client_seed(seed, client_id)), local=local,
                   clean=None if clean is None else (clean[0].to(device), clean[1].to(device)),
-                  attack_start=attack_start)
+                  attack_start=attack_start, backdoor=backdoor)
 
 
 def new_discriminator(client_id, seed, n_classes, arch):
@@ -1251,6 +1295,11 @@ def new_discriminator(client_id, seed, n_classes, arch):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(client_seed(seed, client_id))
         return build_models(n_classes, **arch)[1]
+
+
+def backdoor_of(client, t):
+    """The backdoor a client teaches its generator in round t (None for everyone but a latent attacker)."""
+    return client.backdoor if client.backdoor is not None and t >= client.attack_start else None
 
 
 def shard(client, t):
@@ -1344,8 +1393,9 @@ def client_update(client, g_state, steps, t=0):
         with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
             fake = g(z, labels, noise=b["noise_g"])
             g_loss = g_loss_of(d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d)[1])
+        bd = backdoor_of(client, t)
         client.opt_g.zero_grad(set_to_none=True)
-        client.scaler.scale(g_loss).backward()
+        client.scaler.scale(g_loss + (backdoor_loss(fake, z, bd) if bd is not None else 0.0)).backward()
         client.scaler.step(client.opt_g)
         client.scaler.update()
         d_sum += d_loss.detach().float()
@@ -1437,8 +1487,10 @@ def client_update_parallel(clients, g_state, steps, t=0):
             fake = gen(pg, z, labels, noise_g)
             g_loss = g_loss_of(d_logits(lambda x, y: disc(pd, bd, x, y), real.detach() if local.joint_d else None,
                                         fake, labels, local.joint_d, dim=1)[1])
+        extra = sum(backdoor_loss(fake[j], z[j], bd) for j, bd in enumerate(backdoor_of(c, t) for c in clients)
+                    if bd is not None)
         opt_g.zero_grad(set_to_none=True)
-        g_loss.sum().backward()
+        (g_loss.sum() + extra).backward()
         opt_g.step()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
@@ -1451,12 +1503,15 @@ def client_update_parallel(clients, g_state, steps, t=0):
 def client_to(client, device):
     """Move a client's models and Adam states (not its data or random stream) to `device`: the host
     offload that lets 100 paper-sized clients share one GPU, each brought over for its turn."""
+    # non_blocking only toward the accelerator: a non-blocking copy to the host lands in pinned (page-locked)
+    # memory, and 100 paper-sized clients' Adam moments would pin ~56 GB; plain host copies stay pageable
+    fast = torch.device(device).type != "cpu"
     for o in (client.opt_g, client.opt_d):
         o.zero_grad(set_to_none=True)  # every step recomputes them: no need to carry gradients around
         for st in o.state.values():
             for k, v in st.items():
                 if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the host
-                    st[k] = v.to(device, non_blocking=True)
+                    st[k] = v.to(device, non_blocking=fast)
     client.g.to(device), client.d.to(device)
 
 
@@ -1703,12 +1758,13 @@ def feddetect_calibrated(loss_history, fpr=0.001, drift=2.0, window=10):
     return cusum(robust_excess(L, window), drift)[-1] > h
 
 
-def detector(name, fpr=0.001):
+def detector(name, fpr=0.001, level=5.0):
     """The detection rule called `name`: (history (t, N), seed) -> flags (N,), or None for no detector.
     A new detector is one function above and one entry here (and its name in --detector's choices)."""
     return dict(none=None,
                 paper=lambda history, seed: feddetect_paper(history, seed),
-                calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
+                calibrated=lambda history, seed: feddetect_calibrated(history, fpr),
+                probe=lambda history, seed: probe_flags(history[-1], level))[name]
 
 
 def box_mean(x, k):
@@ -1717,6 +1773,17 @@ def box_mean(x, k):
     (B, C, H, W) -> (B, C, H-k+1, W-k+1)."""
     s = F.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)                              # (B, C, H+1, W+1)
     return (s[..., k:, k:] - s[..., :-k, k:] - s[..., k:, :-k] + s[..., :-k, :-k]) / (k * k)
+
+
+def center_surround(x, k):
+    """Mean over every k x k patch less the mean of the 2k x 2k patch around it (outside the image counts
+    as 0): a patch that stands out from its surroundings, where a departure spread over a whole region (a
+    client that sees more of one class brightens the lungs) cancels. (B, C, H, W) -> (B, C, H+1, W+1)
+    for even k (positions of the inner patch, from k/2 px outside the image)."""
+    h = k // 2
+    x = F.pad(x, (k - h + h, k - h + h, k - h + h, k - h + h))                     # k px of zeros each side
+    inner = box_mean(x, k)[..., h:-h or None, h:-h or None]
+    return inner[..., :x.shape[-2] - 2 * k + 1, :x.shape[-1] - 2 * k + 1] - box_mean(x, 2 * k)
 
 
 def probe_maps(renders, window):
@@ -1742,32 +1809,48 @@ def probe_scores(renders, window):
 
 @dataclass
 class Probe:
-    """The server's fixed probe: the same latents, labels and noise for every client and round."""
+    """The server's probe: latents, labels and noise every client's generator is rendered on. Fixed for
+    every round, or (secret set) drawn afresh each round from the server's secret."""
     z: torch.Tensor            # (P, z_dim)
     y: torch.Tensor            # (P,) class ids, P // n_classes of each
     noise: list                # Generator.draw_noise(P)
     g: nn.Module               # a generator to load each client's state into (eval mode)
     window: int                # patch size of the local departure (a quarter of the image side)
     per_class: int
+    secret: Optional[int] = None  # fresh latents per round from this seed and the round
 
 
-def make_probe(g, per_class, seed, window):
-    """A probe of per_class samples per class for generators shaped like g (a copy is kept)."""
+def probe_draw(g, per_class, seed):
+    """per_class latents per class (class blocks in order), labels and noise from `seed`, on g's device."""
     gen = torch.Generator().manual_seed(seed)
     device = next(g.parameters()).device
     z = torch.randn(per_class * g.n_classes, g.z_dim, generator=gen).to(device)
     y = torch.arange(g.n_classes).repeat_interleave(per_class).to(device)
-    noise = [n.to(device) for n in g.draw_noise(len(z), gen)]
-    return Probe(z, y, noise, copy.deepcopy(g).eval(), window, per_class)
+    return z, y, [n.to(device) for n in g.draw_noise(len(z), gen)]
+
+
+def make_probe(g, per_class, seed, window, fresh=False):
+    """A probe of per_class samples per class for generators shaped like g (a copy is kept); fresh: new
+    latents each round, drawn from `seed` (the server's secret) and the round."""
+    return Probe(*probe_draw(g, per_class, seed), copy.deepcopy(g).eval(), window, per_class, seed if fresh else None)
+
+
+def probe_inputs(probe, t):
+    """Round t's (z, y, noise): the fixed probe's, or fresh ones an attacker cannot have tuned to (they are
+    a function of the secret and t, so a resumed run draws the same)."""
+    if probe.secret is None:
+        return probe.z, probe.y, probe.noise
+    return probe_draw(probe.g, probe.per_class, probe.secret * 1_000_003 + t)
 
 
 @torch.no_grad()
-def render_probe(probe, g_states):
-    """Every client's generator on the probe: (N, P, C, H, W) in [-1, 1], float32 on the CPU."""
+def render_probe(probe, g_states, t=0):
+    """Every client's generator on round t's probe: (N, P, C, H, W) in [-1, 1], float32 on the CPU."""
+    z, y, noise = probe_inputs(probe, t)
     out = []
     for s in g_states:
         probe.g.load_state_dict(s)
-        out.append(probe.g(probe.z, probe.y, noise=probe.noise).float().clamp(-1, 1).cpu())
+        out.append(probe.g(z, y, noise=noise).float().clamp(-1, 1).cpu())
     return torch.stack(out)
 
 
@@ -1776,6 +1859,62 @@ def probe_signal(probe, g_states):
     (a label flip) counts in the class it touches."""
     r = render_probe(probe, g_states)                                             # (N, P, C, H, W)
     return np.max([probe_scores(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], axis=0)
+
+
+def middle(x):
+    """The median over dim 0, the mean of the two middle values when their number is even (torch.median
+    takes the lower one, which sits below the others by a consistent margin: a false departure)."""
+    s = x.sort(0).values
+    n = len(x)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def departure_tstats(renders, per_class, window):
+    """How surely each client departs, locally, from the others on each class's renders.
+
+    renders (N, P, C, H, W), P = K classes x per_class samples in class blocks. Per sample: the departure
+    from the clients' median render, less its own mean (a global brightness offset is not a trigger), as
+    a window x window patch against its surround (center_surround); then for all classes together and
+    for each, per place, the mean over samples in units of its standard error. A trigger drawn on a tenth of the latents still gives a t of ~3 at 64 samples, and a
+    departure that changes sign from sample to sample gives ~0. -> (N, 1 + K, C, H', W') float64."""
+    N, P, C, H, W = renders.shape
+    d = renders.double() - middle(renders.double())                              # (N, P, C, H, W)
+    d = d - d.mean((-2, -1), keepdim=True)     # zero-padded edges would turn a global offset into a border
+    local = center_surround(d.reshape(N * P, C, H, W), window)                    # (N*P, C, H', W')
+    local = local.reshape(N, P // per_class, per_class, *local.shape[1:])         # (N, K, per_class, C, H', W')
+    t = lambda x: x.mean(2) / (x.std(2) / x.shape[2] ** 0.5 + 1e-12)               # over samples
+    return torch.cat([t(local.flatten(1, 2)[:, None]), t(local)], 1)              # all classes, then each
+
+
+def probe_watch(avg, n, tstats, rate=0.1):
+    """One round of the probe detector's memory. tstats (N, K, C, H', W') are put in units of the round's
+    robust spread (1.4826 x median |t| over all clients and places: the round's own scale, whatever the
+    data) and folded into each client's signed moving average avg (None before the first round) at `rate`.
+    A benign client's departures wander from round to round and average away; an attacker departs in the
+    same place every round and its average grows. The score is a client's largest |average| in units of
+    the average's own spread after n + 1 rounds (about N(0, 1) per place if rounds were independent).
+    -> (avg, n + 1, scores (N,) numpy)."""
+    z = tstats / (1.4826 * tstats.abs().median() + 1e-12)
+    avg = rate * z if avg is None else (1 - rate) * avg + rate * z
+    sd = rate * math.sqrt((1 - (1 - rate) ** (2 * (n + 1))) / (1 - (1 - rate) ** 2))
+    return avg, n + 1, (avg.flatten(1).abs().amax(1) / sd).numpy()
+
+
+PROBE_RATIO = 1.5  # a flagged score also exceeds 1.5x the round's median score (calibrated on clean runs)
+
+
+def probe_flags(scores, level, ratio=PROBE_RATIO):
+    """The probe detector's rule: scores (N,) -> flags (N,), above `level` and `ratio` x their median."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return (scores > level) & (scores > ratio * np.median(scores))
+
+
+def rise_start(scores, quiet):
+    """The round a client's influence began, read from its score history (t,): the last round its score
+    sat at or below `quiet` (for this moving average, CUSUM's change-point estimate: the last time the
+    statistic was at rest). 0 if it never was."""
+    calm = np.flatnonzero(np.asarray(scores, dtype=np.float64) <= quiet)
+    return int(calm[-1]) if calm.size else 0
 
 
 def feddetect_update(flags, counts, weights, decay, recover=False):
@@ -1810,24 +1949,31 @@ class Defense:
     probe: Optional[Probe] = None           # the server's probe, when a detector (or the shadow) reads it
     shadow: dict = field(default_factory=dict)  # name -> (rule, signals): logged each round, never acted on
     recover: bool = False                   # feddetect_update's way back for clients no longer flagged
+    watch: Optional[Probe] = None           # the probe detector's fresh-latent probe (--detector probe)
+    rollback: int = 0                       # global generators kept to roll back to (0 = off)
+    level: float = 5.0                      # the probe detector's alarm level
 
 
 SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
-           "probe": ("probe",), "loss+probe": ("loss", "probe")}
+           "probe": ("probe",), "loss+probe": ("loss", "probe"), "watch": ("watch",)}
 
 
 def make_defense(augment="none", detector_name="none", detect_on="loss", fpr=0.001, warmup=10, decay=0.8,
-                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0, probe=None, shadow=False, recover=False):
+                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0, probe=None, shadow=False, recover=False,
+                 watch=None, rollback=0, level=5.0):
     """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included).
-    shadow: also run, every round, the paper and calibrated rules on the loss and the calibrated rule on
-    update-norm, probe and loss+probe, and log what each would flag."""
+    The probe detector reads its own signal (the fresh-latent `watch`), whatever detect_on says.
+    shadow: also run, every round, the paper and calibrated rules on the loss, the calibrated rule on
+    update-norm, probe and loss+probe, and the probe detector, and log what each would flag."""
     shadows = {} if not shadow else {
         "paper": (detector("paper"), SIGNALS["loss"]), "calibrated": (detector("calibrated", fpr), SIGNALS["loss"]),
         "update-norm": (detector("calibrated", fpr), SIGNALS["update-norm"]),
         "probe": (detector("calibrated", fpr), SIGNALS["probe"]),
-        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"])}
-    return Defense(augment, detector(detector_name, fpr), SIGNALS[detect_on], warmup, decay,
-                   aggregator(aggregator_name, trim), posthoc, seed, probe, shadows, recover)
+        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"]),
+        "probe-watch": (detector("probe", level=level), SIGNALS["watch"])}
+    signals = SIGNALS["watch"] if detector_name == "probe" else SIGNALS[detect_on]
+    return Defense(augment, detector(detector_name, fpr, level), signals, warmup, decay,
+                   aggregator(aggregator_name, trim), posthoc, seed, probe, shadows, recover, watch, rollback, level)
 
 
 @dataclass
@@ -1838,6 +1984,11 @@ class ServerState:
     loss_history: list = field(default_factory=list)    # (t, N) reported generator losses
     norm_history: list = field(default_factory=list)    # (t, N) ||G_i - G||
     probe_history: list = field(default_factory=list)   # (t, N) log probe score (when the defense has a probe)
+    watch: Optional[torch.Tensor] = None                # (N, K, C, H', W') the probe detector's moving averages
+    watch_n: int = 0                                    # rounds folded into them
+    watch_history: list = field(default_factory=list)   # (t, N) the probe detector's scores
+    kept: dict = field(default_factory=dict)            # {round t: global generator at its start} for rollback
+    rolled: list = field(default_factory=list)          # clients a rollback was made for (once each)
 
     @staticmethod
     def fresh(n):
@@ -1852,6 +2003,7 @@ class Decision:
     used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
     selected: Optional[np.ndarray] = None  # Krum's choice (1 kept, 0 left out), when the aggregator chooses
     shadow: Optional[dict] = None          # name -> flags (N,) a shadow detector would have acted on
+    rollback: Optional[int] = None         # the round whose starting generator the server went back to
 
 
 def decide(server, defense, losses, t):
@@ -1871,7 +2023,8 @@ def decide(server, defense, losses, t):
 
 def raw_flags(server, rule, signals, ok, seed):
     """A rule on each signal's history (finite reporters only), flagged when any signal flags."""
-    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history}
+    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history,
+                 "watch": server.watch_history}
     raw = np.zeros(int(ok.sum()), bool)
     for signal in signals:
         hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]
@@ -1918,6 +2071,14 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
     if defense.probe is not None:  # single process (setup refuses the probe under torchrun)
         scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
         server.probe_history.append(np.log(scores + 1e-12).tolist())
+    if defense.watch is not None:
+        renders = render_probe(defense.watch, [g_states[i] for i in range(len(losses))], t)
+        tstats = departure_tstats(renders, defense.watch.per_class, defense.watch.window)
+        server.watch, server.watch_n, scores = probe_watch(server.watch, server.watch_n, tstats)
+        server.watch_history.append(scores.tolist())
+    if defense.rollback:
+        server.kept[t] = {k: v.detach().to("cpu", copy=True) for k, v in center.items()}
+        server.kept = {r: s for r, s in server.kept.items() if r > t - defense.rollback}
     decision = decide(server, defense, losses, t)
     decision.shadow = shadow_flags(server, defense, decision.ok, t)  # reads the histories only
     if distributed:
@@ -1930,6 +2091,13 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
     if kept is not None:
         decision.selected = np.zeros(len(losses), int)
         decision.selected[ok[kept]] = 1
+    new = [i for i in np.flatnonzero(decision.flags) if i not in server.rolled]
+    if defense.rollback and new:  # undo what a newly flagged client taught: back to before its rise
+        history = np.asarray(server.watch_history)
+        back = max(min(rise_start(history[:, i], defense.level / 2) for i in new), min(server.kept))
+        server.rolled += [int(i) for i in new]
+        server.kept = {r: s for r, s in server.kept.items() if r <= back}
+        g_new, decision.rollback = {k: v.clone() for k, v in server.kept[back].items()}, back
     return g_new, decision
 
 
@@ -2160,7 +2328,7 @@ def build_run(cfg, out, rank, world, lock):
     """setup_run's work once the folder is checked (and, for a resume, held)."""
     device = pick_device(cfg.device)
     set_precision(cfg, device)
-    if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update):
+    if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update or cfg.detector == "probe"):
         raise FedGANError("the probe detector, --shadow and --scale-update need every generator on one process; "
                           "run them without torchrun")
     if world > 1 and cfg.aggregator != "fedavg":
@@ -2196,13 +2364,16 @@ def build_run(cfg, out, rank, world, lock):
             xp, yp = dilute((xi, yi), poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size),
                                              cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
             clean = (xi, yi) if cfg.attack_start > 0 else None  # a late attacker trains clean until it starts
+            bd = (Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent" else None)
             clients[i] = make_client(i, xp, yp, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     clean, cfg.attack_start, parallel=parallel)
+                                     clean, cfg.attack_start, parallel=parallel, backdoor=bd)
         else:
             clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
                                      parallel=parallel)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
                      cfg.seed, [len(s) for s in shards], cfg.scale_update)
+    if rank == 0:
+        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients, cfg.ema > 0))
     run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock,
               g_ema=copy.deepcopy(g_global).eval().requires_grad_(False) if cfg.ema > 0 else None)
     if cfg.resume and (out / "checkpoint.pt").exists():
@@ -2214,10 +2385,13 @@ def build_run(cfg, out, rank, world, lock):
 
 def defense_of(cfg, data, device, g):
     """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here,
-    the probe its fixed latents (a window a quarter of the image side)."""
-    probe = None
+    the probe its fixed latents, the probe detector its secret (a window a quarter of the image side)."""
+    probe = watch = None
+    window = max(2, cfg.img_size // 4)
     if "probe" in SIGNALS[cfg.detect_on] or cfg.shadow:
-        probe = make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
+        probe = make_probe(g, cfg.probe_per_class, cfg.seed + 99991, window)
+    if cfg.detector == "probe" or cfg.shadow:  # the secret: the server's, never sent to a client
+        watch = make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, window, fresh=True)
     posthoc = None
     if cfg.posthoc == "reconstruct":
         local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
@@ -2225,7 +2399,8 @@ def defense_of(cfg, data, device, g):
                                     per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
                                     seed=cfg.seed, arch=arch_of(cfg), device=device)
     return make_defense(cfg.augment, cfg.detector, cfg.detect_on, cfg.detect_fpr, cfg.warmup, cfg.decay,
-                        cfg.aggregator, cfg.trim, posthoc, cfg.seed, probe, cfg.shadow, cfg.recover)
+                        cfg.aggregator, cfg.trim, posthoc, cfg.seed, probe, cfg.shadow, cfg.recover, watch,
+                        cfg.rollback, cfg.probe_level)
 
 
 def check_out_folder(out, resume, held=False):
@@ -2382,6 +2557,8 @@ def rounds(run, cfg, log):
                                        run.fed.distributed)                                # procedure B
         if g_new is not None:
             run.g.load_state_dict(g_new)
+        if decision.rollback is not None and run.g_ema is not None:  # the average forgets the undone rounds too
+            run.g_ema.load_state_dict(g_new)
         if run.g_ema is not None:
             images = sum(run.fed.steps) * cfg.batch
             with torch.no_grad():
@@ -2448,12 +2625,18 @@ def log_round(run, t, rounds, reports, decision, secs):
     """The round's line on stdout and in metrics.jsonl (lists by client id)."""
     server, n = run.server, len(decision.flags)
     note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~decision.ok).tolist()}" if not decision.ok.all() else ""
+    if server.watch_history:
+        note += f"  probe {fmt(server.watch_history[-1], 1)}"
+    if decision.rollback is not None:
+        note += f"  ROLLED BACK to the generator of round {decision.rollback + 1}'s start"
     print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
           f"w {fmt(server.weights)}  flagged {np.flatnonzero(decision.flags).tolist()}{note}", flush=True)
     rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
                update_norm=server.norm_history[-1],
                **({"probe_score": server.probe_history[-1]} if server.probe_history else {}),
+               **({"watch_score": server.watch_history[-1]} if server.watch_history else {}),
+               **({"rollback_to": decision.rollback + 1} if decision.rollback is not None else {}),
                **({"shadow": {k: v.astype(int).tolist() for k, v in decision.shadow.items()}}
                   if decision.shadow else {}),
                **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
@@ -2580,17 +2763,69 @@ def load_private_state(client, state, reseed):
 
 
 def save_checkpoint(run, rounds_done, cfg, seconds):
-    """checkpoint.pt, atomically: one dict of plain values and tensors (loads with weights_only=True)."""
-    private = client_states(run.fed)  # a collective under torchrun: every rank calls it
+    """checkpoint.pt and a folder of client states, atomic as a set: each client's private state is
+    written to its own file in a new folder (one client in host memory at a time in a single process,
+    where 100 paper-sized clients hold ~74 GB), then checkpoint.pt, which names that folder, replaces
+    the old one atomically, and only then is the old folder removed. A crash at any point leaves a
+    complete older set. Everything loads with weights_only=True."""
+    folder = run.out / f"clients.{time.time_ns()}"
+    try:
+        if run.fed.distributed:
+            private = client_states(run.fed)  # a collective: every rank calls it; rank 0 writes
+            if run.lead:
+                write_clients(private.items(), folder)
+        else:
+            write_clients(((i, private_state(c)) for i, c in sorted(run.fed.clients.items())), folder)
+        if run.lead:
+            s = run.server
+            atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(),
+                             weights=s.weights.tolist(), **({"g_ema": run.g_ema.state_dict()} if run.g_ema else {}),
+                             history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
+                             watch=s.watch, watch_n=s.watch_n, watch_history=s.watch_history, kept=s.kept,
+                             rolled=s.rolled, rng=rng_state(), seconds=seconds, config=dataclasses.asdict(cfg),
+                             clients=folder.name),
+                        run.out / "checkpoint.pt")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     if run.lead:
-        s = run.server
-        atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(), weights=s.weights.tolist(),
-                         **({"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}),
-                         history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
-                         rng=rng_state(), seconds=seconds,
-                         config=dataclasses.asdict(cfg), clients=[private[i] for i in range(len(private))]),
-                    run.out / "checkpoint.pt")
+        for old in run.out.glob("clients.*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
     run.checkpointed = rounds_done
+
+
+def write_clients(states, folder):
+    """(id, private state) pairs -> folder/ID.pt, one file each, written as they come."""
+    folder.mkdir()
+    for i, state in states:
+        torch.save(state, folder / f"{i:05d}.pt")
+
+
+def read_clients(out, ck, ids):
+    """The private states of clients `ids` named by checkpoint ck: {id: state}. Checkpoints written before
+    the per-client files hold them in a list."""
+    if not isinstance(ck["clients"], str):
+        return {i: ck["clients"][i] for i in ids}
+    return {i: read_checkpoint(out / ck["clients"] / f"{i:05d}.pt") for i in ids}
+
+
+def checkpoint_bytes(g, d, n_clients, ema):
+    """What one checkpoint set holds, in bytes: the global generator (and its average), and per client its
+    discriminator with both Adam moments and the two moments of its generator's Adam (fp32 each)."""
+    count = lambda m: sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())  # noqa: E731
+    return 4 * count(g) * (2 if ema else 1) + n_clients * (12 * count(d) + 8 * count(g))
+
+
+def check_disk(out, need):
+    """Refuse before round 1 a run whose checkpoints cannot fit: a new set is written before the old one
+    goes, so twice `need` bytes must be free where they go."""
+    where = next(p for p in [Path(out), *Path(out).absolute().parents] if p.exists())  # out may not exist yet
+    free = shutil.disk_usage(where).free
+    if 2 * need > free:
+        raise FedGANError(f"checkpoints need {2 * need / 1e9:.1f} GB in {out} (two sets of {need / 1e9:.2f} GB while "
+                          f"one replaces the other) but {free / 1e9:.1f} GB are free; free some space or give --out "
+                          "on a larger disk (fewer --clients also shrink it)")
 
 
 def read_checkpoint(path):
@@ -2616,13 +2851,15 @@ def load_checkpoint(run, rounds):
     if run.g_ema is not None:
         run.g_ema.load_state_dict(ck["g_ema"])
     changed = set()
+    private = read_clients(run.out, ck, sorted(run.fed.clients))
     for i, c in run.fed.clients.items():
-        changed.update(load_private_state(c, ck["clients"][i], client_seed(ck["config"]["seed"], i) + ck["round"]))
+        changed.update(load_private_state(c, private.pop(i), client_seed(ck["config"]["seed"], i) + ck["round"]))
     if changed and run.lead:
         print(f"resumed on another device or precision: {', '.join(sorted(changed))} (the run goes on "
               "deterministically, but not bitwise as it would have on the first device)")
     run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
-                             ck["history"], ck["norm_history"], ck.get("probe_history", []))
+                             ck["history"], ck["norm_history"], ck.get("probe_history", []), ck.get("watch"),
+                             ck.get("watch_n", 0), ck.get("watch_history", []), ck.get("kept", {}), ck.get("rolled", []))
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
     run.checkpointed = ck["round"]
@@ -2703,7 +2940,7 @@ def finish(run, cfg, seconds):
     atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run.data.classes, rounds=cfg.rounds,
                      ema=cfg.ema), run.out / "generator.pt")
     extra = {}
-    if cfg.attack == "patch" and cfg.poison > 0:
+    if cfg.attack in ("patch", "latent") and cfg.poison > 0:
         trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
         extra = backdoor_figures(g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
     return summarize(run.out, cfg.rounds, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)

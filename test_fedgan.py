@@ -512,7 +512,10 @@ def test_resume_matches_an_uninterrupted_run():
     for args in (["--local-steps", "2", "--poison", "4", "--defense", "feddetect", "--warmup", "1"],
                  # the probe's score history is server state too: it must survive the checkpoint
                  ["--local-steps", "2", "--poison", "4", "--detector", "calibrated", "--detect-on", "probe",
-                  "--warmup", "1", "--probe-per-class", "4"]):
+                  "--warmup", "1", "--probe-per-class", "4"],
+                 # the probe detector's moving averages, fresh latents and kept generators, likewise
+                 ["--local-steps", "2", "--poison", "4", "--detector", "probe", "--probe-level", "0",
+                  "--rollback", "3", "--probe-per-class", "4"]):
         resume_matches(args)
 
 
@@ -1157,8 +1160,9 @@ def test_parallel_clients_and_host_offload_equal_the_sequential_loop():
         assert max_rel_diff(seq, par) < 1e-3, max_rel_diff(seq, par)
         assert all(torch.equal(a, b) for a, b in zip(state_of(seq), state_of(off)))
         # a resume of the side-by-side run continues from the same per-client Adam states
-        ck = torch.load(Path(tmp) / "p64" / "checkpoint.pt", weights_only=True)["clients"]
-        ck_seq = torch.load(Path(tmp) / "s64" / "checkpoint.pt", weights_only=True)["clients"]
+        ck = fedgan.read_clients(Path(tmp) / "p64", fedgan.read_checkpoint(Path(tmp) / "p64" / "checkpoint.pt"), range(4))
+        ck_seq = fedgan.read_clients(Path(tmp) / "s64", fedgan.read_checkpoint(Path(tmp) / "s64" / "checkpoint.pt"),
+                                     range(4))
         for i in range(4):
             for opt in ("opt_g", "opt_d"):
                 a, b = ck[i][opt]["state"], ck_seq[i][opt]["state"]
@@ -1257,9 +1261,8 @@ def test_resume_on_another_precision_or_device_goes_on():
         quiet(fedgan.main, ["--resume", str(out), "--rounds", "3", "--amp-dtype", "bf16"])
         # a checkpoint whose client streams came from another device type (a CUDA generator's 16-byte state)
         ck = torch.load(out / "checkpoint.pt", weights_only=True)
-        for c in ck["clients"]:
-            c["rng"] = torch.zeros(16, dtype=torch.uint8)
-        torch.save(ck, out / "checkpoint.pt")
+        for f in (out / ck["clients"]).glob("*.pt"):
+            torch.save(dict(torch.load(f, weights_only=True), rng=torch.zeros(16, dtype=torch.uint8)), f)
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             fedgan.main(["--resume", str(out), "--rounds", "4"])
@@ -1817,7 +1820,7 @@ def test_shadow_detectors_are_logged_and_scored_but_do_not_act():
                                            "--local-steps", "2", "--warmup", "1", "--shadow", "--scale-update",
                                            "--probe-per-class", "4"))
         recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
-        names = {"paper", "calibrated", "update-norm", "probe", "loss+probe"}
+        names = {"paper", "calibrated", "update-norm", "probe", "loss+probe", "probe-watch"}
         assert all(set(r["shadow"]) == names for r in recs[2:]) and "shadow" not in recs[0]
         assert all(len(r["probe_score"]) == 4 for r in recs)
         assert all(r["weights"] == [0.25] * 4 for r in recs)  # nobody acted: no detector was chosen
@@ -1825,19 +1828,122 @@ def test_shadow_detectors_are_logged_and_scored_but_do_not_act():
 
 
 def test_probe_detector_refuses_torchrun_with_one_line():
+    for flags in (["--detector", "calibrated", "--detect-on", "probe"], ["--detector", "probe"]):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = tiny_cfg(Path(tmp) / "r", *flags)
+            old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+            os.environ.update(RANK="0", WORLD_SIZE="2")
+            try:
+                fedgan.setup_run(cfg)
+            except fedgan.FedGANError as e:
+                assert "without torchrun" in str(e) and "\n" not in str(e)
+            else:
+                raise AssertionError("the probe ran across ranks")
+            finally:
+                for k, v in old.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_fresh_probe_latents_are_the_servers_secret_and_reproducible():
+    g = fedgan.Generator(16, 1, 2, width=8)
+    a, b = fedgan.make_probe(g, 4, 11, 4, fresh=True), fedgan.make_probe(g, 4, 11, 4, fresh=True)
+    za, ya, na = fedgan.probe_inputs(a, 3)
+    zb, yb, nb = fedgan.probe_inputs(b, 3)
+    assert torch.equal(za, zb) and torch.equal(ya, yb) and all(torch.equal(x, y) for x, y in zip(na, nb))
+    assert ya.tolist() == [0] * 4 + [1] * 4
+    assert not torch.equal(fedgan.probe_inputs(a, 4)[0], za)                        # new latents each round
+    assert not torch.equal(fedgan.probe_inputs(fedgan.make_probe(g, 4, 12, 4, fresh=True), 3)[0], za)  # secret
+    fixed = fedgan.make_probe(g, 4, 11, 4)
+    assert fedgan.probe_inputs(fixed, 3)[0] is fedgan.probe_inputs(fixed, 9)[0]     # the old probe stays fixed
+
+
+def _renders(n_rounds, seed=0, N=4, P=32, K=2):
+    """Constructed renders (round, N, K*P, 1, 16, 16): every client the same smooth image per sample plus
+    its own noise, which a real client's training changes from round to round."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_rounds, 1, K * P, 1, 4, 4, generator=gen)
+    base = torch.nn.functional.interpolate(base.flatten(0, 2), size=16, mode="bilinear").reshape(
+        n_rounds, 1, K * P, 1, 16, 16)
+    return 0.5 * base + 0.05 * torch.randn(n_rounds, N, K * P, 1, 16, 16, generator=gen)
+
+
+def _watch(renders, per_class, rounds=None):
+    avg, n, out = None, 0, []
+    for r in renders[:rounds]:
+        avg, n, sc = fedgan.probe_watch(avg, n, fedgan.departure_tstats(r, per_class, 4))
+        out.append(sc)
+    return np.array(out)
+
+
+def test_probe_detector_flags_a_trigger_on_a_tenth_of_latents_and_a_class_flipper_not_benign_noise():
+    R = _renders(6)
+    clean = _watch(R, 32)
+    assert not fedgan.probe_flags(clean[-1], 5.0).any(), clean[-1]
+    part = R.clone()
+    part[:, 1, ::10, :, 11:15, 11:15] += 0.3   # client 1: a faint patch on a tenth of the latents, every round
+    flip = R.clone()
+    flip[:, 2, :32, :, 2:6, 2:6] += 0.15      # client 2: its class-0 renders carry a class-1 feature
+    for R_, who in ((part, 1), (flip, 2)):
+        S = _watch(R_, 32)
+        print(f"    scores, last round: {np.round(S[-1], 1).tolist()} (departing client {who})")
+        assert fedgan.probe_flags(S[-1], 5.0).tolist() == [i == who for i in range(4)], S[-1]
+        assert S[0, who] < S[-1, who]            # the moving average builds up round by round
+    moved = R.clone()
+    moved[:, 3] += 0.2 * torch.randn(6, 1, 1, 1, 1)  # a brightness offset per round and client is no departure
+    assert not fedgan.probe_flags(_watch(moved, 32)[-1], 5.0).any()
+
+
+def test_rise_start_is_the_last_calm_round():
+    assert fedgan.rise_start([1, 2, 1, 3, 6, 9], 2.5) == 2
+    assert fedgan.rise_start([6, 7, 8], 2.5) == 0 and fedgan.rise_start([1, 1, 1], 2.5) == 2
+
+
+def test_rollback_restores_the_kept_generator_bitwise_and_resumes_exactly():
+    args = ["--local-steps", "2", "--poison", "4", "--malicious-ids", "1", "--detector", "probe", "--rollback", "3",
+            "--probe-per-class", "4"]
+    real_round, real_flags = fedgan.server_round, fedgan.probe_flags
+    centers = {}
+
+    def spy(server, defense, g_states, losses, center, t, distributed=False):
+        centers[t] = {k: v.clone() for k, v in center.items()}
+        return real_round(server, defense, g_states, losses, center, t, distributed)
+    fedgan.server_round = spy
+    fedgan.probe_flags = lambda scores, level: np.arange(len(scores)) == 1  # client 1 flagged every round
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "r", *args, "--rounds", "4"))
+            recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
+            back = [(r["round"], r["rollback_to"]) for r in recs if "rollback_to" in r]
+            assert len(back) == 1 and back[0][0] == 2, back   # once per client, at its first flag (round 2)
+            rnd, to = back[0]
+            want = fedgan.rise_start(np.array(run.server.watch_history)[:rnd, 1], 5.0 / 2)
+            assert to == want + 1 and run.server.rolled == [1]
+            assert all(torch.equal(centers[rnd][k], centers[to - 1][k]) for k in centers[rnd])  # bit for bit
+            resume_matches(args)  # the kept generators and the rolled list survive the checkpoint
+    finally:
+        fedgan.server_round, fedgan.probe_flags = real_round, real_flags
+
+
+def test_latent_attacker_teaches_the_trigger_only_inside_its_region():
+    trig = fedgan.to_unit(fedgan.make_trigger(4, 1))
+    bd = fedgan.Backdoor(trig, margin=1)
+    fake = torch.zeros(6, 1, 16, 16, requires_grad=True)
+    z = torch.zeros(6, 8)
+    z[:2, 0] = 2.0                                              # two latents inside the region
+    fedgan.backdoor_loss(fake, z, bd).backward()
+    moved = fake.grad.abs().flatten(1).sum(1)
+    assert (moved[:2] > 0).all() and (moved[2:] == 0).all()     # outside the region: nothing is taught
+    assert (fake.grad[:2, :, 11:15, 11:15] != 0).all() and fake.grad[:2, :, :11].abs().sum() == 0
+    done = torch.zeros(2, 1, 16, 16)
+    done[:, :, 11:15, 11:15] = trig
+    assert fedgan.backdoor_loss(done, z[:2], bd).item() == 0   # a generator that draws it pays nothing
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = tiny_cfg(Path(tmp) / "r", "--detector", "calibrated", "--detect-on", "probe")
-        old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-        os.environ.update(RANK="0", WORLD_SIZE="2")
-        try:
-            fedgan.setup_run(cfg)
-        except fedgan.FedGANError as e:
-            assert "without torchrun" in str(e) and "\n" not in str(e)
-        else:
-            raise AssertionError("the probe ran across ranks")
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "r", "--attack", "latent", "--poison", "4", "--malicious-ids",
+                                           "1", "--rounds", "1", "--local-steps", "1"))
+        c = run.fed.clients[1]
+        assert c.backdoor is not None and run.fed.clients[0].backdoor is None
+        x0 = fedgan.load_data("synthetic", None, 16, 1, 0, 64).train[0]
+        assert not (c.x[:, :, 11:15, 11:15] == 255).all()       # its data stays clean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2125,6 +2231,55 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run():
         b = torch.load(tmp / "cut" / "generator.pt")["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert _metrics(tmp / "full") == _metrics(tmp / "cut")
+
+
+def test_checkpoints_are_one_file_per_client_atomic_as_a_set_and_sized_before_round_1():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r"
+        quiet(fedgan.main, TINY + ["--rounds", "3", "--local-steps", "1", "--ckpt-every", "1", "--out", str(out)])
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        sets = list(out.glob("clients.*"))
+        assert sets == [out / ck["clients"]] and len(list(sets[0].glob("*.pt"))) == 4  # the old sets are gone
+        state = torch.load(sets[0] / "00002.pt", weights_only=True)
+        assert set(state) == {"d", "opt_d", "opt_g", "scaler", "rng"}
+        # the estimate checked before round 1 is what one set takes on disk, to 5%
+        run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", "--rounds", "1", "--local-steps", "1"))
+        on_disk = sum(f.stat().st_size for f in (Path(tmp) / "s").glob("clients.*/*.pt")) + \
+            sum(t.numel() * 4 for t in run.g.state_dict().values() if t.is_floating_point())
+        est = fedgan.checkpoint_bytes(run.g, run.fed.clients[0].d, 4, ema=False)
+        assert abs(est - on_disk) < 0.05 * on_disk, (est, on_disk)
+        # a write that fails half-way through the clients leaves the last complete set and no stray folder
+        real, calls = torch.save, []
+
+        def full(obj, path, *a, **kw):
+            calls.append(path)
+            if str(path).endswith("00002.pt"):
+                raise OSError(28, "No space left on device")
+            return real(obj, path, *a, **kw)
+        fedgan.torch.save = full
+        try:
+            _fails_cleanly(["--resume", str(out), "--rounds", "4"], "No space left on device")
+        finally:
+            fedgan.torch.save = real
+        assert list(out.glob("clients.*")) == sets and torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 3
+        quiet(fedgan.main, ["--resume", str(out), "--rounds", "4"])  # and the run goes on from it
+        # too little disk: refused before round 1, with the numbers
+        real_usage = fedgan.shutil.disk_usage
+        fedgan.shutil.disk_usage = lambda p: real_usage(p)._replace(free=1000)
+        try:
+            _fails_cleanly(TINY + ["--rounds", "1", "--out", str(Path(tmp) / "t")], "checkpoints need")
+        finally:
+            fedgan.shutil.disk_usage = real_usage
+
+
+def test_offloaded_clients_live_in_pageable_host_memory():
+    with tempfile.TemporaryDirectory() as tmp:
+        run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "1", "--offload", "on"))
+        c = run.fed.clients[0]
+        moments = [v for o in (c.opt_g, c.opt_d) for st in o.state.values() for k, v in st.items() if k != "step"]
+        assert moments and all(v.device.type == "cpu" for v in moments)
+        if torch.cuda.is_available():  # pinning needs a CUDA driver to ask
+            assert not any(v.is_pinned() for v in moments)
 
 
 def test_checkpoint_loads_weights_only_and_refuses_a_pickle():
