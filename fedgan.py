@@ -127,8 +127,8 @@ class Config:
                                      "(default 64 for --detector probe, 16 for the fixed probe of --detect-on probe)",
                                "defense: detector")
     shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
-                              "calibrated on update-norm, probe and loss+probe) would flag; only the chosen "
-                              "defense acts", "defense: detector")
+                              "calibrated on update-norm, probe and loss+probe, and the probe detector as probe-watch) "
+                              "would flag; only the chosen defense acts", "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
@@ -1067,9 +1067,15 @@ class StyledConv(nn.Module):
         transpose = self.up and self.up_mode == "transpose"
         if self.up and not transpose:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w), up=transpose)
-        x = x + self.noise_strength.to(x.dtype) * noise.to(x.dtype) + self.bias.to(x.dtype)[None, :, None, None]
-        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+        weight, styles = self.weight * self.scale, self.affine(w)
+        x = modulated_conv2d(x, weight, styles, demodulate=False, up=transpose)          # (B, Cout, H, W)
+        # demodulate, add noise and bias, leaky ReLU, gain sqrt(2): three full-size passes instead of six.
+        # The leaky ReLU commutes with a positive scale, so the gain moves into the demodulation
+        # coefficients, the noise strength and the bias; the noise term is (B, 1, H, W) until it is added.
+        gain = math.sqrt(2)
+        coef = (demodulation(weight, styles) * gain)[:, :, None, None].to(x.dtype)      # (B, Cout, 1, 1)
+        x = torch.addcmul((self.noise_strength * gain).to(x.dtype) * noise.to(x.dtype), x, coef)
+        return F.leaky_relu(x + (self.bias * gain).to(x.dtype)[None, :, None, None], 0.2)
 
 
 class ToRGB(nn.Module):
@@ -1530,6 +1536,7 @@ class Federation:
     seed: int = 0
     sizes: list = field(default_factory=list)  # shard size of every client (N,)
     scale_update: bool = False  # attackers scale their update into the benign norm range (scale_into_benign)
+    timing: Optional[dict] = None  # --parallel-clients auto on CUDA: {"side by side": s, "in turn": s} being timed
 
     @property
     def n_clients(self):
@@ -1549,10 +1556,19 @@ def client_updates(fed, g_state, t, log=print):
     memory when offloading), then every client's losses on every rank. The attack lives here too: an
     adaptive attacker replaces its loss before it is sent. -> ({id: generator state}, Reports)."""
     owned = sorted(fed.clients)
+    start, streams = time.perf_counter(), [fed.clients[i].rng.get_state() for i in owned]
+    results = None
     if fed.parallel:
-        results = dict(zip(owned, client_update_parallel([fed.clients[i] for i in owned], g_state,
-                                                          fed.steps[owned[0]], t)))
-    else:
+        try:
+            results = dict(zip(owned, client_update_parallel([fed.clients[i] for i in owned], g_state,
+                                                              fed.steps[owned[0]], t)))
+        except torch.OutOfMemoryError:  # the estimate was wrong: the same round again, in turn
+            for i, st in zip(owned, streams):
+                fed.clients[i].rng.set_state(st)
+            fed.parallel, fed.timing = False, None
+            torch.cuda.empty_cache()
+            log(f"out of memory with {len(owned)} clients side by side: clients train in turn from round {t + 1} on")
+    if results is None:
         results, t0 = {}, time.time()
         for i in owned:
             if fed.offload:
@@ -1562,6 +1578,8 @@ def client_updates(fed, g_state, t, log=print):
                 client_to(fed.clients[i], "cpu")
             if time.time() - t0 > 20:  # a long round (large images on a CPU, many clients) still shows progress
                 log(f"  client {i} done, {len(results)}/{len(owned)} here, {time.time() - t0:.0f}s", flush=True)
+    if fed.timing is not None:
+        time_the_ways(fed, t, time.perf_counter() - start, log)
     d_losses, true_losses = gather_losses({i: r[1] for i, r in results.items()}, fed.n_clients, fed.distributed)
     reported = (report_adaptive(true_losses, fed.malicious, fed.seed * 7 + t)
                 if fed.adaptive and t >= fed.attack_start else true_losses)
@@ -1569,6 +1587,24 @@ def client_updates(fed, g_state, t, log=print):
     if fed.scale_update and t >= fed.attack_start:  # single process (setup refuses it under torchrun)
         states = scale_into_benign(states, g_state, fed.malicious, fed.seed * 11 + t)
     return states, Reports(d_losses, reported, true_losses)
+
+
+def time_the_ways(fed, t, seconds, log):
+    """--parallel-clients auto on CUDA: rounds 1 and 2 warm both ways up (side by side, then in turn), rounds
+    3 and 4 time them, and the faster one trains the rest of the run (one line says which and why). Both
+    ways compute the same numbers (to rounding), so the choice changes speed only."""
+    sync(fed.device)
+    way = "side by side" if fed.parallel else "in turn"
+    fed.timing["rounds"] = fed.timing.get("rounds", 0) + 1
+    if fed.timing["rounds"] > 2:  # counted from this process's first round (a resumed run warms up again)
+        fed.timing[way] = seconds
+    if "side by side" in fed.timing and "in turn" in fed.timing:
+        fed.parallel = fed.timing["side by side"] < fed.timing["in turn"]
+        log(f"clients side by side: {fed.timing['side by side']:.2f}s a round, in turn: {fed.timing['in turn']:.2f}s; "
+            f"{'side by side' if fed.parallel else 'in turn'} from round {t + 2} on")
+        fed.timing = None
+    else:
+        fed.parallel = not fed.parallel
 
 
 def scale_into_benign(states, center, malicious, seed):
@@ -1775,6 +1811,14 @@ def box_mean(x, k):
     return (s[..., k:, k:] - s[..., :-k, k:] - s[..., k:, :-k] + s[..., :-k, :-k]) / (k * k)
 
 
+def middle(x):
+    """The median over dim 0, the mean of the two middle values when their number is even (torch.median
+    takes the lower one, which sits below the others by a consistent margin: a false departure)."""
+    s = x.sort(0).values
+    n = len(x)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 def center_surround(x, k):
     """Mean over every k x k patch less the mean of the 2k x 2k patch around it (outside the image counts
     as 0): a patch that stands out from its surroundings, where a departure spread over a whole region (a
@@ -1796,7 +1840,7 @@ def probe_maps(renders, window):
     departs in the same place in every sample and survives the average; a departure that changes from
     sample to sample averages away. -> (N, C, H', W') float64, signed."""
     N, P, C, H, W = renders.shape
-    d = renders.double() - renders.double().median(0).values                     # (N, P, C, H, W)
+    d = renders.double() - middle(renders.double())                               # (N, P, C, H, W)
     d = d - d.mean((-2, -1), keepdim=True)                                        # local departures only
     local = box_mean(d.reshape(N * P, C, H, W), window)                           # (N*P, C, H', W')
     return local.reshape(N, P, *local.shape[1:]).mean(1)                          # consistent over samples
@@ -1804,7 +1848,7 @@ def probe_maps(renders, window):
 
 def probe_scores(renders, window):
     """Each client's largest |local consistent departure| over patches and channels: (N,) numpy."""
-    return probe_maps(renders, window).flatten(1).abs().amax(1).numpy()
+    return probe_maps(renders, window).flatten(1).abs().amax(1).cpu().numpy()
 
 
 @dataclass
@@ -1845,12 +1889,13 @@ def probe_inputs(probe, t):
 
 @torch.no_grad()
 def render_probe(probe, g_states, t=0):
-    """Every client's generator on round t's probe: (N, P, C, H, W) in [-1, 1], float32 on the CPU."""
+    """Every client's generator on round t's probe: (N, P, C, H, W) in [-1, 1], float32, on the probe's
+    device (where the scoring runs too: at 256 px a CPU would spend seconds a round on it)."""
     z, y, noise = probe_inputs(probe, t)
     out = []
     for s in g_states:
         probe.g.load_state_dict(s)
-        out.append(probe.g(z, y, noise=noise).float().clamp(-1, 1).cpu())
+        out.append(probe.g(z, y, noise=noise).float().clamp(-1, 1))
     return torch.stack(out)
 
 
@@ -1861,29 +1906,33 @@ def probe_signal(probe, g_states):
     return np.max([probe_scores(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], axis=0)
 
 
-def middle(x):
-    """The median over dim 0, the mean of the two middle values when their number is even (torch.median
-    takes the lower one, which sits below the others by a consistent margin: a false departure)."""
-    s = x.sort(0).values
-    n = len(x)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def departure_tstats(renders, per_class, window):
+def departure_tstats(renders, per_class, window, chunk=16):
     """How surely each client departs, locally, from the others on each class's renders.
 
     renders (N, P, C, H, W), P = K classes x per_class samples in class blocks. Per sample: the departure
     from the clients' median render, less its own mean (a global brightness offset is not a trigger), as
     a window x window patch against its surround (center_surround); then for all classes together and
-    for each, per place, the mean over samples in units of its standard error. A trigger drawn on a tenth of the latents still gives a t of ~3 at 64 samples, and a
-    departure that changes sign from sample to sample gives ~0. -> (N, 1 + K, C, H', W') float64."""
+    for each, per place, the mean over samples in units of its standard error. A trigger drawn on a
+    tenth of the latents still gives a t of ~3 at 64 samples, and a departure that changes sign from
+    sample to sample gives ~0. Samples are taken `chunk` per class at a time, so the float64 work space
+    stays (N, K x chunk, C, H, W) whatever P. -> (N, 1 + K, C, H', W') float64."""
     N, P, C, H, W = renders.shape
-    d = renders.double() - middle(renders.double())                              # (N, P, C, H, W)
-    d = d - d.mean((-2, -1), keepdim=True)     # zero-padded edges would turn a global offset into a border
-    local = center_surround(d.reshape(N * P, C, H, W), window)                    # (N*P, C, H', W')
-    local = local.reshape(N, P // per_class, per_class, *local.shape[1:])         # (N, K, per_class, C, H', W')
-    t = lambda x: x.mean(2) / (x.std(2) / x.shape[2] ** 0.5 + 1e-12)               # over samples
-    return torch.cat([t(local.flatten(1, 2)[:, None]), t(local)], 1)              # all classes, then each
+    K = P // per_class
+    s1 = s2 = None  # (N, K, C, H', W'): sums over samples of the local departures and of their squares
+    for start in range(0, per_class, chunk):
+        pick = (torch.arange(K)[:, None] * per_class + torch.arange(start, min(start + chunk, per_class))).flatten()
+        r = renders[:, pick.to(renders.device)].double()                          # (N, K*m, C, H, W)
+        d = r - middle(r)
+        d = d - d.mean((-2, -1), keepdim=True)     # zero-padded edges would turn a global offset into a border
+        local = center_surround(d.reshape(-1, C, H, W), window)                   # (N*K*m, C, H', W')
+        local = local.reshape(N, K, -1, *local.shape[1:])                         # (N, K, m, C, H', W')
+        s1 = local.sum(2) if s1 is None else s1 + local.sum(2)
+        s2 = local.square().sum(2) if s2 is None else s2 + local.square().sum(2)
+
+    def t(a, b, n):  # the mean in units of its standard error, from the sums of n samples
+        mean = a / n
+        return mean / (((b - n * mean.square()).clamp_min(0) / (n - 1) / n).sqrt() + 1e-12)
+    return torch.cat([t(s1.sum(1, keepdim=True), s2.sum(1, keepdim=True), P), t(s1, s2, per_class)], 1)
 
 
 def probe_watch(avg, n, tstats, rate=0.1):
@@ -1895,16 +1944,15 @@ def probe_watch(avg, n, tstats, rate=0.1):
     the average's own spread after n + 1 rounds (about N(0, 1) per place if rounds were independent).
     -> (avg, n + 1, scores (N,) numpy)."""
     z = tstats / (1.4826 * tstats.abs().median() + 1e-12)
-    avg = rate * z if avg is None else (1 - rate) * avg + rate * z
+    avg = rate * z if avg is None else (1 - rate) * avg.to(z.device) + rate * z  # a resumed avg comes from the CPU
     sd = rate * math.sqrt((1 - (1 - rate) ** (2 * (n + 1))) / (1 - (1 - rate) ** 2))
-    return avg, n + 1, (avg.flatten(1).abs().amax(1) / sd).numpy()
+    return avg, n + 1, (avg.flatten(1).abs().amax(1) / sd).cpu().numpy()
 
 
-PROBE_RATIO = 1.5  # a flagged score also exceeds 1.5x the round's median score (calibrated on clean runs)
-
-
-def probe_flags(scores, level, ratio=PROBE_RATIO):
-    """The probe detector's rule: scores (N,) -> flags (N,), above `level` and `ratio` x their median."""
+def probe_flags(scores, level, ratio=1.5):
+    """The probe detector's rule: scores (N,) -> flags (N,), above `level` and `ratio` x their median (the
+    median keeps a round where every score is high, as in non-IID or colour data, quiet). Level 5 and
+    ratio 1.5 were set on clean runs held out from every figure reported (docs/results.md)."""
     scores = np.asarray(scores, dtype=np.float64)
     return (scores > level) & (scores > ratio * np.median(scores))
 
@@ -2255,7 +2303,10 @@ def plan_clients(cfg, device, n_classes, steps, batches):
     """Decide --parallel-clients and --offload for this process's clients (their steps and batch sizes
     per round) -> (parallel, offload). auto: offload when the clients' state (16 bytes per parameter:
     weights, gradients, Adam's two moments) would take over half the free GPU memory; side by side on
-    CUDA when that state plus N x batch images of activations (activation_mb) fit in 80% of it."""
+    CUDA when that state plus N x batch images of activations fit in 60% of it, the activations counted
+    three times what autograd saves (activation_mb): the backward pass's transients and convolution
+    workspaces are not in that count. Which way is faster is then timed in the first rounds (see
+    client_updates), and an out-of-memory error falls back to clients in turn."""
     n_owned, amp_dtype = len(steps), amp_dtype_for(cfg.amp, cfg.amp_dtype, device)
     with torch.device("meta"):  # sizes only: no memory, no random draws
         client_mb = sum(p.numel() for m in build_models(n_classes, **arch_of(cfg)) for p in m.parameters()) * 16 / 2**20
@@ -2270,9 +2321,9 @@ def plan_clients(cfg, device, n_classes, steps, batches):
         (offload, "clients are offloaded to host memory")] if bad]
     if cfg.parallel_clients == "on" and why_not:
         raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
-    fits = act_mb is None or n_owned * (client_mb + max(batches) * act_mb) < 0.8 * free_mb
+    fits = act_mb is None or n_owned * (client_mb + 3 * max(batches) * act_mb) < 0.6 * free_mb
     parallel = not why_not and (cfg.parallel_clients == "on" or (cuda_auto and fits))
-    return parallel, offload
+    return parallel, offload, cuda_auto and parallel and cfg.rounds >= 5
 
 
 def seed_everything(seed):
@@ -2351,8 +2402,8 @@ def build_run(cfg, out, rank, world, lock):
     g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
     owned = owned_clients(cfg.clients, rank, world)
     steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
-    parallel, offload = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
-                                     [min(cfg.batch, len(shards[i])) for i in owned])
+    parallel, offload, timed = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
+                                            [min(cfg.batch, len(shards[i])) for i in owned])
     defense = defense_of(cfg, data, device, g_global)
     local = local_of(cfg, device)
     trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
@@ -2371,7 +2422,7 @@ def build_run(cfg, out, rank, world, lock):
             clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
                                      parallel=parallel)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
-                     cfg.seed, [len(s) for s in shards], cfg.scale_update)
+                     cfg.seed, [len(s) for s in shards], cfg.scale_update, {} if timed else None)
     if rank == 0:
         check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients, cfg.ema > 0))
     run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock,
@@ -2779,9 +2830,10 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
         if run.lead:
             s = run.server
             atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(),
-                             weights=s.weights.tolist(), **({"g_ema": run.g_ema.state_dict()} if run.g_ema else {}),
+                             weights=s.weights.tolist(), **({"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}),
                              history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
-                             watch=s.watch, watch_n=s.watch_n, watch_history=s.watch_history, kept=s.kept,
+                             watch=None if s.watch is None else s.watch.cpu(), watch_n=s.watch_n,
+                             watch_history=s.watch_history, kept=s.kept,
                              rolled=s.rolled, rng=rng_state(), seconds=seconds, config=dataclasses.asdict(cfg),
                              clients=folder.name),
                         run.out / "checkpoint.pt")
@@ -3058,22 +3110,17 @@ def bench(cfg):
     n = cfg.batch * (cfg.bench_steps + 2)
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
     g = build_models(2, **arch_of(cfg))[0].to(device)
-    parallel, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
+    parallel, _, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
     local = local_of(cfg, device)
-    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
-                           parallel=parallel) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
-    step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
-            else (lambda k: client_update(clients[0], state, k)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    step(2)  # warm-up (allocator, kernels, compilation)
-    warm_s = time.perf_counter() - t
-    t = time.perf_counter()
-    step(cfg.bench_steps)
-    step_s = (time.perf_counter() - t) / cfg.bench_steps  # client_update reads its losses once: a sync
+    clients, warm_s, step_s = time_steps(x, y, g, local, cfg, device, parallel)
     img_per_s = len(clients) * cfg.batch / step_s
+    if cfg.compile:  # both, so that the start-up can be weighed against the speed-up
+        _, eager_warm_s, eager_s = time_steps(x, y, g, dataclasses.replace(local, compile=False), cfg, device, parallel)
+        saved = eager_s - step_s
+        repaid = math.ceil((warm_s - eager_warm_s) / saved) if saved > 0 else None
     z, lab = torch.randn(cfg.batch, cfg.z_dim, device=device), y[:cfg.batch].to(device)
     g_fl = count_forward_flops(clients[0].g, z, lab) / cfg.batch
     d_fl = count_forward_flops(clients[0].d, to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
@@ -3097,10 +3144,12 @@ def bench(cfg):
     for _ in range(5):
         detect(hist, 1)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
-    probe = make_probe(g, cfg.probe_per_class, 1, max(2, cfg.img_size // 4))
-    probe_signal(probe, states[:2])  # warm
+    per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
+    probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
+    watch = lambda sts: probe_watch(None, 0, departure_tstats(render_probe(probe, sts, 1), per_class, probe.window))  # noqa
+    watch(states[:2])  # warm
     t = time.perf_counter()
-    probe_signal(probe, states)  # every client's generator on the probe, then the scores
+    watch(states)  # every client's generator on fresh latents, then the scores
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
@@ -3119,6 +3168,10 @@ def bench(cfg):
           f"D {sum(p.numel() for p in clients[0].d.parameters()) / 1e6:.2f}M params")
     print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {len(clients)} x "
           f"{cfg.batch}; warm-up {warm_s:.1f} s)")
+    if cfg.compile:
+        print(f"  compile       eager {len(clients) * cfg.batch / eager_s:.1f} images/s (warm-up {eager_warm_s:.1f} s), "
+              f"compiled {img_per_s:.1f} ({eager_s / step_s:.2f}x): " +
+              (f"the compile pays for itself after {repaid} steps" if repaid is not None else "compiling does not pay"))
     print(f"  FLOPs/image   G fwd {g_fl / 1e9:.3f} G, D fwd {d_fl / 1e9:.3f} G, step (4G+9D) {step_flops / 1e9:.2f} G")
     print(f"  achieved      {gflops / 1e3:8.3f} TFLOP/s vs {str(ref_dtype).replace('torch.', '')} matmul "
           f"{mm / 1e3:.3f} TFLOP/s  -> ratio {gflops / mm:.2f}")
@@ -3127,7 +3180,7 @@ def bench(cfg):
     print(f"  round         {round_ms / 1000:8.2f} s at the study's {shard} images per client ({cfg.clients} x {steps} "
           f"steps); server share {100 * (server_ms + detect_ms) / round_ms:.3f}%; a {rounds}-round run ~ "
           f"{rounds * round_ms / 60000:.1f} min")
-    print(f"  probe         {probe_ms:8.1f} ms to render {cfg.clients} generators on {len(probe.z)} probe images and "
+    print(f"  probe         {probe_ms:8.1f} ms to render {cfg.clients} generators on {2 * per_class} probe images and "
           f"score them: {100 * probe_ms / (local_round_ms + probe_ms):.1f}% of a round of {local_steps} local "
           f"steps per client (--local-steps, else 10), {100 * probe_ms / round_ms:.2f}% of a round at the study's shard")
     print(f"  peak memory   {peak:8.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
@@ -3139,11 +3192,29 @@ def bench(cfg):
                ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
                round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),
                img_size=cfg.img_size, batch=cfg.batch, arch=cfg.arch, width=cfg.width, precision=precision,
-               parallel=parallel, clients_stepped=len(clients), compile=cfg.compile, device=device_name(device))
+               parallel=parallel, clients_stepped=len(clients), compile=cfg.compile, device=device_name(device),
+               **(dict(eager_img_per_s=round(len(clients) * cfg.batch / eager_s, 3), compile_repaid_steps=repaid)
+                  if cfg.compile else {}))
     if cfg.bench_round:
         res.update(bench_round(cfg))
     print(json.dumps(res))
     return res
+
+
+def time_steps(x, y, g, local, cfg, device, parallel):
+    """Fresh clients (the bench's one, or --clients side by side), two warm-up steps (allocator, kernels,
+    compilation), then cfg.bench_steps timed. -> (clients, warm-up s, s per step)."""
+    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
+                           parallel=parallel) for i in range(cfg.clients if parallel else 1)]
+    state = {k: v.clone() for k, v in g.state_dict().items()}
+    step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
+            else (lambda k: client_update(clients[0], state, k)))
+    t = time.perf_counter()
+    step(2)
+    warm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    step(cfg.bench_steps)
+    return clients, warm_s, (time.perf_counter() - t) / cfg.bench_steps  # client_update reads its losses: a sync
 
 
 def device_name(device):

@@ -1171,6 +1171,39 @@ def test_parallel_clients_and_host_offload_equal_the_sequential_loop():
                            for k in a for m in ("exp_avg", "exp_avg_sq"))
 
 
+def test_auto_times_both_ways_and_falls_back_to_clients_in_turn_on_out_of_memory():
+    args = ["--rounds", "6", "--local-steps", "1", "--parallel-clients", "on"]
+    with tempfile.TemporaryDirectory() as tmp, default_dtype(torch.float64):
+        seq = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args[:-1], "off"))
+        run = fedgan.setup_run(tiny_cfg(Path(tmp) / "t", *args))
+        run.fed.timing, said = {}, []  # what auto on CUDA starts with
+        ways = []
+        for t in range(6):
+            ways.append(run.fed.parallel)
+            fedgan.client_updates(run.fed, run.g.state_dict(), t, log=said.append)
+        assert ways[:4] == [True, False, True, False] and run.fed.timing is None and len(said) == 1, (ways, said)
+        assert "side by side" in said[0] and "in turn" in said[0] and ways[4] == ways[5] == run.fed.parallel
+        fedgan.unlock_folder(run.lock)
+        # out of memory side by side: one line, and the round is redone in turn with the same random draws
+        real, said = fedgan.client_update_parallel, []
+
+        def oom(*a, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        fedgan.client_update_parallel = oom
+        try:
+            cfg = tiny_cfg(Path(tmp) / "o", *args)
+            run = fedgan.setup_run(cfg)
+            for t in range(6):
+                states, _ = fedgan.client_updates(run.fed, run.g.state_dict(), t, log=said.append)
+                g_new, _ = fedgan.server_round(run.server, run.defense, states, [0.7] * 4, run.g.state_dict(), t)
+                run.g.load_state_dict(g_new)
+            fedgan.unlock_folder(run.lock)
+        finally:
+            fedgan.client_update_parallel = real
+        assert len(said) == 1 and "out of memory" in said[0] and not run.fed.parallel, said
+        assert all(torch.equal(a, b) for a, b in zip(state_of(seq), state_of(run)))
+
+
 def test_parallel_clients_on_refuses_unequal_shards():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny_cfg(Path(tmp) / "r", "--partition", "dirichlet", "--dirichlet-alpha", "0.3", "--parallel-clients", "on")
@@ -2052,7 +2085,15 @@ def test_every_piece_readme_names_copies_alone():
     g, states = _benign_states()
     r = fedgan.render_probe(fedgan.make_probe(g, 8, 0, 4), states)
     r[2, :, :, 11:15, 11:15] = -1.0
-    assert copy_alone("box_mean", "probe_maps", "probe_scores")["probe_scores"](r, 4).argmax() == 2
+    assert copy_alone("box_mean", "middle", "probe_maps", "probe_scores")["probe_scores"](r, 4).argmax() == 2
+    ns = copy_alone("box_mean", "middle", "center_surround", "departure_tstats", "probe_watch", "probe_flags",
+                    "rise_start")
+    R = _renders(6)
+    R[:, 1, :, :, 11:15, 11:15] += 0.1
+    avg, n = None, 0
+    for rnd in R:
+        avg, n, scores = ns["probe_watch"](avg, n, ns["departure_tstats"](rnd, 32, 4))
+    assert ns["probe_flags"](scores, 5.0).tolist() == [False, True, False, False] and ns["rise_start"]([1, 5], 2) == 0
     ns = copy_alone("robust_excess", "cusum", "cusum_threshold", "feddetect_calibrated")
     hist = 0.7 + 0.05 * np.random.default_rng(0).standard_normal((30, 4))
     hist[20:, 2] += 1.0
