@@ -10,7 +10,8 @@
 #          scaled to IMG); for each trigger FedDetect, model reconstruction, random flip, random rotation.
 #   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
 #          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
-#          probe of the generators with the loss, calibrated rule); and central, the centralized reference
+#          probe of the generators with the loss, calibrated rule), watch (the probe detector with rollback);
+#          and central, the centralized reference
 #          (one party on all the training data for as many image-steps: what federation costs).
 # Every run of the grid is trained once per training seed (SEEDS of them, from SEED on), into
 # OUT/<name>_s<seed>. With SHORT > 0 each run is first trained SHORT rounds, that generator is kept as
@@ -110,10 +111,11 @@ if [ "$GRID" = paper ]; then
     BASELINES=vanilla,attack32
 else
     p=$TRIGGER; a="--poison $(px_of $p)"
-    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p" "central")
+    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p"
+            "watch$p" "central")
     FLAGS+=("$a" "$a --defense feddetect" "$a --detector calibrated" "$a --aggregator multi-krum"
             "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe"
-            "$CENTRAL")
+            "$a --detector probe --rollback 10" "$CENTRAL")
     BASELINES=vanilla,attack$p
 fi
 if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla attack64 calibrated64"
