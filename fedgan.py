@@ -24,6 +24,7 @@ Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.
 """
 import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +86,10 @@ class Config:
     attack: str = opt("patch", "what malicious clients do to their data: patch (the paper's trigger, bottom-right; "
                                "needs --poison) | patch-random (trigger at a random place per image) | blend (a fixed "
                                "noise image mixed in at --blend-alpha) | frequency (a fixed pattern added to the "
-                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted) | latent (data clean; "
-                               "a loss on the attacker's own generator teaches it the trigger only on latents with "
-                               "z_0 > 1.28, a tenth of them, so a fixed probe can miss it; needs --poison)", "attack",
+                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted) | "
+                               "latent (data clean; a loss on the attacker's own generator teaches it the "
+                               "trigger only on latents with z_0 > 1.28, a tenth of them, so a fixed probe can "
+                               "miss it; needs --poison)", "attack",
                       choices=["patch", "patch-random", "blend", "frequency", "label-flip", "latent"])
     trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
                        choices=["auto", "white", "color"])
@@ -2820,6 +2823,30 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
     the old one atomically, and only then is the old folder removed. A crash at any point leaves a
     complete older set. Everything loads with weights_only=True."""
     folder = run.out / f"clients.{time.time_ns()}"
+    with signals_held():
+        write_checkpoint(run, rounds_done, cfg, seconds, folder)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done, then arrive as usual: a signal landing inside
+    torch.save's zip writer would turn into a RuntimeError from its clean-up, with a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)
+
+
+def write_checkpoint(run, rounds_done, cfg, seconds, folder):
+    """save_checkpoint's writing."""
     try:
         if run.fed.distributed:
             private = client_states(run.fed)  # a collective: every rank calls it; rank 0 writes
@@ -2829,8 +2856,9 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
             write_clients(((i, private_state(c)) for i, c in sorted(run.fed.clients.items())), folder)
         if run.lead:
             s = run.server
+            ema = {"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}
             atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(),
-                             weights=s.weights.tolist(), **({"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}),
+                             weights=s.weights.tolist(), **ema,
                              history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
                              watch=None if s.watch is None else s.watch.cpu(), watch_n=s.watch_n,
                              watch_history=s.watch_history, kept=s.kept,
@@ -2911,7 +2939,8 @@ def load_checkpoint(run, rounds):
               "deterministically, but not bitwise as it would have on the first device)")
     run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
                              ck["history"], ck["norm_history"], ck.get("probe_history", []), ck.get("watch"),
-                             ck.get("watch_n", 0), ck.get("watch_history", []), ck.get("kept", {}), ck.get("rolled", []))
+                             ck.get("watch_n", 0), ck.get("watch_history", []), ck.get("kept", {}),
+                             ck.get("rolled", []))
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
     run.checkpointed = ck["round"]
@@ -3146,7 +3175,8 @@ def bench(cfg):
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
     probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
-    watch = lambda sts: probe_watch(None, 0, departure_tstats(render_probe(probe, sts, 1), per_class, probe.window))  # noqa
+    def watch(sts):
+        return probe_watch(None, 0, departure_tstats(render_probe(probe, sts, 1), per_class, probe.window))
     watch(states[:2])  # warm
     t = time.perf_counter()
     watch(states)  # every client's generator on fresh latents, then the scores
@@ -3169,7 +3199,8 @@ def bench(cfg):
     print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {len(clients)} x "
           f"{cfg.batch}; warm-up {warm_s:.1f} s)")
     if cfg.compile:
-        print(f"  compile       eager {len(clients) * cfg.batch / eager_s:.1f} images/s (warm-up {eager_warm_s:.1f} s), "
+        print(f"  compile       eager {len(clients) * cfg.batch / eager_s:.1f} images/s "
+              f"(warm-up {eager_warm_s:.1f} s), "
               f"compiled {img_per_s:.1f} ({eager_s / step_s:.2f}x): " +
               (f"the compile pays for itself after {repaid} steps" if repaid is not None else "compiling does not pay"))
     print(f"  FLOPs/image   G fwd {g_fl / 1e9:.3f} G, D fwd {d_fl / 1e9:.3f} G, step (4G+9D) {step_flops / 1e9:.2f} G")
