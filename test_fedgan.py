@@ -1602,8 +1602,11 @@ def test_eval_refuses_bad_inputs_before_any_work():
 def _start(args):
     """fedgan.py in a child process (one thread), its output in pipes; returns the Popen."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # the child gets Ctrl-C as from a terminal: a suite started in the background by a shell without job
+    # control ignores SIGINT, children inherit that, and Python then keeps ignoring it (seen in CI-like runs)
     return subprocess.Popen([sys.executable, str(HERE / "fedgan.py")] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _holding(folder, p, timeout=120):
