@@ -2829,8 +2829,9 @@ def save_checkpoint(run, rounds_done, cfg, seconds):
 
 @contextlib.contextmanager
 def signals_held():
-    """Ctrl-C and SIGTERM wait until the block is done, then arrive as usual: a signal landing inside
-    torch.save's zip writer would turn into a RuntimeError from its clean-up, with a traceback."""
+    """Ctrl-C and SIGTERM wait until the block is done, then arrive as usual (to the handler they had): a
+    checkpoint is never cut half-way, and a signal cannot surface from inside torch.save's writer as some
+    other error of its clean-up (as SIGTERM once did from inside load_state_dict)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
