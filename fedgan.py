@@ -1828,7 +1828,7 @@ def center_surround(x, k):
     client that sees more of one class brightens the lungs) cancels. (B, C, H, W) -> (B, C, H+1, W+1)
     for even k (positions of the inner patch, from k/2 px outside the image)."""
     h = k // 2
-    x = F.pad(x, (k - h + h, k - h + h, k - h + h, k - h + h))                     # k px of zeros each side
+    x = F.pad(x, (k, k, k, k))                                                    # k px of zeros each side
     inner = box_mean(x, k)[..., h:-h or None, h:-h or None]
     return inner[..., :x.shape[-2] - 2 * k + 1, :x.shape[-1] - 2 * k + 1] - box_mean(x, 2 * k)
 
@@ -1950,6 +1950,13 @@ def probe_watch(avg, n, tstats, rate=0.1):
     avg = rate * z if avg is None else (1 - rate) * avg.to(z.device) + rate * z  # a resumed avg comes from the CPU
     sd = rate * math.sqrt((1 - (1 - rate) ** (2 * (n + 1))) / (1 - (1 - rate) ** 2))
     return avg, n + 1, (avg.flatten(1).abs().amax(1) / sd).cpu().numpy()
+
+
+def watch_round(probe, g_states, avg, n, t):
+    """The probe detector's work in round t: render every generator on the round's fresh latents, score
+    the departures, fold them into the moving averages. -> (avg, n + 1, scores (N,))."""
+    renders = render_probe(probe, g_states, t)
+    return probe_watch(avg, n, departure_tstats(renders, probe.per_class, probe.window))
 
 
 def probe_flags(scores, level, ratio=1.5):
@@ -2123,9 +2130,8 @@ def server_round(server, defense, g_states, losses, center, t, distributed=False
         scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
         server.probe_history.append(np.log(scores + 1e-12).tolist())
     if defense.watch is not None:
-        renders = render_probe(defense.watch, [g_states[i] for i in range(len(losses))], t)
-        tstats = departure_tstats(renders, defense.watch.per_class, defense.watch.window)
-        server.watch, server.watch_n, scores = probe_watch(server.watch, server.watch_n, tstats)
+        server.watch, server.watch_n, scores = watch_round(defense.watch, [g_states[i] for i in range(len(losses))],
+                                                           server.watch, server.watch_n, t)
         server.watch_history.append(scores.tolist())
     if defense.rollback:
         server.kept[t] = {k: v.detach().to("cpu", copy=True) for k, v in center.items()}
@@ -3176,11 +3182,9 @@ def bench(cfg):
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
     probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
-    def watch(sts):
-        return probe_watch(None, 0, departure_tstats(render_probe(probe, sts, 1), per_class, probe.window))
-    watch(states[:2])  # warm
+    watch_round(probe, states[:2], None, 0, 1)  # warm
     t = time.perf_counter()
-    watch(states)  # every client's generator on fresh latents, then the scores
+    watch_round(probe, states, None, 0, 1)  # every client's generator on fresh latents, then the scores
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
