@@ -57,6 +57,19 @@ from isoforest import IsolationForest
 # ------------------------------------------------------------------------------------------------
 
 
+PRESETS = {  # flags given on the command line win over these
+    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8),  # the first run: under a minute
+    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200, width=32),
+    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200, width=32),
+}
+
+
+def preset(key, extra=""):
+    """'(preset: synthetic 40, chestx 200, isic 200)': the help text of a preset flag, read from PRESETS so
+    it cannot drift from the values used."""
+    return "(preset: " + ", ".join(f"{name} {p[key]}" for name, p in PRESETS.items()) + extra + ")"
+
+
 def opt(default, help, group="training", **kw):
     """A dataclass field whose help text becomes --help (CleanRL style), shown under `group`."""
     return field(default=default, metadata={"help": help, "group": group, **kw})
@@ -69,9 +82,9 @@ class Config:
                        choices=["synthetic", "chestx", "isic"])
     data_root: str = opt(None, "class-per-folder tree (Kermany train/test layout too) or MedMNIST-style .npz "
                                "(default: data/<name>, else ../shared/data/<name>; name chest_xray or isic)", "data")
-    img_size: int = opt(None, "training resolution, a power of two in 16..256 (preset: synthetic 32, chestx/isic 256)",
+    img_size: int = opt(None, "training resolution, a power of two in 16..256 " + preset("img_size"),
                         "data")
-    channels: int = opt(None, "1 gray or 3 RGB (preset: chestx 1, isic 3, synthetic 1; synthetic 3 = lesion-like RGB)",
+    channels: int = opt(None, "1 gray or 3 RGB " + preset("channels", "; synthetic 3 = lesion-like RGB"),
                         "data")
     synthetic_per_class: int = opt(256, "synthetic data: training images per class (test: a quarter of that)", "data")
     test_frac: float = opt(0.1, "held-out fraction per class when the data has no test split", "data")
@@ -142,12 +155,13 @@ class Config:
                              "defense: detector")
     rollback: int = opt(0, "--detector probe: keep the last K global generators; when a client is first flagged, "
                            "restart from the one of the round its score began to rise (at most K back), undoing "
-                           "what it taught; 0 = off", "defense: detector")
+                           "what it taught; the K copies are held in host memory and in checkpoint.pt (K x the "
+                           "generator's size); 0 = off", "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
     decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
-                             "d^c_i, c_i its flag count (not the optimizer's weight decay) (preset: chestx 0.8, isic "
-                             "0.9, synthetic 0.8)", "defense: detector")
+                             "d^c_i, c_i its flag count (not the optimizer's weight decay) " + preset("decay"),
+                      "defense: detector")
     aggregator: str = opt(None, "how the server combines generators: fedavg | median | trimmed-mean | krum | "
                                 "multi-krum | clip (updates clipped to the median norm) (default fedavg)",
                           "defense: aggregator",
@@ -160,7 +174,7 @@ class Config:
                                      "defense: post-hoc")
     reconstruct_epochs: int = opt(200, "reconstruct: fine-tuning epochs over that benign set", "defense: post-hoc")
     # training
-    rounds: int = opt(None, "global rounds T (preset: synthetic 30, chestx/isic 200)")
+    rounds: int = opt(None, "global rounds T " + preset("rounds"))
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
     recipe: str = opt("fedgan", "fedgan (Adam 2e-3, betas 0/0.99 as StyleGAN2, D on one joint batch of real and "
@@ -185,7 +199,7 @@ class Config:
                             "to 512 with StyleGAN2's transposed-conv upsampling, D from 64 doubling to 2048 at 4x4)",
                     choices=["auto", "small", "paper"])
     width: int = opt(None, "model width: generator channels = min(max, width * img_size / res); "
-                           "discriminator starts at width and doubles (preset: synthetic 8, chestx/isic 32)")
+                           "discriminator starts at width and doubles " + preset("width"))
     max_channels: int = opt(256, "channel cap for both networks")
     z_dim: int = opt(64, "latent size")
     w_dim: int = opt(128, "style (w) size")
@@ -219,11 +233,6 @@ class Config:
                                    "data (round time, server share, memory per client)", "benchmark")
 
 
-PRESETS = {  # flags given on the command line win over these
-    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8),  # the first run: under a minute
-    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200, width=32),
-    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200, width=32),
-}
 RECIPES = {  # flags given on the command line win over these; runs written before --recipe used "paper"
     "paper": dict(lr=2e-4, beta1=0.5, beta2=0.999, d_batch="separate"),
     "fedgan": dict(lr=2e-3, beta1=0.0, beta2=0.99, d_batch="joint"),
@@ -1525,6 +1534,14 @@ def client_to(client, device):
 
 
 @dataclass
+class Timing:
+    """--parallel-clients auto on CUDA: seconds of a round each way, taken by time_the_ways."""
+    rounds: int = 0                       # rounds this process ran (a resumed run warms up again)
+    side_by_side: Optional[float] = None
+    in_turn: Optional[float] = None
+
+
+@dataclass
 class Federation:
     """This process's side of the federation: its clients and how it runs them."""
     clients: dict              # {id: Client} held by this process (all of them without torchrun)
@@ -1539,7 +1556,7 @@ class Federation:
     seed: int = 0
     sizes: list = field(default_factory=list)  # shard size of every client (N,)
     scale_update: bool = False  # attackers scale their update into the benign norm range (scale_into_benign)
-    timing: Optional[dict] = None  # --parallel-clients auto on CUDA: {"side by side": s, "in turn": s} being timed
+    timing: Optional[Timing] = None  # --parallel-clients auto on CUDA, until both ways are timed
 
     @property
     def n_clients(self):
@@ -1597,13 +1614,13 @@ def time_the_ways(fed, t, seconds, log):
     3 and 4 time them, and the faster one trains the rest of the run (one line says which and why). Both
     ways compute the same numbers (to rounding), so the choice changes speed only."""
     sync(fed.device)
-    way = "side by side" if fed.parallel else "in turn"
-    fed.timing["rounds"] = fed.timing.get("rounds", 0) + 1
-    if fed.timing["rounds"] > 2:  # counted from this process's first round (a resumed run warms up again)
-        fed.timing[way] = seconds
-    if "side by side" in fed.timing and "in turn" in fed.timing:
-        fed.parallel = fed.timing["side by side"] < fed.timing["in turn"]
-        log(f"clients side by side: {fed.timing['side by side']:.2f}s a round, in turn: {fed.timing['in turn']:.2f}s; "
+    tm = fed.timing
+    tm.rounds += 1
+    if tm.rounds > 2:  # rounds 1 and 2 warmed both ways up
+        setattr(tm, "side_by_side" if fed.parallel else "in_turn", seconds)
+    if tm.side_by_side is not None and tm.in_turn is not None:
+        fed.parallel = tm.side_by_side < tm.in_turn
+        log(f"clients side by side: {tm.side_by_side:.2f}s a round, in turn: {tm.in_turn:.2f}s; "
             f"{'side by side' if fed.parallel else 'in turn'} from round {t + 2} on")
         fed.timing = None
     else:
@@ -1858,9 +1875,9 @@ def probe_scores(renders, window):
 class Probe:
     """The server's probe: latents, labels and noise every client's generator is rendered on. Fixed for
     every round, or (secret set) drawn afresh each round from the server's secret."""
-    z: torch.Tensor            # (P, z_dim)
-    y: torch.Tensor            # (P,) class ids, P // n_classes of each
-    noise: list                # Generator.draw_noise(P)
+    z: Optional[torch.Tensor]  # (P, z_dim); None for a fresh probe (probe_inputs draws each round's)
+    y: Optional[torch.Tensor]  # (P,) class ids, P // n_classes of each
+    noise: Optional[list]      # Generator.draw_noise(P)
     g: nn.Module               # a generator to load each client's state into (eval mode)
     window: int                # patch size of the local departure (a quarter of the image side)
     per_class: int
@@ -1879,7 +1896,8 @@ def probe_draw(g, per_class, seed):
 def make_probe(g, per_class, seed, window, fresh=False):
     """A probe of per_class samples per class for generators shaped like g (a copy is kept); fresh: new
     latents each round, drawn from `seed` (the server's secret) and the round."""
-    return Probe(*probe_draw(g, per_class, seed), copy.deepcopy(g).eval(), window, per_class, seed if fresh else None)
+    fixed = (None, None, None) if fresh else probe_draw(g, per_class, seed)
+    return Probe(*fixed, copy.deepcopy(g).eval(), window, per_class, seed if fresh else None)
 
 
 def probe_inputs(probe, t):
@@ -2431,7 +2449,7 @@ def build_run(cfg, out, rank, world, lock):
             clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
                                      parallel=parallel)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
-                     cfg.seed, [len(s) for s in shards], cfg.scale_update, {} if timed else None)
+                     cfg.seed, [len(s) for s in shards], cfg.scale_update, Timing() if timed else None)
     if rank == 0:
         check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients, cfg.ema > 0))
     run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock,

@@ -1176,7 +1176,7 @@ def test_auto_times_both_ways_and_falls_back_to_clients_in_turn_on_out_of_memory
     with tempfile.TemporaryDirectory() as tmp, default_dtype(torch.float64):
         seq = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args[:-1], "off"))
         run = fedgan.setup_run(tiny_cfg(Path(tmp) / "t", *args))
-        run.fed.timing, said = {}, []  # what auto on CUDA starts with
+        run.fed.timing, said = fedgan.Timing(), []  # what auto on CUDA starts with
         ways = []
         for t in range(6):
             ways.append(run.fed.parallel)
@@ -1814,6 +1814,11 @@ def test_help_says_what_the_flags_do():
     text = " ".join(out.getvalue().split())
     assert "--out may not" in text and "(default True)" not in text.split("--amp")[1][:300]
     assert "not the optimizer's weight decay" in text
+    for flag in ("rounds", "width", "decay", "img_size"):  # each preset's help says the values it fills in
+        name = flag.replace("_", "-")
+        shown = re.search(rf"--{name} {name.upper().replace('-', '_')} [^[]*?\(preset: ([^)]*)\)", text).group(1)
+        assert shown == ", ".join(f"{k} {p[flag]}" for k, p in fedgan.PRESETS.items()), (flag, shown)
+        assert fedgan.parse_args(["--out", "x"]).__dict__[flag] == fedgan.PRESETS["synthetic"][flag]
     import eval as ev
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
