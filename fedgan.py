@@ -58,9 +58,9 @@ from isoforest import IsolationForest
 
 
 PRESETS = {  # flags given on the command line win over these
-    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8),  # the first run: under a minute
-    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200, width=32),
-    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200, width=32),
+    "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8, tanh=True),  # the first run
+    "chestx": dict(img_size=256, channels=1, decay=0.8, rounds=200, width=32, tanh=False),
+    "isic": dict(img_size=256, channels=3, decay=0.9, rounds=200, width=32, tanh=False),
 }
 
 
@@ -201,6 +201,9 @@ class Config:
     width: int = opt(None, "model width: generator channels = min(max, width * img_size / res); "
                            "discriminator starts at width and doubles " + preset("width"))
     max_channels: int = opt(256, "channel cap for both networks")
+    tanh: bool = opt(None, "end the generator in tanh, as DCGAN's does: its images stay inside (-1, 1); off: "
+                           "StyleGAN2's linear output, clipped when saved (the study's tables in docs/results.md) "
+                           + preset("tanh"))
     z_dim: int = opt(64, "latent size")
     w_dim: int = opt(128, "style (w) size")
     seed: int = opt(0, "seeds data split, models, training and the detector")
@@ -436,6 +439,7 @@ def config_from_json(d, where):
         d.setdefault("detector", rule if d.get("defense") == "feddetect" else "none")
     for k, v in RECIPES["paper"].items():  # written before the recipe's fields existed: the paper's recipe ran
         d.setdefault(k, v)
+    d.setdefault("tanh", False)  # written before --tanh: the linear output ran
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -1115,15 +1119,16 @@ class Generator(nn.Module):
 
     mapping: [normalize(z), normalize(embed(y))] -> MLP (lr mult 0.01) -> w
     synthesis: learned 4x4 constant -> per resolution (up, StyledConv x2, ToRGB) -> sum of upsampled RGBs.
-    Output is linear, images in about [-1, 1].
+    Output is linear, images in about [-1, 1] (StyleGAN2's), or with tanh inside (-1, 1) (DCGAN's): a short
+    run's linear generator overshoots, painting what tells the classes apart past the data's range.
     """
 
     def __init__(self, img_size=32, channels=1, n_classes=2, z_dim=64, w_dim=128, width=32, max_channels=256,
-                 map_layers=4, up_mode="bilinear"):
+                 map_layers=4, up_mode="bilinear", tanh=False):
         super().__init__()
         self.kwargs = dict(img_size=img_size, channels=channels, n_classes=n_classes, z_dim=z_dim, w_dim=w_dim,
-                           width=width, max_channels=max_channels, map_layers=map_layers, up_mode=up_mode)
-        self.z_dim, self.n_classes = z_dim, n_classes
+                           width=width, max_channels=max_channels, map_layers=map_layers, up_mode=up_mode, tanh=tanh)
+        self.z_dim, self.n_classes, self.tanh = z_dim, n_classes, tanh
         self.embed = EqualLinear(n_classes, w_dim)
         layers, d = [], z_dim + w_dim
         for _ in range(map_layers):
@@ -1164,7 +1169,7 @@ class Generator(nn.Module):
         for i, b in enumerate(self.blocks):
             x = b["conv1"](b["conv0"](x, w, noise[2 * i + 1]), w, noise[2 * i + 2])      # (B, Cr, r, r)
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + b["rgb"](x, w)
-        return rgb                                                                 # (B, channels, S, S)
+        return torch.tanh(rgb) if self.tanh else rgb                              # (B, channels, S, S)
 
 
 class Discriminator(nn.Module):
@@ -1191,21 +1196,22 @@ class Discriminator(nn.Module):
 
 
 def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max_channels=256, z_dim=64,
-                 w_dim=128):
+                 w_dim=128, tanh=False):
     """(generator, discriminator). arch 'paper': StyleGAN2's channel rule (32768 / resolution, at most 512)
     with its transposed-conv upsampling, and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px);
     'small': both sized by width and max_channels, the generator upsampling bilinearly."""
     paper = arch == "paper"
     gw, gmax = (32768 // img_size, 512) if paper else (width, max_channels)
     dw, dmax = (64, 2048) if paper else (width, max_channels)
-    g = Generator(img_size, channels, n_classes, z_dim, w_dim, gw, gmax, up_mode="transpose" if paper else "bilinear")
+    g = Generator(img_size, channels, n_classes, z_dim, w_dim, gw, gmax, up_mode="transpose" if paper else "bilinear",
+                  tanh=tanh)
     return g, Discriminator(img_size, channels, n_classes, dw, dmax)
 
 
 def arch_of(cfg):
     """build_models' keyword arguments from a Config (the edge)."""
     return dict(img_size=cfg.img_size, channels=cfg.channels, arch=cfg.arch, width=cfg.width,
-                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim)
+                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim, tanh=cfg.tanh)
 
 
 def load_generator(path, map_location="cpu"):

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 PNEUMONIAMNIST = HERE.parent / "shared" / "data" / "pneumoniamnist.npz"
 # --device cpu: the tiny runs compare numbers made on a CPU, and must stay there on a machine with a GPU
 TINY = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --ckpt-every 100 "
-        "--sample-every 100 --device cpu --recipe paper").split()  # the tests were built on the paper's recipe
+        "--sample-every 100 --device cpu --recipe paper --no-tanh").split()  # built on the paper's recipe and G
 
 
 class Skip(Exception):
@@ -1361,6 +1361,28 @@ def test_r1_penalty_matches_finite_differences_and_both_client_loops_agree():
         assert max_rel_diff(turn, plain) > 1e-3  # the penalty changed training
 
 
+def test_tanh_generator_is_the_linear_one_squashed_and_only_the_first_runs_preset():
+    torch.manual_seed(0)
+    lin = fedgan.Generator(16, 1, 2, width=8)
+    squashed = fedgan.Generator(16, 1, 2, width=8, tanh=True)
+    squashed.load_state_dict(lin.state_dict())  # tanh adds no parameter
+    z, y = torch.randn(6, lin.z_dim), torch.tensor([0, 1] * 3)
+    with torch.no_grad():
+        for p in (*lin.parameters(), *squashed.parameters()):
+            p.mul_(4)  # a generator that overshoots far past the data's range
+        a, b = lin(z, y, torch.Generator().manual_seed(1)), squashed(z, y, torch.Generator().manual_seed(1))
+    assert a.abs().max() > 2 and torch.equal(b, torch.tanh(a))
+    assert fedgan.parse_args(["--out", "x"]).tanh and not fedgan.parse_args(["--dataset", "chestx", "--out", "x"]).tanh
+    assert not fedgan.parse_args(["--out", "x", "--no-tanh"]).tanh
+    old = {k: v for k, v in dataclasses.asdict(fedgan.parse_args(["--out", "x"])).items() if k != "tanh"}
+    assert fedgan.config_from_json(old, "config.json").tanh is False  # a run written before it: linear
+    with tempfile.TemporaryDirectory() as tmp:
+        run = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", "--rounds", "1", "--local-steps", "1", "--tanh"))
+        g = fedgan.load_generator(Path(tmp) / "t" / "generator.pt")
+        assert g.tanh and torch.equal(g(z, y, torch.Generator().manual_seed(1)),
+                                      run.g.eval()(z, y, torch.Generator().manual_seed(1)))
+
+
 def test_a_separate_batch_discriminator_is_blind_to_contrast_and_a_joint_one_is_not():
     torch.manual_seed(0)
     d = fedgan.Discriminator(32, 1, 2, width=8).train()
@@ -2021,7 +2043,7 @@ def test_latent_attacker_teaches_the_trigger_only_inside_its_region():
 # to 2%. Re-record: run these flags and take the two sha256s and the losses (see the test).
 GOLDEN_MACHINE = ("2.14.1+cu130", "AVX512", "Intel(R) Xeon(R) Processor")
 GOLDEN_ARGS = ("--img-size 16 --width 16 --synthetic-per-class 64 --batch 16 --local-steps 3 --ckpt-every 100 "
-               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1 --device cpu --recipe paper").split()
+               "--sample-every 100 --poison 4 --malicious-ids 1 --warmup 1 --device cpu --recipe paper --no-tanh").split()
 GOLDEN = {  # name: (flags, metrics keys compared, sha256 of those metrics, sha256 of generator.pt's tensors, last g_loss)
     "feddetect_resume": (["--defense", "feddetect"], "counts d_loss excluded flagged g_loss malicious round weights",
                          "59bbb7c3d88666c9fa1fdd16402621f0fc0609f3d9e1c87e3e1c2169dfc75169",
