@@ -84,7 +84,7 @@ DATA=(--dataset "$DATASET")
 if [ -n "${DATA_ROOT:-}" ]; then
     DATA+=(--data-root "$DATA_ROOT")
 elif [ "$QUICK" = 1 ] && [ "$DATASET" = isic ]; then
-    DATA=(--dataset synthetic --channels 3 --decay 0.9)  # the embedded lesion-like RGB set, ISIC's decay
+    DATA=(--dataset synthetic --channels 3 --decay 0.9 --no-tanh)  # the lesion-like RGB set, as isic: decay, linear G
 fi
 if [ -n "$LPIPS_DIR" ]; then
     STUDY+=(--weights-dir "$LPIPS_DIR")
