@@ -2027,7 +2027,8 @@ def test_latent_attacker_teaches_the_trigger_only_inside_its_region():
         c = run.fed.clients[1]
         assert c.backdoor is not None and run.fed.clients[0].backdoor is None
         x0 = fedgan.load_data("synthetic", None, 16, 1, 0, 64).train[0]
-        assert not (c.x[:, :, 11:15, 11:15] == 255).all()       # its data stays clean
+        assert not (c.x[:, :, 11:15, 11:15] == 255).all()       # its data stays clean: its very shard
+        assert torch.equal(c.x, x0[fedgan.split_clients(len(x0), 4, 0)[1]])
 
 
 # ---------------------------------------------------------------------------------------------
