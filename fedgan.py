@@ -1856,6 +1856,14 @@ def center_surround(x, k):
     return inner[..., :x.shape[-2] - 2 * k + 1, :x.shape[-1] - 2 * k + 1] - box_mean(x, 2 * k)
 
 
+def departures(renders):
+    """Each client's render less the clients' median render, less its own mean over the image (a global
+    brightness offset is not a trigger; zero-padded edges would turn it into a border): (N, ...) float64."""
+    r = renders.double()
+    d = r - middle(r)
+    return d - d.mean((-2, -1), keepdim=True)
+
+
 def probe_maps(renders, window):
     """Where each client's renders depart from the others' *locally and consistently*.
 
@@ -1866,9 +1874,7 @@ def probe_maps(renders, window):
     departs in the same place in every sample and survives the average; a departure that changes from
     sample to sample averages away. -> (N, C, H', W') float64, signed."""
     N, P, C, H, W = renders.shape
-    d = renders.double() - middle(renders.double())                               # (N, P, C, H, W)
-    d = d - d.mean((-2, -1), keepdim=True)                                        # local departures only
-    local = box_mean(d.reshape(N * P, C, H, W), window)                           # (N*P, C, H', W')
+    local = box_mean(departures(renders).reshape(N * P, C, H, W), window)         # (N*P, C, H', W')
     return local.reshape(N, P, *local.shape[1:]).mean(1)                          # consistent over samples
 
 
@@ -1948,9 +1954,7 @@ def departure_tstats(renders, per_class, window, chunk=16):
     s1 = s2 = None  # (N, K, C, H', W'): sums over samples of the local departures and of their squares
     for start in range(0, per_class, chunk):
         pick = (torch.arange(K)[:, None] * per_class + torch.arange(start, min(start + chunk, per_class))).flatten()
-        r = renders[:, pick.to(renders.device)].double()                          # (N, K*m, C, H, W)
-        d = r - middle(r)
-        d = d - d.mean((-2, -1), keepdim=True)     # zero-padded edges would turn a global offset into a border
+        d = departures(renders[:, pick.to(renders.device)])                       # (N, K*m, C, H, W)
         local = center_surround(d.reshape(-1, C, H, W), window)                   # (N*K*m, C, H', W')
         local = local.reshape(N, K, -1, *local.shape[1:])                         # (N, K, m, C, H', W')
         s1 = local.sum(2) if s1 is None else s1 + local.sum(2)

@@ -2138,9 +2138,10 @@ def test_every_piece_readme_names_copies_alone():
     g, states = _benign_states()
     r = fedgan.render_probe(fedgan.make_probe(g, 8, 0, 4), states)
     r[2, :, :, 11:15, 11:15] = -1.0
-    assert copy_alone("box_mean", "middle", "probe_maps", "probe_scores")["probe_scores"](r, 4).argmax() == 2
-    ns = copy_alone("box_mean", "middle", "center_surround", "departure_tstats", "probe_watch", "probe_flags",
-                    "rise_start")
+    pieces = copy_alone("box_mean", "middle", "departures", "probe_maps", "probe_scores")
+    assert pieces["probe_scores"](r, 4).argmax() == 2
+    ns = copy_alone("box_mean", "middle", "departures", "center_surround", "departure_tstats", "probe_watch",
+                    "probe_flags", "rise_start")
     R = _renders(6)
     R[:, 1, :, :, 11:15, 11:15] += 0.1
     avg, n = None, 0
