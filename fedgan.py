@@ -185,8 +185,10 @@ class Config:
     beta1: float = opt(None, "Adam's beta1 for G and D (recipe: paper 0.5, fedgan 0)")
     beta2: float = opt(None, "Adam's beta2 for G and D (recipe: paper 0.999, fedgan 0.99)")
     ema: float = opt(0.0, "half-life, in thousands of training images, of the server's moving average of the global "
-                          "generator (StyleGAN2's G_ema, ramped up over the first rounds): samples, generator.pt and "
-                          "eval use the average, clients still start from the plain global; 0 = off (the paper)")
+                          "generator (StyleGAN2's G_ema), never over 5%% of the images seen so far (its ramp-up: after "
+                          "20,480 images at most 1,024, whatever the flag says): samples, "
+                          "generator.pt and eval use the average, clients still start from the plain global; "
+                          "0 = off (the paper)")
     r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
                          "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
     d_batch: str = opt(None, "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
