@@ -3381,9 +3381,12 @@ def main(argv=None):
         except ValueError:  # not the main thread: SIGTERM keeps its default
             return train(cfg)
         try:
-            return train(cfg)
+            result = train(cfg)
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if dist.is_initialized():  # every rank done before any tears gloo down: a rank whose peer closed
+            dist.barrier()         # the connections first can abort at exit ("terminate called ...")
+        return result
     except FedGANError as e:
         if dist_rank_world()[0] == 0:
             sys.stderr.write(f"fedgan.py: error: {e}\n")
