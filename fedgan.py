@@ -191,6 +191,10 @@ class Config:
                           "0 = off (the paper)")
     r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
                          "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
+    class_loss: float = opt(0.0, "weight w of AC-GAN's class loss: D also classes the real images from its pooled "
+                                 "features (a linear head beside the projection), paying w x their cross-entropy, and "
+                                 "G pays w x the cross-entropy of its fakes against the labels they were drawn for; "
+                                 "the loss FedDetect reads stays the adversarial one; 0 = off (the paper)")
     d_batch: str = opt(None, "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
                              "does: BatchNorm then normalizes each batch on its own, and as D's first layers have no "
                              "bias, D cannot see a fake batch's contrast) | joint (one batch of both, so BatchNorm's "
@@ -376,6 +380,8 @@ def check_ranges(cfg):
     for k, (lo, hi, text) in between.items():
         if not lo < getattr(cfg, k) < hi:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must {text}")
+    if cfg.class_loss < 0:
+        raise FedGANError(f"--class-loss {cfg.class_loss} must be at least 0 (0 = off)")
     if not 0 <= cfg.trim < 0.5:
         raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
     if not 0 <= cfg.seed < 2 ** 32:
@@ -442,6 +448,7 @@ def config_from_json(d, where):
     for k, v in RECIPES["paper"].items():  # written before the recipe's fields existed: the paper's recipe ran
         d.setdefault(k, v)
     d.setdefault("tanh", False)  # written before --tanh: the linear output ran
+    d.setdefault("class_loss", 0.0)  # written before --class-loss: no class head
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -1176,9 +1183,10 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Conditional DCGAN discriminator: strided 4x4 convs + BN + LeakyReLU down to 4x4, then a linear
-    logit plus a projection of the class embedding on the pooled features (Miyato & Koyama 2018)."""
+    logit plus a projection of the class embedding on the pooled features (Miyato & Koyama 2018).
+    class_head: also a linear classifier on the pooled features (AC-GAN, Odena et al. 2017)."""
 
-    def __init__(self, img_size=32, channels=1, n_classes=2, width=32, max_channels=256):
+    def __init__(self, img_size=32, channels=1, n_classes=2, width=32, max_channels=256, class_head=False):
         super().__init__()
         layers, c_in, c, res = [], channels, width, img_size
         while res > 4:
@@ -1191,14 +1199,19 @@ class Discriminator(nn.Module):
         self.logit = nn.Conv2d(c_in, 1, 4)                   # 4x4 -> 1x1, as DCGAN's last layer
         self.embed = nn.Embedding(n_classes, c_in)
         nn.init.normal_(self.embed.weight, 0, 0.02)
+        self.classify = nn.Linear(c_in, n_classes) if class_head else None  # built only when used: the
+        # discriminators of runs without it draw the same initial weights as before it existed
 
-    def forward(self, x, y):
+    def forward(self, x, y, classes=False):
+        """-> logits (B,); with `classes` the pair (logits (B,), class logits (B, n_classes))."""
         h = self.features(x)                                 # (B, C, 4, 4)
-        return self.logit(h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)   # (B,)
+        pooled = h.sum((2, 3))                               # (B, C)
+        logits = self.logit(h).flatten() + (self.embed(y) * pooled).sum(1)   # (B,)
+        return (logits, self.classify(pooled)) if classes else logits
 
 
 def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max_channels=256, z_dim=64,
-                 w_dim=128, tanh=False):
+                 w_dim=128, tanh=False, class_head=False):
     """(generator, discriminator). arch 'paper': StyleGAN2's channel rule (32768 / resolution, at most 512)
     with its transposed-conv upsampling, and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px);
     'small': both sized by width and max_channels, the generator upsampling bilinearly."""
@@ -1207,13 +1220,14 @@ def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max
     dw, dmax = (64, 2048) if paper else (width, max_channels)
     g = Generator(img_size, channels, n_classes, z_dim, w_dim, gw, gmax, up_mode="transpose" if paper else "bilinear",
                   tanh=tanh)
-    return g, Discriminator(img_size, channels, n_classes, dw, dmax)
+    return g, Discriminator(img_size, channels, n_classes, dw, dmax, class_head)
 
 
 def arch_of(cfg):
     """build_models' keyword arguments from a Config (the edge)."""
     return dict(img_size=cfg.img_size, channels=cfg.channels, arch=cfg.arch, width=cfg.width,
-                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim, tanh=cfg.tanh)
+                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim, tanh=cfg.tanh,
+                class_head=cfg.class_loss > 0)
 
 
 def load_generator(path, map_location="cpu"):
@@ -1266,6 +1280,7 @@ class Local:
     r1: float = 0.0                           # R1 gamma (0 = off), lazily every R1_EVERY D steps
     betas: tuple = (0.5, 0.999)               # Adam's
     joint_d: bool = False                     # D sees real and fake images as one batch (--d-batch joint)
+    class_loss: float = 0.0                   # AC-GAN's class-loss weight (0 = off; D then has no class head)
 
 
 @dataclass
@@ -1365,6 +1380,13 @@ def g_loss_of(fake_logits):
     return F.softplus(-fake_logits).mean(-1)
 
 
+def class_loss_of(class_logits, labels):
+    """AC-GAN's auxiliary loss: the cross-entropy of D's class logits (..., B, K) against the labels
+    (..., B), mean over the batch -> (...)."""
+    ce = F.cross_entropy(class_logits.flatten(0, -2), labels.flatten(), reduction="none")  # fp32 under autocast
+    return ce.view(labels.shape).mean(-1)
+
+
 R1_EVERY = 16  # lazy regularization: the penalty every 16 D steps, weighted x16 (StyleGAN2)
 
 
@@ -1380,13 +1402,42 @@ def r1_due(local, t, steps, s):
     return local.r1 > 0 and (t * steps + s) % R1_EVERY == 0
 
 
-def d_logits(d, real, fake, labels, joint, dim=0):
-    """D's logits on the real and the fake images (each (..., B)): two calls, or with `joint` one call on
-    both (concatenated along the batch axis `dim`), so that BatchNorm normalizes them with shared statistics."""
+def d_outputs(d, x, y, classes):
+    """d(x, y) as the pair (logits (..., B), class logits (..., B, K), or None without `classes`)."""
+    return d(x, y, classes=True) if classes else (d(x, y), None)
+
+
+def d_logits(d, real, fake, labels, joint, dim=0, classes=False):
+    """D's outputs on the real and on the fake images, each a pair (logits (..., B), class logits
+    (..., B, K) or None): two calls, or with `joint` one call on both (concatenated along the batch axis
+    `dim`), so that BatchNorm normalizes them with shared statistics. real None: (None, fake's pair)."""
     if not joint:
-        return (None if real is None else d(real, labels)), d(fake, labels)
-    both = d(torch.cat([real, fake], dim), torch.cat([labels, labels], dim))
-    return both.split(real.shape[dim], dim=-1)
+        return (None if real is None else d_outputs(d, real, labels, classes)), d_outputs(d, fake, labels, classes)
+    logits, cls = d_outputs(d, torch.cat([real, fake], dim), torch.cat([labels, labels], dim), classes)
+    n = real.shape[dim]
+    real_logits, fake_logits = logits.split(n, -1)
+    real_cls, fake_cls = cls.split(n, -2) if classes else (None, None)
+    return (real_logits, real_cls), (fake_logits, fake_cls)
+
+
+def d_step_loss(d, real, fake, labels, local, dim=0):
+    """One D step's loss -> (Eq. 4 (...), what D descends (...), its logits on the real images (..., B),
+    for R1). With --class-loss w, D also pays w x the cross-entropy of its class head on the real images."""
+    (real_logits, real_cls), (fake_logits, _) = d_logits(d, real, fake, labels, local.joint_d, dim,
+                                                         local.class_loss > 0)
+    adv = d_loss_of(real_logits, fake_logits)
+    total = adv + local.class_loss * class_loss_of(real_cls, labels) if real_cls is not None else adv
+    return adv, total, real_logits
+
+
+def g_step_loss(d, real, fake, labels, local, dim=0):
+    """One G step's loss -> (Eq. 5 (...): the loss a client reports, what G descends (...)). With
+    --class-loss w, G also pays w x the cross-entropy of D's class head on its fakes against their labels.
+    real: the step's real images, which D sees beside the fakes under --d-batch joint (no gradient)."""
+    _, (fake_logits, fake_cls) = d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d,
+                                          dim, local.class_loss > 0)
+    adv = g_loss_of(fake_logits)
+    return adv, (adv + local.class_loss * class_loss_of(fake_cls, labels) if fake_cls is not None else adv)
 
 
 def client_update(client, g_state, steps, t=0):
@@ -1409,19 +1460,18 @@ def client_update(client, g_state, steps, t=0):
         with autocast(device, local.amp_dtype):  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
-            real_logits, fake_logits = d_logits(d, real.requires_grad_(r1), fake, labels, local.joint_d)
-            d_loss = d_loss_of(real_logits, fake_logits)
+            d_loss, d_total, real_logits = d_step_loss(d, real.requires_grad_(r1), fake, labels, local)
         penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0
         client.opt_d.zero_grad(set_to_none=True)
-        client.scaler.scale(d_loss + penalty).backward()
+        client.scaler.scale(d_total + penalty).backward()
         client.scaler.step(client.opt_d)
 
         with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
             fake = g(z, labels, noise=b["noise_g"])
-            g_loss = g_loss_of(d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d)[1])
+            g_loss, g_total = g_step_loss(d, real, fake, labels, local)
         bd = backdoor_of(client, t)
         client.opt_g.zero_grad(set_to_none=True)
-        client.scaler.scale(g_loss + (backdoor_loss(fake, z, bd) if bd is not None else 0.0)).backward()
+        client.scaler.scale(g_total + (backdoor_loss(fake, z, bd) if bd is not None else 0.0)).backward()
         client.scaler.step(client.opt_g)
         client.scaler.update()
         d_sum += d_loss.detach().float()
@@ -1485,9 +1535,10 @@ def client_update_parallel(clients, g_state, steps, t=0):
     opt_d = stack_adam([c.opt_d for c in clients], ds, pd)
     g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
     gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
-    disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
+    disc = torch.func.vmap(lambda p, b, x, y, **kw: torch.func.functional_call(d0, {**p, **b}, (x, y), kw))
     if local.compile:  # the templates are plain modules here (make_client, parallel): compile the batched calls
         gen, disc = torch.compile(gen), torch.compile(disc)
+    D = lambda x, y, **kw: disc(pd, bd, x, y, **kw)  # the N discriminators as one, called like d(x, y)
     shards = [shard(c, t) for c in clients]
     device = shards[0][0].device
     bs = min(local.batch, len(shards[0][0]))
@@ -1502,21 +1553,18 @@ def client_update_parallel(clients, g_state, steps, t=0):
         with autocast(device, local.amp_dtype):
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
-            real_logits, fake_logits = d_logits(lambda x, y: disc(pd, bd, x, y), real.requires_grad_(r1), fake,
-                                                labels, local.joint_d, dim=1)               # (N, B) each
-            d_loss = d_loss_of(real_logits, fake_logits)                                    # (N,)
+            d_loss, d_total, real_logits = d_step_loss(D, real.requires_grad_(r1), fake, labels, local, dim=1)  # (N,)
         penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0  # (N,)
         opt_d.zero_grad(set_to_none=True)
-        (d_loss + penalty).sum().backward()  # clients share no parameter: each slice gets its own gradient
+        (d_total + penalty).sum().backward()  # clients share no parameter: each slice gets its own gradient
         opt_d.step()
         with autocast(device, local.amp_dtype):
             fake = gen(pg, z, labels, noise_g)
-            g_loss = g_loss_of(d_logits(lambda x, y: disc(pd, bd, x, y), real.detach() if local.joint_d else None,
-                                        fake, labels, local.joint_d, dim=1)[1])
+            g_loss, g_total = g_step_loss(D, real, fake, labels, local, dim=1)             # (N,)
         extra = sum(backdoor_loss(fake[j], z[j], bd) for j, bd in enumerate(backdoor_of(c, t) for c in clients)
                     if bd is not None)
         opt_g.zero_grad(set_to_none=True)
-        (g_loss.sum() + extra).backward()
+        (g_total.sum() + extra).backward()
         opt_g.step()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
@@ -2316,7 +2364,7 @@ def local_of(cfg, device):
     """The clients' training settings from a Config (the edge)."""
     return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
                  cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1, (cfg.beta1, cfg.beta2),
-                 cfg.d_batch == "joint")
+                 cfg.d_batch == "joint", cfg.class_loss)
 
 
 def activation_mb(arch, n_classes, device, amp_dtype):
@@ -2347,8 +2395,11 @@ def plan_clients(cfg, device, n_classes, steps, batches):
     workspaces are not in that count. Which way is faster is then timed in the first rounds (see
     client_updates), and an out-of-memory error falls back to clients in turn."""
     n_owned, amp_dtype = len(steps), amp_dtype_for(cfg.amp, cfg.amp_dtype, device)
-    with torch.device("meta"):  # sizes only: no memory, no random draws
-        client_mb = sum(p.numel() for m in build_models(n_classes, **arch_of(cfg)) for p in m.parameters()) * 16 / 2**20
+    client_mb = 0.0  # only a GPU's memory is planned: a CPU run skips building the models on the meta device
+    if device.type == "cuda":
+        with torch.device("meta"):  # sizes only: no memory, no random draws
+            models = build_models(n_classes, **arch_of(cfg))
+            client_mb = sum(p.numel() for m in models for p in m.parameters()) * 16 / 2**20
     cuda_auto = device.type == "cuda" and cfg.parallel_clients == "auto"
     act_mb = activation_mb(arch_of(cfg), n_classes, device, amp_dtype) if cuda_auto else None
     free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")

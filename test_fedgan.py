@@ -1383,16 +1383,52 @@ def test_tanh_generator_is_the_linear_one_squashed_and_only_the_first_runs_prese
                                       run.g.eval()(z, y, torch.Generator().manual_seed(1)))
 
 
+def test_class_loss_is_the_cross_entropy_of_ds_head_and_both_client_loops_agree_and_resume():
+    torch.manual_seed(0)
+    d = fedgan.Discriminator(16, 1, 2, width=4, class_head=True).double().train()
+    x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    logits, cls = d(x, y, classes=True)
+    assert cls.shape == (6, 2) and torch.equal(logits, d(x, y))  # the head leaves the logits alone
+    hand = -torch.stack([cls[i].exp()[y[i]] / cls[i].exp().sum() for i in range(6)]).log().mean()
+    assert torch.allclose(fedgan.class_loss_of(cls, y), hand, rtol=1e-12)
+    assert fedgan.class_loss_of(torch.stack([cls, -cls]), torch.stack([y, y])).shape == (2,)  # (N, B, K): per client
+    fake = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    for joint in (False, True):  # D's step pays w x the CE of the reals, G's w x the CE of the fakes
+        local = fedgan.Local(joint_d=joint, class_loss=0.5)
+        both = fedgan.d_logits(d, x, fake, y, joint, classes=True)
+        d_adv, d_total, _ = fedgan.d_step_loss(d, x, fake, y, local)
+        assert torch.allclose(d_adv, fedgan.d_loss_of(both[0][0], both[1][0]), rtol=1e-12)
+        assert torch.allclose(d_total - d_adv, 0.5 * fedgan.class_loss_of(both[0][1], y), rtol=1e-10)
+        g_adv, g_total = fedgan.g_step_loss(d, x, fake, y, local)  # g_adv: what the client reports
+        assert torch.allclose(g_adv, fedgan.g_loss_of(both[1][0]), rtol=1e-12)
+        assert torch.allclose(g_total - g_adv, 0.5 * fedgan.class_loss_of(both[1][1], y), rtol=1e-10)
+    assert fedgan.parse_args(["--out", "x"]).class_loss == 0.0  # off unless asked: the paper's D
+    old = {k: v for k, v in dataclasses.asdict(fedgan.parse_args(["--out", "x", "--class-loss", "1"])).items()
+           if k != "class_loss"}
+    assert fedgan.config_from_json(old, "config.json").class_loss == 0.0  # a run written before it: no head
+    assert not any("classify" in k for k in fedgan.build_models(2, **fedgan.arch_of(fedgan.parse_args(
+        ["--out", "x"])))[1].state_dict())
+    with tempfile.TemporaryDirectory() as tmp, default_dtype(torch.float64):  # float64: the loops agree to rounding
+        args = ("--rounds", "2", "--local-steps", "3", "--class-loss", "1", "--d-batch", "joint")
+        turn = quiet(fedgan.train, tiny_cfg(Path(tmp) / "t", *args, "--parallel-clients", "off"))
+        side = quiet(fedgan.train, tiny_cfg(Path(tmp) / "s", *args, "--parallel-clients", "on"))
+        plain = quiet(fedgan.train, tiny_cfg(Path(tmp) / "p", *args[:-2], "--class-loss", "0", "--d-batch", "joint"))
+        assert max_rel_diff(turn, side) < 1e-10, max_rel_diff(turn, side)
+        assert any((v - plain.g.state_dict()[k]).abs().max() > 1e-3 for k, v in turn.g.state_dict().items()
+                   if v.is_floating_point())  # the class loss changed training
+    resume_matches(["--local-steps", "2", "--class-loss", "1"])  # D's head and its Adam state are checkpointed
+
+
 def test_a_separate_batch_discriminator_is_blind_to_contrast_and_a_joint_one_is_not():
     torch.manual_seed(0)
     d = fedgan.Discriminator(32, 1, 2, width=8).train()
     x, y = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randint(0, 2, (16,))
     # separate batches: bias-free convs, leaky ReLUs and BatchNorm make D(a x) = D(x) for any a > 0
-    _, same = fedgan.d_logits(d, x, x, y, joint=False)
-    _, tripled = fedgan.d_logits(d, x, 3 * x, y, joint=False)
+    _, (same, _) = fedgan.d_logits(d, x, x, y, joint=False)
+    _, (tripled, _) = fedgan.d_logits(d, x, 3 * x, y, joint=False)
     assert (same - tripled).abs().max() < 1e-3 * same.abs().mean()
-    _, same = fedgan.d_logits(d, x, x, y, joint=True)  # one batch: the fakes' contrast shows against the reals'
-    _, tripled = fedgan.d_logits(d, x, 3 * x, y, joint=True)
+    _, (same, _) = fedgan.d_logits(d, x, x, y, joint=True)  # one batch: the fakes' contrast shows against the reals'
+    _, (tripled, _) = fedgan.d_logits(d, x, 3 * x, y, joint=True)
     assert (same - tripled).abs().mean() > 0.1 * same.abs().mean()
     with tempfile.TemporaryDirectory() as tmp, default_dtype(torch.float64):  # float64: the loops agree to rounding
         args = ("--rounds", "2", "--local-steps", "2", "--d-batch", "joint")
@@ -2128,8 +2164,9 @@ def test_every_piece_readme_names_copies_alone():
     for up in ("bilinear", "transpose"):
         g = ns["Generator"](16, 1, 2, width=8, up_mode=up)
         assert g(torch.randn(3, g.z_dim), torch.tensor([0, 1, 1])).shape == (3, 1, 16, 16)
-    d = copy_alone("Discriminator")["Discriminator"](16, 3, 2, width=8)
+    d = copy_alone("Discriminator")["Discriminator"](16, 3, 2, width=8, class_head=True)
     assert d(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])).shape == (2,)
+    assert d(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), classes=True)[1].shape == (2, 2)
     forest = copy_alone(*FOREST, module=isoforest)["IsolationForest"]
     assert forest(seed=0).fit_predict([0.70, 0.69, 0.71, 0.70, 3.0]).tolist() == [1, 1, 1, 1, -1]
     ns = copy_alone(*FOREST, module=isoforest)
@@ -2170,7 +2207,9 @@ def test_every_piece_readme_names_copies_alone():
     assert ns["apply_trigger_random"](x, trig, seed=1).sum() == 2 * 16 * 255
     assert ns["blend_trigger"](x, 0.5).float().mean() > 50 and ns["frequency_trigger"](x + 100, 0.5).shape == x.shape
     assert ns["flip_labels"](torch.tensor([0, 1]), 2).tolist() == [1, 0]
-    ns = copy_alone("ema_beta", "ema_update", "r1_penalty")
+    ns = copy_alone("ema_beta", "ema_update", "r1_penalty", "class_loss_of")
+    assert torch.allclose(ns["class_loss_of"](torch.tensor([[[0.0, 0.0]], [[0.0, math.log(3)]]]),
+                                              torch.tensor([[0], [1]])), torch.tensor([math.log(2), math.log(4 / 3)]))
     avg = {"w": torch.zeros(2)}
     ns["ema_update"](avg, {"w": torch.ones(2)}, ns["ema_beta"](1.0, 1000, 10 ** 6))
     assert torch.allclose(avg["w"], torch.full((2,), 0.5))
