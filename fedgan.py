@@ -3446,9 +3446,10 @@ def main(argv=None):
         if dist_rank_world()[0] == 0:
             sys.stderr.write(f"fedgan.py: {e}\n")
         sys.exit(e.code)
-    except KeyboardInterrupt:  # before the run began: nothing to resume
-        sys.stderr.write("fedgan.py: stopped by Ctrl-C before the first round; nothing was trained\n")
-        sys.exit(130)
+    except (KeyboardInterrupt, Stopped) as e:  # before the run began (a resume: while its folder is read)
+        what, code = ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+        sys.stderr.write(f"fedgan.py: stopped by {what} before training began; nothing was written\n")
+        sys.exit(code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

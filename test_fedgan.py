@@ -1714,9 +1714,12 @@ def test_one_process_per_run_folder_and_signals_end_in_one_line():
         _holding(out, c)
         c.kill()                                                                          # SIGKILL: no clean end
         c.communicate()
-        d = _start(["--resume", out, "--rounds", str(json.loads((Path(out) / "config.json").read_text())["rounds"])])
-        text, err = d.communicate(timeout=300)
-        assert d.returncode == 0 and f"taking over the lock left by pid {c.pid}" in text, text[-1000:] + err
+        d = _start(["--resume", out])  # takes the lock SIGKILL left behind, then is stopped (no need to finish)
+        _holding(out, d)
+        d.send_signal(signal.SIGTERM)
+        text, err = d.communicate(timeout=120)
+        assert d.returncode == 143 and f"taking over the lock left by pid {c.pid}" in text, text[-1000:] + err
+        assert len(err.strip().splitlines()) == 1 and "stopped by SIGTERM" in err, err  # also while setting up
 
 
 def test_a_signal_during_a_checkpoint_waits_for_it():
