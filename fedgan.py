@@ -2649,6 +2649,11 @@ def on_sigterm(signum, frame):
     raise Stopped()
 
 
+def stop_of(e):
+    """(what stopped the run, its exit code) for Stopped (SIGTERM) or KeyboardInterrupt (Ctrl-C)."""
+    return ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a run: main prints the message as one line and exits with `code`."""
 
@@ -2675,7 +2680,7 @@ def train(cfg):
                              "never runs (it acts in rounds t > warmup, t from 0)\n")
         rounds(run, cfg, log)
     except (KeyboardInterrupt, Stopped) as e:
-        what, code = ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+        what, code = stop_of(e)
         raise Interrupted(f"stopped by {what} in round {run.now} ({run.checkpointed_text()}); continue with: "
                           f"python fedgan.py --resume {run.out}", code) from None
     except OSError as e:  # a full or read-only disk: the last checkpoint stays good
@@ -3447,7 +3452,7 @@ def main(argv=None):
             sys.stderr.write(f"fedgan.py: {e}\n")
         sys.exit(e.code)
     except (KeyboardInterrupt, Stopped) as e:  # before the run began (a resume: while its folder is read)
-        what, code = ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+        what, code = stop_of(e)
         sys.stderr.write(f"fedgan.py: stopped by {what} before training began; nothing was written\n")
         sys.exit(code)
     finally:
