@@ -2,17 +2,23 @@
 # The paper's experiments on ChestX in one command: a grid of training runs over seeds, then eval.py.
 #
 #   bash train_chestx.sh                                              # the paper: 256 px, 200 rounds (a GPU)
-#   QUICK=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh   # CPU-sized
+#   QUICK=1 JOBS=2 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh   # CPU-sized, hours
+#   DRY=1 QUICK=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh    # list its runs, train nothing
 #   GRID=study QUICK=1 JOBS=2 SHADOW=1 DATA_ROOT=../shared/data/pneumoniamnist.npz bash train_chestx.sh
 #
 # Grids (GRID):
 #   paper  section 4's 16 runs: vanilla FedGAN; the attack with 16, 32 and 64 px triggers (at 256 px,
-#          scaled to IMG); for each trigger FedDetect, model reconstruction, random flip, random rotation.
+#          scaled to IMG); for each trigger FedDetect, model reconstruction, random flip, random rotation;
+#          plus, at the 64 px trigger, the probe detector (probe64) and multi-Krum (multikrum64).
+#          Vanilla and the 64 px arms get SEEDS seeds, the 16 and 32 px arms SEEDS_SMALL.
 #   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
 #          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
 #          probe of the generators with the loss, calibrated rule), watch (the probe detector with rollback);
 #          and central, the centralized reference
 #          (one party on all the training data for as many image-steps: what federation costs).
+# Recipe: QUICK=1 trains with fedgan.py's working recipe (--recipe fedgan: Adam 2e-3, betas 0/0.99, D on one
+# joint batch of real and fake images), since the paper's trains saturated blobs at the CPU scale
+# (docs/results.md, section 3); the paper-sized grid keeps the paper's recipe (RECIPE=paper), untested there.
 # Every run of the grid is trained once per training seed (SEEDS of them, from SEED on), into
 # OUT/<name>_s<seed>. With SHORT > 0 each run is first trained SHORT rounds, that generator is kept as
 # OUT/<name>_r<SHORT>_s<seed>, and the run is then extended to ROUNDS (bitwise the same as a straight
@@ -26,12 +32,14 @@
 #   DATASET    chestx | isic (what train_isic.sh sets)      DATA_ROOT  data folder or .npz (fedgan's default)
 #   GRID       paper | study                                TRIGGER    study grid's trigger at 256 px (64)
 #   IMG        resolution (256; quick 32)                   ROUNDS     global rounds (200; quick 100)
-#   SEEDS      training seeds (1; quick 3)                   SEED       first training seed (0)
+#   SEEDS      training seeds (1; quick: paper grid 5, study 3)  SEED  first training seed (0)
+#   SEEDS_SMALL  paper grid: seeds of the 16 and 32 px arms (SEEDS; quick 3)
 #   SHORT      also keep the generator after SHORT rounds (0 = no; quick 20)
 #   CLIENTS    clients (4)                                   DEVICE     auto | cpu | cuda
 #   JOBS       runs trained at once (1); with JOBS > 1 each gets OMP_NUM_THREADS=1 unless it is set
 #   SHADOW     1: every run logs what all five detectors would flag (fedgan.py --shadow)
-#   RECIPE     fedgan.py --recipe: paper (the paper's optimizer and discriminator batches; default) | fedgan
+#   RECIPE     fedgan.py --recipe: paper (the paper's optimizer and discriminator batches) | fedgan (quick's default)
+#   DRY        1: print the fedgan.py and eval.py commands the grid would run, and run nothing
 #   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET; study: ..._study)
 #   METRICS    fidelity metrics (lpips,fid,kid,pr,trigger; quick without lpips unless LPIPS_DIR is set)
 #   LPIPS_DIR  folder with the LPIPS weights (offline)      PYTHON     interpreter (python)
@@ -53,19 +61,21 @@ PYTHON=${PYTHON:-python}
 LPIPS_DIR=${LPIPS_DIR:-}
 JOBS=${JOBS:-1}
 SHADOW=${SHADOW:-0}
-RECIPE=${RECIPE:-paper}
+DRY=${DRY:-0}
 case "$GRID" in paper|study) ;; *) echo "GRID=$GRID: choose paper or study" >&2; exit 2 ;; esac
 if [ "$QUICK" = 1 ]; then
     # 32 px, 100 rounds of 5 local steps with a width-8 model: 5-6 minutes a run on one CPU core
-    IMG=${IMG:-32}; ROUNDS=${ROUNDS:-100}; SEEDS=${SEEDS:-3}; SHORT=${SHORT:-20}
+    IMG=${IMG:-32}; ROUNDS=${ROUNDS:-100}; SHORT=${SHORT:-20}; RECIPE=${RECIPE:-fedgan}
+    SEEDS=${SEEDS:-$([ "$GRID" = paper ] && echo 5 || echo 3)}; SEEDS_SMALL=${SEEDS_SMALL:-3}
     OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
     METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
     MODEL=(--arch small --width 8 --local-steps 5 --warmup 5)
     CENTRAL="--clients 1 --local-steps $((5 * ${CLIENTS:-4}))"  # one party, all the data, as many image-steps
     RECON="--reconstruct-epochs 5 --reconstruct-per-class 200"  # only where --posthoc reconstruct uses them
-    STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 3)
+    STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 2)
 else
-    IMG=${IMG:-256}; ROUNDS=${ROUNDS:-200}; SEEDS=${SEEDS:-1}; SHORT=${SHORT:-0}
+    IMG=${IMG:-256}; ROUNDS=${ROUNDS:-200}; SEEDS=${SEEDS:-1}; SHORT=${SHORT:-0}; RECIPE=${RECIPE:-paper}
+    SEEDS_SMALL=${SEEDS_SMALL:-$SEEDS}
     OUT=${OUT:-runs/paper_$DATASET$SUFFIX}
     METRICS=${METRICS:-lpips,fid,kid,pr,trigger}
     MODEL=(--arch paper)
@@ -73,7 +83,7 @@ else
     CENTRAL="--clients 1"  # one local epoch over all the data: as many image-steps as N clients' epochs
     STUDY=()
 fi
-for v in SEEDS JOBS ROUNDS SHORT; do
+for v in SEEDS SEEDS_SMALL JOBS ROUNDS SHORT; do
     if ! [[ "${!v}" =~ ^[0-9]+$ ]] || { [ "$v" != SHORT ] && [ "${!v}" -lt 1 ]; }; then
         echo "$v=${!v}: must be a positive whole number" >&2; exit 2
     fi
@@ -95,20 +105,24 @@ COMMON=("${DATA[@]}" --img-size "$IMG" --clients "$CLIENTS" --device "$DEVICE" -
 if [ "$SHADOW" = 1 ]; then COMMON+=(--shadow); fi
 
 px_of() { local px=$(( $1 * IMG / 256 )); echo $(( px < 1 ? 1 : px )); }
-# The grid: a name and the flags that make it
+# The grid: a name, the flags that make it and its number of training seeds
 NAMES=(vanilla)
 FLAGS=("")
+NSEEDS=("$SEEDS")
 if [ "$GRID" = paper ]; then
     for p in 16 32 64; do
-        NAMES+=("attack$p"); FLAGS+=("--poison $(px_of $p)")
+        n=$([ "$p" = 64 ] && echo "$SEEDS" || echo "$SEEDS_SMALL")
+        NAMES+=("attack$p"); FLAGS+=("--poison $(px_of $p)"); NSEEDS+=("$n")
         for defense in feddetect reconstruct flip rotate; do
             extra=""
             if [ "$defense" = reconstruct ]; then extra=" $RECON"; fi
-            NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense$extra")
+            NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense$extra"); NSEEDS+=("$n")
         done
     done
-    UTILITY=${UTILITY:-vanilla attack32 feddetect32}
-    BASELINES=vanilla,attack32
+    a="--poison $(px_of 64)"
+    NAMES+=(probe64 multikrum64); FLAGS+=("$a --detector probe" "$a --aggregator multi-krum"); NSEEDS+=("$SEEDS" "$SEEDS")
+    UTILITY=${UTILITY:-vanilla attack64 feddetect64 reconstruct64 flip64 rotate64 probe64 multikrum64}
+    BASELINES=vanilla,attack64
 else
     p=$TRIGGER; a="--poison $(px_of $p)"
     NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p"
@@ -117,17 +131,20 @@ else
             "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe"
             "$a --detector probe --rollback 10" "$CENTRAL")
     BASELINES=vanilla,attack$p
+    for _ in "${NAMES[@]:1}"; do NSEEDS+=("$SEEDS"); done
 fi
 if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla attack64 calibrated64"
-    KEEP_N=() KEEP_F=()
+    KEEP_N=() KEEP_F=() KEEP_S=()
     for arm in $ARMS; do
         found=0
         for k in "${!NAMES[@]}"; do
-            if [ "${NAMES[$k]}" = "$arm" ]; then KEEP_N+=("$arm"); KEEP_F+=("${FLAGS[$k]}"); found=1; fi
+            if [ "${NAMES[$k]}" = "$arm" ]; then
+                KEEP_N+=("$arm"); KEEP_F+=("${FLAGS[$k]}"); KEEP_S+=("${NSEEDS[$k]}"); found=1
+            fi
         done
         if [ "$found" = 0 ]; then echo "ARMS: $arm is not in the $GRID grid (${NAMES[*]})" >&2; exit 2; fi
     done
-    NAMES=("${KEEP_N[@]}") FLAGS=("${KEEP_F[@]}")
+    NAMES=("${KEEP_N[@]}") FLAGS=("${KEEP_F[@]}") NSEEDS=("${KEEP_S[@]}")
 fi
 if [ "$GRID" = study ]; then UTILITY=${UTILITY:-${NAMES[*]}}; fi
 
@@ -169,26 +186,53 @@ run_one() {  # K SEED: run K of the grid with this training seed (and its SHORT-
     echo "$tag done in $(mmss $((SECONDS - t_run)))"
 }
 
+seeds_of() {  # K: the training seeds of run K of the grid
+    seq "$SEED" $((SEED + NSEEDS[$1] - 1))
+}
+ORDER=()  # "K SEED" pairs: the arms with the most seeds first (seed by seed), so a stopped grid has whole columns
+for tier in $(printf '%s\n' "${NSEEDS[@]}" | sort -rnu); do
+    for seed in $(seq "$SEED" $((SEED + tier - 1))); do
+        for k in "${!NAMES[@]}"; do
+            if [ "${NSEEDS[$k]}" = "$tier" ]; then ORDER+=("$k $seed"); fi
+        done
+    done
+done
+
+if [ "$DRY" = 1 ]; then  # the commands, in the order they would run; nothing is trained or written
+    echo "# grid $GRID: ${#ORDER[@]} runs of $DATASET at ${IMG} px, $ROUNDS rounds$([ "$SHORT" -gt 0 ] &&
+          echo ", each kept at $SHORT rounds as NAME_r${SHORT}_sSEED"), $JOBS at once -> $OUT"
+    for pair in "${ORDER[@]}"; do
+        read -r k seed <<< "$pair"
+        dir=$OUT/${NAMES[$k]}_s$seed
+        first=$([ "$SHORT" -gt 0 ] && echo "$SHORT" || echo "$ROUNDS")
+        # shellcheck disable=SC2086  # FLAGS entries are flag lists, split on purpose
+        echo "$PYTHON fedgan.py ${COMMON[*]} ${FLAGS[$k]} --seed $seed --rounds $first --out $dir" | tr -s ' '
+        if [ "$SHORT" -gt 0 ]; then echo "$PYTHON fedgan.py --resume $dir --rounds $ROUNDS"; fi
+    done
+    echo "# then: eval.py on every run (fidelity, trigger, detection) and on $UTILITY (utility) -> $OUT/results.md"
+    exit 0
+fi
+
 mkdir -p "$OUT"
 exec 9> "$OUT/.lock"  # two scripts on one folder would train the same run twice
 if ! flock -n 9; then
     echo "another train script is running on $OUT; wait for it or choose another OUT" >&2
     exit 1
 fi
-echo "grid $GRID: ${#NAMES[@]} runs x $SEEDS seeds of $DATASET at ${IMG} px, $ROUNDS rounds" \
-     "$([ "$SHORT" -gt 0 ] && echo "(kept at $SHORT too)"), $CLIENTS clients, $JOBS at once -> $OUT (quick=$QUICK)"
+echo "grid $GRID: ${#ORDER[@]} runs ($(IFS=/; echo "${NSEEDS[*]}" | tr '/' '\n' | sort -u | paste -sd/) seeds an arm)" \
+     "of $DATASET at ${IMG} px, $ROUNDS rounds $([ "$SHORT" -gt 0 ] && echo "(kept at $SHORT too)"), $CLIENTS clients," \
+     "$JOBS at once -> $OUT (quick=$QUICK)"
 t_start=$SECONDS
 failed=0
-for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do
-    for k in "${!NAMES[@]}"; do
-        if [ "$JOBS" = 1 ]; then
-            run_one "$k" "$seed" || exit 1
-            continue
-        fi
-        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
-        if [ "$failed" = 1 ]; then break 2; fi
-        run_one "$k" "$seed" &
-    done
+for pair in "${ORDER[@]}"; do
+    read -r k seed <<< "$pair"
+    if [ "$JOBS" = 1 ]; then
+        run_one "$k" "$seed" || exit 1
+        continue
+    fi
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
+    if [ "$failed" = 1 ]; then break; fi
+    run_one "$k" "$seed" &
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
 if [ "$failed" = 1 ]; then exit 1; fi
@@ -200,26 +244,30 @@ RUNS=()
 SUFFIXES=("")
 if [ "$SHORT" -gt 0 ]; then SUFFIXES+=("_r$SHORT"); fi
 for suffix in "${SUFFIXES[@]}"; do
-    for name in "${NAMES[@]}"; do
-        for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do RUNS+=("$OUT/$name${suffix}_s$seed"); done
+    for k in "${!NAMES[@]}"; do
+        for seed in $(seeds_of "$k"); do RUNS+=("$OUT/${NAMES[$k]}${suffix}_s$seed"); done
     done
 done
 U_RUNS=()
 for name in $UTILITY; do
-    for seed in $(seq "$SEED" $((SEED + SEEDS - 1))); do U_RUNS+=("$OUT/${name}_s$seed"); done
+    for k in "${!NAMES[@]}"; do
+        if [ "${NAMES[$k]}" = "$name" ]; then
+            for seed in $(seeds_of "$k"); do U_RUNS+=("$OUT/${name}_s$seed"); done
+        fi
+    done
 done
 echo "[eval] fidelity ($METRICS) and detection of ${#RUNS[@]} runs -> $OUT/eval_fidelity (log $OUT/eval_fidelity.log)"
 "$PYTHON" eval.py "${RUNS[@]}" --metrics "$METRICS" --baseline "$BASELINES" --seed "$SEED" --device "$DEVICE" \
     "${STUDY[@]}" --out "$OUT/eval_fidelity" --force > "$OUT/eval_fidelity.log" 2>&1 \
     || { tail -n 5 "$OUT/eval_fidelity.log" >&2; exit 1; }
 echo "[eval] utility study of $UTILITY -> $OUT/eval_utility (log $OUT/eval_utility.log)"
-"$PYTHON" eval.py "${U_RUNS[@]}" --metrics utility --baseline "$BASELINES" --seed "$SEED" --device "$DEVICE" \
-    "${STUDY[@]}" --out "$OUT/eval_utility" --force > "$OUT/eval_utility.log" 2>&1 \
+"$PYTHON" eval.py "${U_RUNS[@]}" --metrics utility --match-steps --baseline "$BASELINES" --seed "$SEED" \
+    --device "$DEVICE" "${STUDY[@]}" --out "$OUT/eval_utility" --force > "$OUT/eval_utility.log" 2>&1 \
     || { tail -n 5 "$OUT/eval_utility.log" >&2; exit 1; }
 {
     echo "# $DATASET, grid $GRID ($([ "$QUICK" = 1 ] && echo "QUICK mode, CPU-sized" || echo "paper settings"))"
     echo
-    echo "${#NAMES[@]} runs x $SEEDS training seeds (from $SEED) at ${IMG} px, $ROUNDS rounds$([ "$SHORT" -gt 0 ] &&
+    echo "${#NAMES[@]} runs x up to $SEEDS training seeds (from $SEED) at ${IMG} px, $ROUNDS rounds$([ "$SHORT" -gt 0 ] &&
          echo " (and the same runs after $SHORT rounds)"), $CLIENTS clients; data: ${DATA[*]}; model: ${MODEL[*]}."
     echo "This invocation took $(mmss $((SECONDS - t_start))) (min:s), eval $(mmss $((SECONDS - t_eval))) of it" \
          "(finished runs skipped)."
