@@ -97,16 +97,15 @@ class Config:
     # attack
     poison: int = opt(0, "trigger size in pixels at the training resolution; 0 = no patch attack", "attack")
     attack: str = opt("patch", "what malicious clients do to their data: patch (the paper's trigger, bottom-right; "
-                               "needs --poison) | patch-random (trigger at a random place per image) | blend (a fixed "
-                               "noise image mixed in at --blend-alpha) | frequency (a fixed pattern added to the "
-                               "Fourier amplitude, strength --blend-alpha) | label-flip (labels permuted) | "
+                               "needs --poison) | blend (a fixed noise image mixed in at --blend-alpha) | "
+                               "label-flip (labels permuted) | "
                                "latent (data clean; a loss on the attacker's own generator teaches it the "
                                "trigger only on latents with z_0 > 1.28, a tenth of them, so a fixed probe can "
                                "miss it; needs --poison)", "attack",
-                      choices=["patch", "patch-random", "blend", "frequency", "label-flip", "latent"])
+                      choices=["patch", "blend", "label-flip", "latent"])
     trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
                        choices=["auto", "white", "color"])
-    blend_alpha: float = opt(0.2, "strength of the blend and frequency attacks, in (0, 1]", "attack")
+    blend_alpha: float = opt(0.2, "strength of the blend attack, in (0, 1]", "attack")
     poison_frac: float = opt(1.0, "share of a malicious client's images that carry the attack, in (0, 1]; below 1 "
                                   "its generator draws the trigger on about that share of latents, so renders on "
                                   "a probe depart less from benign ones (the probe-aware attacker)", "attack")
@@ -132,7 +131,7 @@ class Config:
                               "generator on fresh secret latents each round and flags a client whose moving average "
                               "of local departures stands out; reads nothing the clients report) (default none; "
                               "--detect-rule is the old name)", "defense: detector",
-                        choices=["none", "paper", "calibrated", "probe"],
+                        choices=lambda: list(DETECTORS),  # read when parsing: a new entry is a new choice
                         aliases=["--detect-rule"])
     detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
                                  "seen by the server) | both (loss and update-norm) | probe (the server renders "
@@ -153,10 +152,6 @@ class Config:
     probe_level: float = opt(5.0, "--detector probe: a client is flagged when its score (the largest standardized "
                                   "moving-average departure) exceeds this and 1.5x the round's median score",
                              "defense: detector")
-    rollback: int = opt(0, "--detector probe: keep the last K global generators; when a client is first flagged, "
-                           "restart from the one of the round its score began to rise (at most K back), undoing "
-                           "what it taught; the K copies are held in host memory and in checkpoint.pt (K x the "
-                           "generator's size); 0 = off", "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
     decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
@@ -178,28 +173,13 @@ class Config:
     local_steps: int = opt(0, "local D+G steps per round; 0 = one local epoch over the client's shard")
     batch: int = opt(32, "batch size")
     recipe: str = opt("fedgan", "fedgan (Adam 2e-3, betas 0/0.99 as StyleGAN2, D on one joint batch of real and "
-                                "fake images; see docs/results.md) | paper (Adam 2e-4, betas 0.5/0.999, D on separate "
-                                "real and fake batches, as the paper's DCGAN code); --lr, --beta1, --beta2, --d-batch "
-                                "given on their own win", choices=["fedgan", "paper"])
+                                "fake images, so BatchNorm lets it see a fake batch's contrast; see docs/results.md) | "
+                                "paper (Adam 2e-4, betas 0.5/0.999, D on separate real and fake batches, as the "
+                                "paper's DCGAN code); --lr, --beta1, --beta2 given on their own win",
+                      choices=["fedgan", "paper"])
     lr: float = opt(None, "Adam learning rate for G and D (recipe: paper 2e-4, fedgan 2e-3)")
     beta1: float = opt(None, "Adam's beta1 for G and D (recipe: paper 0.5, fedgan 0)")
     beta2: float = opt(None, "Adam's beta2 for G and D (recipe: paper 0.999, fedgan 0.99)")
-    ema: float = opt(0.0, "half-life, in thousands of training images, of the server's moving average of the global "
-                          "generator (StyleGAN2's G_ema), never over 5%% of the images seen so far (its ramp-up: after "
-                          "20,480 images at most 1,024, whatever the flag says): samples, "
-                          "generator.pt and eval use the average, clients still start from the plain global; "
-                          "0 = off (the paper)")
-    r1: float = opt(0.0, "R1 weight gamma: the discriminator pays gamma/2 |grad_x D(x)|^2 at real images, applied "
-                         "lazily every 16 D steps (StyleGAN2); 0 = off (the paper)")
-    class_loss: float = opt(0.0, "weight w of AC-GAN's class loss: D also classes the real images from its pooled "
-                                 "features (a linear head beside the projection), paying w x their cross-entropy, and "
-                                 "G pays w x the cross-entropy of its fakes against the labels they were drawn for; "
-                                 "the loss FedDetect reads stays the adversarial one; 0 = off (the paper)")
-    d_batch: str = opt(None, "how D sees a step's real and fake images: separate (two batches, as DCGAN code "
-                             "does: BatchNorm then normalizes each batch on its own, and as D's first layers have no "
-                             "bias, D cannot see a fake batch's contrast) | joint (one batch of both, so BatchNorm's "
-                             "statistics are shared and contrast is visible) (recipe: paper separate, fedgan joint)",
-                       choices=["separate", "joint"])
     arch: str = opt("auto", "auto (paper on CUDA, small on a CPU, which says so in the log) | small (sized by "
                             "--width/--max-channels, suits a CPU) | paper (the study's sizes: G channels 32768/res up "
                             "to 512 with StyleGAN2's transposed-conv upsampling, D from 64 doubling to 2048 at 4x4)",
@@ -243,9 +223,13 @@ class Config:
 
 
 RECIPES = {  # flags given on the command line win over these; runs written before --recipe used "paper"
-    "paper": dict(lr=2e-4, beta1=0.5, beta2=0.999, d_batch="separate"),
-    "fedgan": dict(lr=2e-3, beta1=0.0, beta2=0.99, d_batch="joint"),
+    "paper": dict(lr=2e-4, beta1=0.5, beta2=0.999),
+    "fedgan": dict(lr=2e-3, beta1=0.0, beta2=0.99),
 }
+JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake images as one batch?
+# Measured and removed (docs/results.md has their tables; commit 97daaf9 has the code): a run written
+# with one of these on cannot be resumed or rebuilt here.
+REMOVED = dict(ema=0.0, r1=0.0, class_loss=0.0, rollback=0)
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
                      reconstruct=("posthoc", "reconstruct"))  # every other --defense value is an aggregator
@@ -281,8 +265,9 @@ def parse_flags(argv=None):
             group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help,
                                action=argparse.BooleanOptionalAction)
         else:
+            choices = f.metadata.get("choices")
             group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=f.type, help=help,
-                               choices=f.metadata.get("choices"), metavar=f.name.upper())
+                               choices=choices() if callable(choices) else choices, metavar=f.name.upper())
     return vars(p.parse_args(argv))
 
 
@@ -325,6 +310,12 @@ def finalize(cfg):
     if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
                           f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
+    if attacking(cfg) and cfg.attack_start >= cfg.rounds:
+        raise FedGANError(f"--attack-start {cfg.attack_start} is not before --rounds {cfg.rounds}: the attack would "
+                          f"never happen; start it earlier or train longer")
+    if cfg.aggregator in ("krum", "multi-krum") and cfg.clients < 4:
+        raise FedGANError(f"--aggregator {cfg.aggregator} scores each client by its n - f - 2 nearest others, none "
+                          f"with {cfg.clients} clients (f = {threat_bound(cfg.clients)}); use --clients 4 or more")
     ids = malicious_ids(cfg)
     if attacking(cfg) and not ids:
         raise FedGANError("an attack needs at least one malicious client (--malicious K or --malicious-ids)")
@@ -345,6 +336,12 @@ def finalize(cfg):
         raise FedGANError(f"--malicious-ids {cfg.malicious_ids} names a client outside 0..{cfg.clients - 1}")
     if cfg.out is None:
         cfg.out = f"runs/{cfg.dataset}_{cfg.defense}_p{cfg.poison}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.out.strip():
+        raise FedGANError("--out is empty; give the run folder a path, e.g. --out runs/first")
+    data = Path(cfg.data_root or default_data_root(cfg.dataset)) if cfg.dataset != "synthetic" else None
+    if data is not None and data.is_dir() and data.resolve() in [Path(cfg.out).resolve(), *Path(cfg.out).resolve().parents]:
+        raise FedGANError(f"--out {cfg.out} lies inside the data folder {data}, where the next run would read it as a "
+                          "class folder; choose a folder outside it")
     return cfg
 
 
@@ -368,7 +365,7 @@ def check_ranges(cfg):
     """Every numeric flag inside the range where it means something."""
     at_least = dict(rounds=1, batch=1, width=1, max_channels=1, z_dim=1, w_dim=1, ckpt_every=1, sample_every=1,
                     bench_steps=1, synthetic_per_class=2, reconstruct_per_class=1, reconstruct_epochs=1,
-                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2, rollback=0)
+                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2)
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
@@ -380,8 +377,6 @@ def check_ranges(cfg):
     for k, (lo, hi, text) in between.items():
         if not lo < getattr(cfg, k) < hi:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must {text}")
-    if cfg.class_loss < 0:
-        raise FedGANError(f"--class-loss {cfg.class_loss} must be at least 0 (0 = off)")
     if not 0 <= cfg.trim < 0.5:
         raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
     if not 0 <= cfg.seed < 2 ** 32:
@@ -392,20 +387,24 @@ def check_ranges(cfg):
 NEEDS = dict(
     detect_on=(lambda c: c.detector in ("paper", "calibrated"), "--detector paper|calibrated (or --defense feddetect)"),
     probe_level=(lambda c: c.detector == "probe", "--detector probe"),
-    rollback=(lambda c: c.detector == "probe", "--detector probe"),
     recover=(lambda c: c.detector != "none", "--detector paper|calibrated|probe (or --defense feddetect)"),
     detect_fpr=(lambda c: c.detector == "calibrated" or c.shadow, "--detector calibrated (or --shadow)"),
     probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow or c.detector == "probe",
                      "--detector probe, --detect-on probe|loss+probe or --shadow"),
     trim=(lambda c: c.aggregator == "trimmed-mean", "--aggregator trimmed-mean"),
     dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
-    blend_alpha=(lambda c: c.attack in ("blend", "frequency"), "--attack blend|frequency"),
+    blend_alpha=(lambda c: c.attack == "blend", "--attack blend"),
     poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
     attack_start=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
-    trigger=(lambda c: c.attack in ("patch", "patch-random", "latent") and c.poison > 0, "--poison SIZE"),
+    trigger=(lambda c: c.attack in ("patch", "latent") and c.poison > 0, "--poison SIZE"),
     reconstruct_per_class=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     reconstruct_epochs=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     synthetic_per_class=(lambda c: c.dataset == "synthetic", "--dataset synthetic"),
+    warmup=(lambda c: c.detector != "none" or c.shadow, "--detector paper|calibrated|probe (or --defense feddetect)"),
+    decay=(lambda c: c.detector != "none", "--detector paper|calibrated|probe (or --defense feddetect)"),
+    poison=(lambda c: c.attack in ("patch", "latent"), "--attack patch|latent (the attacks with a trigger patch)"),
+    tanh=(lambda c: c.dataset == "synthetic" or not c.tanh, "--dataset synthetic (chestx and isic keep StyleGAN2's "
+                                                           "linear output, as the study did)"),
     bench_steps=(lambda c: c.bench, "--bench"),
     bench_round=(lambda c: c.bench, "--bench"),
 )
@@ -417,13 +416,16 @@ def check_needs(cfg, given):
         if k in NEEDS and not NEEDS[k][0](cfg):
             raise FedGANError(f"--{k.replace('_', '-')} does nothing without {NEEDS[k][1]}; add that, or drop "
                               f"--{k.replace('_', '-')}")
+    if "detector" in given and given.get("defense") == "feddetect" and cfg.detector != "paper":
+        print(f"note: --detector {cfg.detector} replaces the isolation forest that --defense feddetect stands for "
+              "(Algorithm 1's weight update stays)", file=sys.stderr)
     if "malicious" in given and "malicious_ids" in given:
         raise FedGANError("--malicious K and --malicious-ids name the malicious clients twice; give one of them")
 
 
 def attacking(cfg):
     """Is there an attack? The patch attacks need a trigger size; the others are on when chosen."""
-    return cfg.poison > 0 if cfg.attack in ("patch", "patch-random", "latent") else True
+    return cfg.poison > 0 if cfg.attack in ("patch", "latent") else True
 
 
 def malicious_ids(cfg):
@@ -445,10 +447,17 @@ def config_from_json(d, where):
     if "detect_rule" in d:  # written before --detector: the rule applied only under --defense feddetect
         rule = d.pop("detect_rule")
         d.setdefault("detector", rule if d.get("defense") == "feddetect" else "none")
-    for k, v in RECIPES["paper"].items():  # written before the recipe's fields existed: the paper's recipe ran
+    d.setdefault("recipe", "paper")  # written before the recipe's fields existed: the paper's recipe ran
+    for k, v in RECIPES["paper"].items():
         d.setdefault(k, v)
     d.setdefault("tanh", False)  # written before --tanh: the linear output ran
-    d.setdefault("class_loss", 0.0)  # written before --class-loss: no class head
+    for k, off in REMOVED.items():
+        if d.pop(k, off) != off:
+            raise FedGANError(f"{where} was written with --{k.replace('_', '-')} on, which this fedgan.py no longer "
+                              "has (it measured no gain; commit 97daaf9 has it): continue the run with that version")
+    if d.pop("d_batch", None) not in (None, "joint" if JOINT_D[d["recipe"]] else "separate"):
+        raise FedGANError(f"{where} was written with a --d-batch that differs from its --recipe's, which this "
+                          "fedgan.py no longer offers (commit 97daaf9 has it): continue the run with that version")
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -891,19 +900,6 @@ def apply_trigger(images, trigger, margin):
     return out
 
 
-def apply_trigger_random(images, trigger, seed=0):
-    """Paste `trigger` at an independent random place in every image (the place is fixed per image)."""
-    g = torch.Generator().manual_seed(seed)
-    n, s = len(images), trigger.shape[-1]
-    H, W = images.shape[-2:]
-    rows = torch.randint(0, H - s + 1, (n,), generator=g)
-    cols = torch.randint(0, W - s + 1, (n,), generator=g)
-    out = images.clone()
-    for i in range(n):
-        out[i, :, rows[i]:rows[i] + s, cols[i]:cols[i] + s] = trigger
-    return out
-
-
 def trigger_rate(images, trigger, margin, tol=0.2):
     """The backdoor's success: the fraction of uint8 images (n, C, H, W) that show `trigger` at the
     bottom-right, i.e. whose patch differs from it by less than tol * 255 on average AND is closer to it
@@ -931,39 +927,19 @@ def blend_trigger(images, alpha, seed=0):
     return ((1 - alpha) * images.float() + alpha * pattern).round().clamp(0, 255).to(torch.uint8)
 
 
-def frequency_trigger(images, strength, seed=0, n_freq=8):
-    """A trigger in the Fourier amplitude: at n_freq fixed mid-band frequencies (per channel), add
-    `strength` x the image's mean amplitude, phase kept. Invisible as a patch, visible to a network."""
-    x = images.float()
-    spec = torch.fft.rfft2(x)                                             # (n, C, H, W//2+1)
-    H, Wf = spec.shape[-2:]
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(H // 8, H // 2, (n_freq,), generator=g)
-    cols = torch.randint(Wf // 4, Wf - 1, (n_freq,), generator=g)
-    amp, phase = spec.abs(), spec.angle()
-    boost = strength * amp.mean(dim=(-2, -1), keepdim=True)               # (n, C, 1, 1)
-    amp[..., rows, cols] += boost[..., 0]
-    out = torch.fft.irfft2(torch.polar(amp, phase), s=x.shape[-2:])
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 def flip_labels(labels, n_classes):
     """Label-flip attack: every label moved to the next class (a permutation of the classes)."""
     return (labels + 1) % n_classes
 
 
 def poison(x, y, attack, n_classes, trigger=None, margin=0, alpha=0.2, seed=0):
-    """A malicious client's training data under `attack`; trigger (C, s, s) for the patch attacks."""
+    """A malicious client's training data under `attack`; trigger (C, s, s) for the patch attack."""
     if attack == "label-flip":
         return x, flip_labels(y, n_classes)
     if attack == "latent":  # clean data: the backdoor is taught by backdoor_loss instead
         return x, y
     if attack == "blend":
         return blend_trigger(x, alpha, seed=seed), y
-    if attack == "frequency":
-        return frequency_trigger(x, alpha, seed=seed), y
-    if attack == "patch-random":
-        return apply_trigger_random(x, trigger, seed=seed), y
     return apply_trigger(x, trigger, margin), y
 
 
@@ -1183,10 +1159,9 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Conditional DCGAN discriminator: strided 4x4 convs + BN + LeakyReLU down to 4x4, then a linear
-    logit plus a projection of the class embedding on the pooled features (Miyato & Koyama 2018).
-    class_head: also a linear classifier on the pooled features (AC-GAN, Odena et al. 2017)."""
+    logit plus a projection of the class embedding on the pooled features (Miyato & Koyama 2018)."""
 
-    def __init__(self, img_size=32, channels=1, n_classes=2, width=32, max_channels=256, class_head=False):
+    def __init__(self, img_size=32, channels=1, n_classes=2, width=32, max_channels=256):
         super().__init__()
         layers, c_in, c, res = [], channels, width, img_size
         while res > 4:
@@ -1199,19 +1174,15 @@ class Discriminator(nn.Module):
         self.logit = nn.Conv2d(c_in, 1, 4)                   # 4x4 -> 1x1, as DCGAN's last layer
         self.embed = nn.Embedding(n_classes, c_in)
         nn.init.normal_(self.embed.weight, 0, 0.02)
-        self.classify = nn.Linear(c_in, n_classes) if class_head else None  # built only when used: the
-        # discriminators of runs without it draw the same initial weights as before it existed
 
-    def forward(self, x, y, classes=False):
-        """-> logits (B,); with `classes` the pair (logits (B,), class logits (B, n_classes))."""
+    def forward(self, x, y):
         h = self.features(x)                                 # (B, C, 4, 4)
         pooled = h.sum((2, 3))                               # (B, C)
-        logits = self.logit(h).flatten() + (self.embed(y) * pooled).sum(1)   # (B,)
-        return (logits, self.classify(pooled)) if classes else logits
+        return self.logit(h).flatten() + (self.embed(y) * pooled).sum(1)   # (B,)
 
 
 def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max_channels=256, z_dim=64,
-                 w_dim=128, tanh=False, class_head=False):
+                 w_dim=128, tanh=False):
     """(generator, discriminator). arch 'paper': StyleGAN2's channel rule (32768 / resolution, at most 512)
     with its transposed-conv upsampling, and DCGAN's ndf 64 doubling to 2048 at 4x4 (at 256 px);
     'small': both sized by width and max_channels, the generator upsampling bilinearly."""
@@ -1220,14 +1191,13 @@ def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max
     dw, dmax = (64, 2048) if paper else (width, max_channels)
     g = Generator(img_size, channels, n_classes, z_dim, w_dim, gw, gmax, up_mode="transpose" if paper else "bilinear",
                   tanh=tanh)
-    return g, Discriminator(img_size, channels, n_classes, dw, dmax, class_head)
+    return g, Discriminator(img_size, channels, n_classes, dw, dmax)
 
 
 def arch_of(cfg):
     """build_models' keyword arguments from a Config (the edge)."""
     return dict(img_size=cfg.img_size, channels=cfg.channels, arch=cfg.arch, width=cfg.width,
-                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim, tanh=cfg.tanh,
-                class_head=cfg.class_loss > 0)
+                max_channels=cfg.max_channels, z_dim=cfg.z_dim, w_dim=cfg.w_dim, tanh=cfg.tanh)
 
 
 def load_generator(path, map_location="cpu"):
@@ -1277,10 +1247,8 @@ class Local:
     amp_dtype: Optional[torch.dtype] = None   # autocast dtype, None = fp32
     channels_last: bool = False               # NHWC batches and models (CUDA)
     compile: bool = False
-    r1: float = 0.0                           # R1 gamma (0 = off), lazily every R1_EVERY D steps
     betas: tuple = (0.5, 0.999)               # Adam's
-    joint_d: bool = False                     # D sees real and fake images as one batch (--d-batch joint)
-    class_loss: float = 0.0                   # AC-GAN's class-loss weight (0 = off; D then has no class head)
+    joint_d: bool = False                     # D sees real and fake images as one batch (--recipe fedgan)
 
 
 @dataclass
@@ -1380,64 +1348,25 @@ def g_loss_of(fake_logits):
     return F.softplus(-fake_logits).mean(-1)
 
 
-def class_loss_of(class_logits, labels):
-    """AC-GAN's auxiliary loss: the cross-entropy of D's class logits (..., B, K) against the labels
-    (..., B), mean over the batch -> (...)."""
-    ce = F.cross_entropy(class_logits.flatten(0, -2), labels.flatten(), reduction="none")  # fp32 under autocast
-    return ce.view(labels.shape).mean(-1)
-
-
-R1_EVERY = 16  # lazy regularization: the penalty every 16 D steps, weighted x16 (StyleGAN2)
-
-
-def r1_penalty(real_logits, real):
-    """|grad_x D(x)|^2 at the real images, per image, mean over the batch: real_logits (..., B) from
-    real (..., B, C, H, W), which requires grad. -> (...). Kept in the graph, so D can descend it."""
-    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    return grad.square().sum((-3, -2, -1)).mean(-1)
-
-
-def r1_due(local, t, steps, s):
-    """Is D step s of round t one that pays the lazy R1 penalty? (counted over the run, not the round)"""
-    return local.r1 > 0 and (t * steps + s) % R1_EVERY == 0
-
-
-def d_outputs(d, x, y, classes):
-    """d(x, y) as the pair (logits (..., B), class logits (..., B, K), or None without `classes`)."""
-    return d(x, y, classes=True) if classes else (d(x, y), None)
-
-
-def d_logits(d, real, fake, labels, joint, dim=0, classes=False):
-    """D's outputs on the real and on the fake images, each a pair (logits (..., B), class logits
-    (..., B, K) or None): two calls, or with `joint` one call on both (concatenated along the batch axis
-    `dim`), so that BatchNorm normalizes them with shared statistics. real None: (None, fake's pair)."""
+def d_logits(d, real, fake, labels, joint, dim=0):
+    """D's logits (..., B) on the real and on the fake images: two calls, or with `joint` one call on both
+    (concatenated along the batch axis `dim`), so that BatchNorm normalizes them with shared statistics
+    and D can see a fake batch's contrast (docs/results.md, section 3). real None: (None, fake logits)."""
     if not joint:
-        return (None if real is None else d_outputs(d, real, labels, classes)), d_outputs(d, fake, labels, classes)
-    logits, cls = d_outputs(d, torch.cat([real, fake], dim), torch.cat([labels, labels], dim), classes)
-    n = real.shape[dim]
-    real_logits, fake_logits = logits.split(n, -1)
-    real_cls, fake_cls = cls.split(n, -2) if classes else (None, None)
-    return (real_logits, real_cls), (fake_logits, fake_cls)
+        return (None if real is None else d(real, labels)), d(fake, labels)
+    logits = d(torch.cat([real, fake], dim), torch.cat([labels, labels], dim))
+    return logits.split(real.shape[dim], -1)
 
 
-def d_step_loss(d, real, fake, labels, local, dim=0):
-    """One D step's loss -> (Eq. 4 (...), what D descends (...), its logits on the real images (..., B),
-    for R1). With --class-loss w, D also pays w x the cross-entropy of its class head on the real images."""
-    (real_logits, real_cls), (fake_logits, _) = d_logits(d, real, fake, labels, local.joint_d, dim,
-                                                         local.class_loss > 0)
-    adv = d_loss_of(real_logits, fake_logits)
-    total = adv + local.class_loss * class_loss_of(real_cls, labels) if real_cls is not None else adv
-    return adv, total, real_logits
+def d_step_loss(d, real, fake, labels, joint, dim=0):
+    """One D step's loss, Eq. 4 (...)."""
+    return d_loss_of(*d_logits(d, real, fake, labels, joint, dim))
 
 
-def g_step_loss(d, real, fake, labels, local, dim=0):
-    """One G step's loss -> (Eq. 5 (...): the loss a client reports, what G descends (...)). With
-    --class-loss w, G also pays w x the cross-entropy of D's class head on its fakes against their labels.
-    real: the step's real images, which D sees beside the fakes under --d-batch joint (no gradient)."""
-    _, (fake_logits, fake_cls) = d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d,
-                                          dim, local.class_loss > 0)
-    adv = g_loss_of(fake_logits)
-    return adv, (adv + local.class_loss * class_loss_of(fake_cls, labels) if fake_cls is not None else adv)
+def g_step_loss(d, real, fake, labels, joint, dim=0):
+    """One G step's loss, Eq. 5 (...): what G descends and the client reports. real: the step's real
+    images, which D sees beside the fakes when `joint` (no gradient flows into them)."""
+    return g_loss_of(d_logits(d, real.detach() if joint else None, fake, labels, joint, dim)[1])
 
 
 def client_update(client, g_state, steps, t=0):
@@ -1455,23 +1384,21 @@ def client_update(client, g_state, steps, t=0):
     for s in range(steps):
         b = next_batch(client, x, y, cursor, g, bs)
         real, labels, z = b["real"], b["labels"], b["z"]
-        r1 = r1_due(local, t, steps, s)
 
         with autocast(device, local.amp_dtype):  # D step
             with torch.no_grad():
                 fake = g(z, labels, noise=b["noise_d"])
-            d_loss, d_total, real_logits = d_step_loss(d, real.requires_grad_(r1), fake, labels, local)
-        penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0
+            d_loss = d_step_loss(d, real, fake, labels, local.joint_d)
         client.opt_d.zero_grad(set_to_none=True)
-        client.scaler.scale(d_total + penalty).backward()
+        client.scaler.scale(d_loss).backward()
         client.scaler.step(client.opt_d)
 
         with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
             fake = g(z, labels, noise=b["noise_g"])
-            g_loss, g_total = g_step_loss(d, real, fake, labels, local)
+            g_loss = g_step_loss(d, real, fake, labels, local.joint_d)
         bd = backdoor_of(client, t)
         client.opt_g.zero_grad(set_to_none=True)
-        client.scaler.scale(g_total + (backdoor_loss(fake, z, bd) if bd is not None else 0.0)).backward()
+        client.scaler.scale(g_loss + backdoor_loss(fake, z, bd) if bd is not None else g_loss).backward()
         client.scaler.step(client.opt_g)
         client.scaler.update()
         d_sum += d_loss.detach().float()
@@ -1535,10 +1462,10 @@ def client_update_parallel(clients, g_state, steps, t=0):
     opt_d = stack_adam([c.opt_d for c in clients], ds, pd)
     g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
     gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
-    disc = torch.func.vmap(lambda p, b, x, y, **kw: torch.func.functional_call(d0, {**p, **b}, (x, y), kw))
+    disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
     if local.compile:  # the templates are plain modules here (make_client, parallel): compile the batched calls
         gen, disc = torch.compile(gen), torch.compile(disc)
-    D = lambda x, y, **kw: disc(pd, bd, x, y, **kw)  # the N discriminators as one, called like d(x, y)
+    D = lambda x, y: disc(pd, bd, x, y)  # the N discriminators as one, called like d(x, y)
     shards = [shard(c, t) for c in clients]
     device = shards[0][0].device
     bs = min(local.batch, len(shards[0][0]))
@@ -1549,22 +1476,20 @@ def client_update_parallel(clients, g_state, steps, t=0):
         bs_ = [next_batch(c, x, y, cur, g0, bs) for c, (x, y), cur in zip(clients, shards, cursors)]
         real, labels, z = (torch.stack([b[k] for b in bs_]) for k in ("real", "labels", "z"))  # (N, B, ...)
         noise_d, noise_g = ([torch.stack(layer) for layer in zip(*[b[k] for b in bs_])] for k in ("noise_d", "noise_g"))
-        r1 = r1_due(local, t, steps, s)
         with autocast(device, local.amp_dtype):
             with torch.no_grad():
                 fake = gen(pg, z, labels, noise_d)
-            d_loss, d_total, real_logits = d_step_loss(D, real.requires_grad_(r1), fake, labels, local, dim=1)  # (N,)
-        penalty = local.r1 / 2 * r1_penalty(real_logits.float(), real) * R1_EVERY if r1 else 0.0  # (N,)
+            d_loss = d_step_loss(D, real, fake, labels, local.joint_d, dim=1)              # (N,)
         opt_d.zero_grad(set_to_none=True)
-        (d_total + penalty).sum().backward()  # clients share no parameter: each slice gets its own gradient
+        d_loss.sum().backward()  # clients share no parameter: each slice gets its own gradient
         opt_d.step()
         with autocast(device, local.amp_dtype):
             fake = gen(pg, z, labels, noise_g)
-            g_loss, g_total = g_step_loss(D, real, fake, labels, local, dim=1)             # (N,)
+            g_loss = g_step_loss(D, real, fake, labels, local.joint_d, dim=1)             # (N,)
         extra = sum(backdoor_loss(fake[j], z[j], bd) for j, bd in enumerate(backdoor_of(c, t) for c in clients)
                     if bd is not None)
         opt_g.zero_grad(set_to_none=True)
-        (g_total.sum() + extra).backward()
+        (g_loss.sum() + extra).backward()
         opt_g.step()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
@@ -1870,15 +1795,6 @@ def feddetect_calibrated(loss_history, fpr=0.001, drift=2.0, window=10):
     return cusum(robust_excess(L, window), drift)[-1] > h
 
 
-def detector(name, fpr=0.001, level=5.0):
-    """The detection rule called `name`: (history (t, N), seed) -> flags (N,), or None for no detector.
-    A new detector is one function above and one entry here (and its name in --detector's choices)."""
-    return dict(none=None,
-                paper=lambda history, seed: feddetect_paper(history, seed),
-                calibrated=lambda history, seed: feddetect_calibrated(history, fpr),
-                probe=lambda history, seed: probe_flags(history[-1], level))[name]
-
-
 def box_mean(x, k):
     """Mean over every k x k patch (stride 1), through an integral image: O(H W) whatever k, where
     avg_pool2d costs O(H W k^2) (at 256 px with k = 64 that is most of the probe's time).
@@ -2045,12 +1961,165 @@ def probe_flags(scores, level, ratio=1.5):
     return (scores > level) & (scores > ratio * np.median(scores))
 
 
-def rise_start(scores, quiet):
-    """The round a client's influence began, read from its score history (t,): the last round its score
-    sat at or below `quiet` (for this moving average, CUSUM's change-point estimate: the last time the
-    statistic was at rest). 0 if it never was."""
-    calm = np.flatnonzero(np.asarray(scores, dtype=np.float64) <= quiet)
-    return int(calm[-1]) if calm.size else 0
+# ------------------------------------------------------------------------------------------------
+# Detectors: one definition each, called once a round with what the server has (a Round), returning
+# flags (N,); each keeps its own history (checkpointed through state_dict). A new detector is one
+# class below and one entry in DETECTORS (the edge, where Config builds it); server_round names none.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """What the server has in round t, for a detector to read (lists by client id)."""
+    t: int
+    losses: np.ndarray         # (N,) reported generator losses (NaN or inf: the client sits this round out)
+    norms: np.ndarray          # (N,) ||G_i - G||, measured by the server
+    states: list               # (N,) every client's generator state (None for other ranks' under torchrun)
+    center: dict               # the round's global generator
+    act: bool                  # past warm-up with 3+ reporters: flags are acted on (Algorithm 1)
+    cache: dict = field(default_factory=dict)  # signals already computed this round, by name
+
+    @property
+    def ok(self):
+        return np.isfinite(self.losses)
+
+
+class Detector:
+    """Called once a round: Round -> flags (N,) bool. `whole`: it reads every generator, so it needs them
+    all in one process (refused under torchrun)."""
+    whole = False
+
+    def __call__(self, r):
+        raise NotImplementedError
+
+    def logged(self):  # this round's figures for metrics.jsonl
+        return {}
+
+    def state_dict(self):  # what it carries from round to round (plain lists and tensors)
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
+def rule_on_ok(rule, history, ok, seed):
+    """A rule (history (t, n), seed) -> flags (n,) on the columns of this round's reporters, over the rows
+    where every one of them is finite -> flags (N,), False for the others."""
+    h = np.asarray(history, dtype=np.float64)[:, ok]
+    flags = np.zeros(len(ok), bool)
+    flags[ok] = rule(h[np.isfinite(h).all(axis=1)], seed)
+    return flags
+
+
+SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
+           "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> the signals read
+HISTORY_KEY = {"loss": "history", "update-norm": "norm_history", "probe": "probe_history"}  # checkpoint keys
+
+
+def signal_of(r, name, probe):
+    """One signal of every client this round (N,), computed once per round whoever asks: the reported
+    loss, the update's norm, or the log of the fixed probe's score (rendered by the server)."""
+    if name not in r.cache:
+        r.cache[name] = (r.losses if name == "loss" else r.norms if name == "update-norm" else
+                         np.log(probe_signal(probe, r.states) + 1e-12))
+    return r.cache[name]
+
+
+def loss_rule(name, fpr=0.001):
+    """The rule called `name` (paper: the isolation forest; calibrated: CUSUM at false-alarm rate fpr) as
+    (history (t, n), seed) -> flags (n,)."""
+    return dict(paper=lambda history, seed: feddetect_paper(history, seed),
+                calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
+
+
+class RuleDetector(Detector):
+    """A rule on the history of each signal it reads (FedDetect: the isolation forest on the reported
+    losses); a client is flagged when any signal flags it."""
+
+    def __init__(self, rule, signals=("loss",), probe=None, seed=0):
+        self.rule, self.probe, self.seed = rule, probe, seed
+        self.history = {s: [] for s in signals}  # signal -> (t, N)
+        self.whole = probe is not None
+
+    def __call__(self, r):
+        for s, h in self.history.items():
+            h.append(np.asarray(signal_of(r, s, self.probe), dtype=np.float64).tolist())
+        flags = np.zeros(len(r.losses), bool)
+        for h in self.history.values() if r.act else ():
+            flags |= rule_on_ok(self.rule, h, r.ok, self.seed * 100003 + r.t)
+        return flags
+
+    def logged(self):
+        return {"probe_score": self.history["probe"][-1]} if "probe" in self.history else {}
+
+    def state_dict(self):
+        return {HISTORY_KEY[s]: h for s, h in self.history.items()}
+
+    def load_state_dict(self, d):
+        self.history = {s: list(d.get(HISTORY_KEY[s], [])) for s in self.history}
+
+
+class ProbeDetector(Detector):
+    """The probe detector: every generator rendered on fresh secret latents each round; each client's
+    local departures from the others folded into a moving average (probe_watch); flagged when its score
+    stands out (probe_flags). Reads nothing a client reports."""
+    whole = True
+
+    def __init__(self, probe, level=5.0):
+        self.probe, self.level = probe, level
+        self.avg, self.n, self.history = None, 0, []  # (N, K, C, H', W') moving averages, rounds, (t, N) scores
+
+    def __call__(self, r):
+        self.avg, self.n, scores = watch_round(self.probe, r.states, self.avg, self.n, r.t)
+        self.history.append(scores.tolist())
+        return rule_on_ok(lambda h, seed: probe_flags(h[-1], self.level), self.history, r.ok, 0) if r.act else \
+            np.zeros(len(r.losses), bool)
+
+    def logged(self):
+        return {"watch_score": self.history[-1]}
+
+    def state_dict(self):
+        return dict(watch=None if self.avg is None else self.avg.cpu(), watch_n=self.n, watch_history=self.history)
+
+    def load_state_dict(self, d):
+        self.avg, self.n, self.history = d.get("watch"), d.get("watch_n", 0), list(d.get("watch_history", []))
+
+
+class Shadow(Detector):
+    """--shadow: several detectors run every round and each one's flags, after Algorithm 1's gate, are
+    logged; only `acting`'s (None: nobody's) are returned."""
+
+    def __init__(self, detectors, acting=None):
+        self.detectors, self.acting, self.last = detectors, acting, {}
+        self.whole = True
+
+    def __call__(self, r):
+        self.last = {}
+        for name, d in self.detectors.items():
+            f = d(r)
+            self.last[name] = f if 0 < f.sum() < len(f) / 2 else np.zeros_like(f)
+            if name == self.acting:
+                flags = f
+        if not r.act:
+            self.last = {}
+        return flags if self.acting else np.zeros(len(r.losses), bool)
+
+    def logged(self):
+        out = {k: v for d in self.detectors.values() for k, v in d.logged().items()}
+        shadow = {k: v.astype(int).tolist() for k, v in self.last.items() if k != self.acting}
+        return dict(out, shadow=shadow) if shadow else out
+
+    def state_dict(self):
+        return {"shadow": {name: d.state_dict() for name, d in self.detectors.items()}}
+
+    def load_state_dict(self, d):  # a checkpoint written before the shadow had its own: the server's histories
+        for name, det in self.detectors.items():
+            det.load_state_dict(d.get("shadow", {}).get(name, d))
+
+
+# ------------------------------------------------------------------------------------------------
+# The server round (Algorithm 1, procedure B): record -> detect -> reweight -> aggregate
+# ------------------------------------------------------------------------------------------------
 
 
 def feddetect_update(flags, counts, weights, decay, recover=False):
@@ -2075,56 +2144,19 @@ def feddetect_update(flags, counts, weights, decay, recover=False):
 class Defense:
     """A defense, composed once before the first round from four orthogonal parts."""
     augment: str = "none"                   # client side: flip | rotate the real batches
-    detect: Optional[Callable] = None       # (history (t, N), seed) -> flags (N,); see detector()
-    signals: tuple = ("loss",)              # what detect reads: "loss" (reported) and/or "update-norm"
-    warmup: int = 10                        # detection runs in rounds t > warmup
+    detect: Optional[Detector] = None       # Round -> flags (N,); see DETECTORS
+    warmup: int = 10                        # detection acts in rounds t > warmup
     decay: float = 0.8                      # Algorithm 1's d
     aggregate: Callable = aggregator("fedavg")  # (states, weights, center) -> (model, kept or None)
     posthoc: Optional[Callable] = None      # g -> None, after the last round (reconstruct)
-    seed: int = 0                           # seeds the paper rule's forest, per round
-    probe: Optional[Probe] = None           # the server's probe, when a detector (or the shadow) reads it
-    shadow: dict = field(default_factory=dict)  # name -> (rule, signals): logged each round, never acted on
     recover: bool = False                   # feddetect_update's way back for clients no longer flagged
-    watch: Optional[Probe] = None           # the probe detector's fresh-latent probe (--detector probe)
-    rollback: int = 0                       # global generators kept to roll back to (0 = off)
-    level: float = 5.0                      # the probe detector's alarm level
-
-
-SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
-           "probe": ("probe",), "loss+probe": ("loss", "probe"), "watch": ("watch",)}
-
-
-def make_defense(augment="none", detector_name="none", detect_on="loss", fpr=0.001, warmup=10, decay=0.8,
-                 aggregator_name="fedavg", trim=0.1, posthoc=None, seed=0, probe=None, shadow=False, recover=False,
-                 watch=None, rollback=0, level=5.0):
-    """Compose the parts; any detector works with any aggregator (FedDetect with multi-Krum included).
-    The probe detector reads its own signal (the fresh-latent `watch`), whatever detect_on says.
-    shadow: also run, every round, the paper and calibrated rules on the loss, the calibrated rule on
-    update-norm, probe and loss+probe, and the probe detector, and log what each would flag."""
-    shadows = {} if not shadow else {
-        "paper": (detector("paper"), SIGNALS["loss"]), "calibrated": (detector("calibrated", fpr), SIGNALS["loss"]),
-        "update-norm": (detector("calibrated", fpr), SIGNALS["update-norm"]),
-        "probe": (detector("calibrated", fpr), SIGNALS["probe"]),
-        "loss+probe": (detector("calibrated", fpr), SIGNALS["loss+probe"]),
-        "probe-watch": (detector("probe", level=level), SIGNALS["watch"])}
-    signals = SIGNALS["watch"] if detector_name == "probe" else SIGNALS[detect_on]
-    return Defense(augment, detector(detector_name, fpr, level), signals, warmup, decay,
-                   aggregator(aggregator_name, trim), posthoc, seed, probe, shadows, recover, watch, rollback, level)
 
 
 @dataclass
 class ServerState:
-    """What the server carries from round to round."""
+    """What the server carries from round to round (a detector carries its own history)."""
     counts: np.ndarray                                  # (N,) c_i: times each client was flagged
     weights: np.ndarray                                 # (N,) w_i, summing to 1
-    loss_history: list = field(default_factory=list)    # (t, N) reported generator losses
-    norm_history: list = field(default_factory=list)    # (t, N) ||G_i - G||
-    probe_history: list = field(default_factory=list)   # (t, N) log probe score (when the defense has a probe)
-    watch: Optional[torch.Tensor] = None                # (N, K, C, H', W') the probe detector's moving averages
-    watch_n: int = 0                                    # rounds folded into them
-    watch_history: list = field(default_factory=list)   # (t, N) the probe detector's scores
-    kept: dict = field(default_factory=dict)            # {round t: global generator at its start} for rollback
-    rolled: list = field(default_factory=list)          # clients a rollback was made for (once each)
 
     @staticmethod
     def fresh(n):
@@ -2137,102 +2169,42 @@ class Decision:
     flags: np.ndarray       # flagged and acted on (Algorithm 1)
     ok: np.ndarray          # reported a finite loss (the others sit this round out)
     used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
-    selected: Optional[np.ndarray] = None  # Krum's choice (1 kept, 0 left out), when the aggregator chooses
-    shadow: Optional[dict] = None          # name -> flags (N,) a shadow detector would have acted on
-    rollback: Optional[int] = None         # the round whose starting generator the server went back to
+    norms: list = None      # ||G_i - G||
+    selected: Optional[np.ndarray] = None  # the aggregator's choice (1 kept, 0 left out), when it chooses
+    logged: dict = field(default_factory=dict)  # the detector's figures of the round
 
 
-def decide(server, defense, losses, t):
-    """Detection and Algorithm 1's weight update for round t, on the histories already recorded.
-    A client whose loss is NaN or inf is left out of this round's average and of detection."""
-    losses = np.asarray(losses, dtype=np.float64)
-    ok = np.isfinite(losses)
-    flags = np.zeros(len(losses), bool)
-    if defense.detect is not None and t > defense.warmup and ok.sum() >= 3:
-        flags[ok] = raw_flags(server, defense.detect, defense.signals, ok, defense.seed * 100003 + t)
-        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, defense.decay,
-                                                                defense.recover)
+def reweight(server, flags, decay, recover, ok):
+    """Algorithm 1's weight update on this round's flags (None: no detection this round), then the
+    averaging weights renormalised over the clients with a finite loss -> Decision."""
+    if flags is not None:
+        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, decay, recover)
     server.weights = server.weights / server.weights.sum()
     used = np.where(ok, server.weights, 0.0)
-    return Decision(flags, ok, used / used.sum() if ok.any() else used)
-
-
-def raw_flags(server, rule, signals, ok, seed):
-    """A rule on each signal's history (finite reporters only), flagged when any signal flags."""
-    histories = {"loss": server.loss_history, "update-norm": server.norm_history, "probe": server.probe_history,
-                 "watch": server.watch_history}
-    raw = np.zeros(int(ok.sum()), bool)
-    for signal in signals:
-        hist = np.asarray(histories[signal], dtype=np.float64)[:, ok]
-        raw |= rule(hist[np.isfinite(hist).all(axis=1)], seed)
-    return raw
-
-
-def shadow_flags(server, defense, ok, t):
-    """What each shadow detector would act on this round (Algorithm 1's 0 < |O| < N/2 gate included)."""
-    if not defense.shadow or t <= defense.warmup or ok.sum() < 3:
-        return None
-    out = {}
-    for name, (rule, signals) in defense.shadow.items():
-        flags = np.zeros(len(ok), bool)
-        flags[ok] = raw_flags(server, rule, signals, ok, defense.seed * 100003 + t)
-        out[name] = flags if 0 < flags.sum() < len(ok) / 2 else np.zeros_like(flags)
-    return out
-
-
-def ema_beta(half_life_kimg, images, seen, rampup=0.05):
-    """How much of the moving average one round of `images` training images keeps: half of it is gone
-    after half_life_kimg thousand images. Early on the half-life is at most rampup x the `seen` images so
-    far (StyleGAN2's ramp-up), so the untrained start does not linger in it."""
-    half = min(half_life_kimg * 1000, rampup * seen) if rampup else half_life_kimg * 1000
-    return 0.5 ** (images / max(half, 1e-8))
-
-
-def ema_update(avg, new, beta):
-    """avg <- beta * avg + (1 - beta) * new, in place, for every floating-point tensor of a state dict;
-    integer buffers (counters) are copied from new."""
-    for k, v in avg.items():
-        if v.is_floating_point():
-            v.mul_(beta).add_(new[k].to(v.dtype), alpha=1 - beta)
-        else:
-            v.copy_(new[k])
+    return Decision(np.zeros(len(ok), bool) if flags is None else flags, ok, used / used.sum() if ok.any() else used)
 
 
 def server_round(server, defense, g_states, losses, center, t, distributed=False):
     """Procedure B: record the reports, detect, reweight, aggregate. g_states {id: generator state}
     holds every client in one process, and this rank's clients under torchrun (where rank 0's decision
     is broadcast and FedAvg is one all-reduce). -> (new global state or None if nobody is ok, Decision)."""
-    server.loss_history.append(list(losses))
-    server.norm_history.append(norms_of_all(g_states, center, len(losses), distributed))
-    if defense.probe is not None:  # single process (setup refuses the probe under torchrun)
-        scores = probe_signal(defense.probe, [g_states[i] for i in range(len(losses))])
-        server.probe_history.append(np.log(scores + 1e-12).tolist())
-    if defense.watch is not None:
-        server.watch, server.watch_n, scores = watch_round(defense.watch, [g_states[i] for i in range(len(losses))],
-                                                           server.watch, server.watch_n, t)
-        server.watch_history.append(scores.tolist())
-    if defense.rollback:
-        server.kept[t] = {k: v.detach().to("cpu", copy=True) for k, v in center.items()}
-        server.kept = {r: s for r, s in server.kept.items() if r > t - defense.rollback}
-    decision = decide(server, defense, losses, t)
-    decision.shadow = shadow_flags(server, defense, decision.ok, t)  # reads the histories only
+    n, losses = len(losses), np.asarray(losses, dtype=np.float64)
+    norms = norms_of_all(g_states, center, n, distributed)
+    r = Round(t, losses, np.asarray(norms), [g_states.get(i) for i in range(n)], center,
+              act=t > defense.warmup and np.isfinite(losses).sum() >= 3)
+    flags = defense.detect(r) if defense.detect is not None else None   # every round: it keeps its history
+    decision = reweight(server, flags if r.act else None, defense.decay, defense.recover, r.ok)
+    decision.norms, decision.logged = norms, defense.detect.logged() if defense.detect is not None else {}
     if distributed:
-        decision = broadcast_decision(server, decision)
+        decision = dataclasses.replace(broadcast_decision(server, decision), norms=norms, logged=decision.logged)
         return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
     if not decision.ok.any():
         return None, decision
     ok = np.flatnonzero(decision.ok)
     g_new, kept = defense.aggregate([g_states[i] for i in ok], decision.used[ok], center)
     if kept is not None:
-        decision.selected = np.zeros(len(losses), int)
+        decision.selected = np.zeros(n, int)
         decision.selected[ok[kept]] = 1
-    new = [i for i in np.flatnonzero(decision.flags) if i not in server.rolled]
-    if defense.rollback and new:  # undo what a newly flagged client taught: back to before its rise
-        history = np.asarray(server.watch_history)
-        back = max(min(rise_start(history[:, i], defense.level / 2) for i in new), min(server.kept))
-        server.rolled += [int(i) for i in new]
-        server.kept = {r: s for r, s in server.kept.items() if r <= back}
-        g_new, decision.rollback = {k: v.clone() for k, v in server.kept[back].items()}, back
     return g_new, decision
 
 
@@ -2363,8 +2335,8 @@ def set_precision(cfg, device):
 def local_of(cfg, device):
     """The clients' training settings from a Config (the edge)."""
     return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
-                 cfg.channels_last and device.type == "cuda", cfg.compile, cfg.r1, (cfg.beta1, cfg.beta2),
-                 cfg.d_batch == "joint", cfg.class_loss)
+                 cfg.channels_last and device.type == "cuda", cfg.compile, (cfg.beta1, cfg.beta2),
+                 JOINT_D[cfg.recipe])
 
 
 def activation_mb(arch, n_classes, device, amp_dtype):
@@ -2435,16 +2407,10 @@ class Run:
     start: int = 0              # first round to run (after a resume)
     seconds: float = 0.0        # training time before this session (after a resume)
     summary: Optional[dict] = None
-    g_ema: Optional[nn.Module] = None  # --ema: the server's moving average of the global generator
     lock: object = None         # the open run-folder lock (rank 0)
     checkpointed: int = 0       # the round the newest checkpoint holds
 
     now: int = 0                # the round being trained (from 1)
-
-    @property
-    def output(self):
-        """The generator a user gets (samples, generator.pt, eval): the average with --ema, else the global."""
-        return self.g if self.g_ema is None else self.g_ema
 
     def checkpointed_text(self):
         return (f"last checkpoint: round {self.checkpointed}" if self.checkpointed else
@@ -2469,9 +2435,8 @@ def build_run(cfg, out, rank, world, lock):
     """setup_run's work once the folder is checked (and, for a resume, held)."""
     device = pick_device(cfg.device)
     set_precision(cfg, device)
-    if world > 1 and ("probe" in SIGNALS[cfg.detect_on] or cfg.shadow or cfg.scale_update or cfg.detector == "probe"):
-        raise FedGANError("the probe detector, --shadow and --scale-update need every generator on one process; "
-                          "run them without torchrun")
+    if world > 1 and cfg.scale_update:
+        raise FedGANError("--scale-update needs every generator on one process; run it without torchrun")
     if world > 1 and cfg.aggregator != "fedavg":
         raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
                           "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
@@ -2495,6 +2460,9 @@ def build_run(cfg, out, rank, world, lock):
     parallel, offload, timed = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
                                             [min(cfg.batch, len(shards[i])) for i in owned])
     defense = defense_of(cfg, data, device, g_global)
+    if world > 1 and defense.detect is not None and defense.detect.whole:
+        raise FedGANError("the probe, the probe detector and --shadow read every generator, so they need them all "
+                          "on one process; run them without torchrun")
     local = local_of(cfg, device)
     trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
     clients = {}
@@ -2514,9 +2482,8 @@ def build_run(cfg, out, rank, world, lock):
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
                      cfg.seed, [len(s) for s in shards], cfg.scale_update, Timing() if timed else None)
     if rank == 0:
-        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients, cfg.ema > 0))
-    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock,
-              g_ema=copy.deepcopy(g_global).eval().requires_grad_(False) if cfg.ema > 0 else None)
+        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients))
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
     if cfg.resume and (out / "checkpoint.pt").exists():
         load_checkpoint(run, cfg.rounds)
     elif cfg.resume and rank == 0:
@@ -2524,24 +2491,53 @@ def build_run(cfg, out, rank, world, lock):
     return run
 
 
+def fixed_probe(cfg, g):
+    """--detect-on probe|loss+probe: the same latents every round (a window a quarter of the image side)."""
+    return make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
+
+
+def secret_probe(cfg, g):
+    """The probe detector's: fresh latents each round from the server's secret, never sent to a client."""
+    return make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, max(2, cfg.img_size // 4), fresh=True)
+
+
+def rule_detector(rule, signals, cfg, g):
+    return RuleDetector(loss_rule(rule, cfg.detect_fpr), signals, fixed_probe(cfg, g) if "probe" in signals else None,
+                        cfg.seed)
+
+
+DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
+    "none": lambda cfg, g: None,
+    "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
+    "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
+    "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
+}
+
+
+def shadow_of(cfg, g, acting):
+    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on update-norm, probe and
+    loss+probe, and the probe detector, each logged every round beside the acting detector."""
+    shadows = {"paper": rule_detector("paper", ("loss",), cfg, g),
+               **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
+                  (("calibrated", "loss"), ("update-norm", "update-norm"), ("probe", "probe"),
+                   ("loss+probe", "loss+probe"))},
+               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level)}
+    return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
+
+
 def defense_of(cfg, data, device, g):
-    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here,
-    the probe its fixed latents, the probe detector its secret (a window a quarter of the image side)."""
-    probe = watch = None
-    window = max(2, cfg.img_size // 4)
-    if "probe" in SIGNALS[cfg.detect_on] or cfg.shadow:
-        probe = make_probe(g, cfg.probe_per_class, cfg.seed + 99991, window)
-    if cfg.detector == "probe" or cfg.shadow:  # the secret: the server's, never sent to a client
-        watch = make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, window, fresh=True)
+    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here."""
+    detect = DETECTORS[cfg.detector](cfg, g)
+    if cfg.shadow:
+        detect = shadow_of(cfg, g, detect)
     posthoc = None
     if cfg.posthoc == "reconstruct":
         local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
         posthoc = functools.partial(reconstruct, x=data.train[0], y=data.train[1], n_classes=len(data.classes),
                                     per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
                                     seed=cfg.seed, arch=arch_of(cfg), device=device)
-    return make_defense(cfg.augment, cfg.detector, cfg.detect_on, cfg.detect_fpr, cfg.warmup, cfg.decay,
-                        cfg.aggregator, cfg.trim, posthoc, cfg.seed, probe, cfg.shadow, cfg.recover, watch,
-                        cfg.rollback, cfg.probe_level)
+    return Defense(cfg.augment, detect, cfg.warmup, cfg.decay, aggregator(cfg.aggregator, cfg.trim), posthoc,
+                   cfg.recover)
 
 
 def check_out_folder(out, resume, held=False):
@@ -2694,7 +2690,7 @@ def train(cfg):
 
 def rounds(run, cfg, log):
     """Rounds run.start .. cfg.rounds - 1, checkpoints, and the end of the run."""
-    t0 = time.time() - run.seconds
+    t0, t_session = time.time() - run.seconds, time.time()
     for t in range(run.start, cfg.rounds):
         tr, run.now = time.time(), t + 1
         center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}           # this round's G
@@ -2703,17 +2699,12 @@ def rounds(run, cfg, log):
                                        run.fed.distributed)                                # procedure B
         if g_new is not None:
             run.g.load_state_dict(g_new)
-        if decision.rollback is not None and run.g_ema is not None:  # the average forgets the undone rounds too
-            run.g_ema.load_state_dict(g_new)
-        if run.g_ema is not None:
-            images = sum(run.fed.steps) * cfg.batch
-            with torch.no_grad():
-                ema_update(run.g_ema.state_dict(), run.g.state_dict(), ema_beta(cfg.ema, images, (t + 1) * images))
         last = t + 1 == cfg.rounds
         if run.lead:
-            log_round(run, t, cfg.rounds, reports, decision, time.time() - tr)
+            left = (time.time() - t_session) / (t + 1 - run.start) * (cfg.rounds - t - 1)  # this session's pace
+            log_round(run, t, cfg.rounds, reports, decision, time.time() - tr, left)
             if (t + 1) % cfg.sample_every == 0 or last:
-                save_samples(run.output, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
+                save_samples(run.g, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
         if (t + 1) % cfg.ckpt_every == 0 or last:
             save_checkpoint(run, t + 1, cfg, time.time() - t0)  # gathers client state: every rank calls it
     if run.lead and (run.start < cfg.rounds or not (run.out / "summary.json").exists()):
@@ -2767,24 +2758,22 @@ def json_safe(v):
     return [json_safe(x) for x in v] if isinstance(v, list) else v
 
 
-def log_round(run, t, rounds, reports, decision, secs):
-    """The round's line on stdout and in metrics.jsonl (lists by client id)."""
+def hms(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def log_round(run, t, rounds, reports, decision, secs, left):
+    """The round's line on stdout (with the time left for the run) and in metrics.jsonl (lists by client id)."""
     server, n = run.server, len(decision.flags)
     note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~decision.ok).tolist()}" if not decision.ok.all() else ""
-    if server.watch_history:
-        note += f"  probe {fmt(server.watch_history[-1], 1)}"
-    if decision.rollback is not None:
-        note += f"  ROLLED BACK to the generator of round {decision.rollback + 1}'s start"
-    print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
+    if "watch_score" in decision.logged:
+        note += f"  probe {fmt(decision.logged['watch_score'], 1)}"
+    print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  left {hms(left)}  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
           f"w {fmt(server.weights)}  flagged {np.flatnonzero(decision.flags).tolist()}{note}", flush=True)
     rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
-               update_norm=server.norm_history[-1],
-               **({"probe_score": server.probe_history[-1]} if server.probe_history else {}),
-               **({"watch_score": server.watch_history[-1]} if server.watch_history else {}),
-               **({"rollback_to": decision.rollback + 1} if decision.rollback is not None else {}),
-               **({"shadow": {k: v.astype(int).tolist() for k, v in decision.shadow.items()}}
-                  if decision.shadow else {}),
+               update_norm=decision.norms, **decision.logged,
                **({"selected": decision.selected.tolist()} if decision.selected is not None else {}),
                counts=server.counts.tolist(), weights=server.weights.tolist(),
                malicious=[int(i in run.fed.malicious) for i in range(n)],
@@ -2948,14 +2937,10 @@ def write_checkpoint(run, rounds_done, cfg, seconds, folder):
         else:
             write_clients(((i, private_state(c)) for i, c in sorted(run.fed.clients.items())), folder)
         if run.lead:
-            s = run.server
-            ema = {"g_ema": run.g_ema.state_dict()} if run.g_ema is not None else {}
+            s, detect = run.server, run.defense.detect
             atomic_save(dict(round=rounds_done, g=run.g.state_dict(), counts=s.counts.tolist(),
-                             weights=s.weights.tolist(), **ema,
-                             history=s.loss_history, norm_history=s.norm_history, probe_history=s.probe_history,
-                             watch=None if s.watch is None else s.watch.cpu(), watch_n=s.watch_n,
-                             watch_history=s.watch_history, kept=s.kept,
-                             rolled=s.rolled, rng=rng_state(), seconds=seconds, config=dataclasses.asdict(cfg),
+                             weights=s.weights.tolist(), **(detect.state_dict() if detect is not None else {}),
+                             rng=rng_state(), seconds=seconds, config=dataclasses.asdict(cfg),
                              clients=folder.name),
                         run.out / "checkpoint.pt")
     except BaseException:
@@ -2983,11 +2968,11 @@ def read_clients(out, ck, ids):
     return {i: read_checkpoint(out / ck["clients"] / f"{i:05d}.pt") for i in ids}
 
 
-def checkpoint_bytes(g, d, n_clients, ema):
-    """What one checkpoint set holds, in bytes: the global generator (and its average), and per client its
+def checkpoint_bytes(g, d, n_clients):
+    """What one checkpoint set holds, in bytes: the global generator, and per client its
     discriminator with both Adam moments and the two moments of its generator's Adam (fp32 each)."""
     count = lambda m: sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())  # noqa: E731
-    return 4 * count(g) * (2 if ema else 1) + n_clients * (12 * count(d) + 8 * count(g))
+    return 4 * count(g) + n_clients * (12 * count(d) + 8 * count(g))
 
 
 def check_disk(out, need):
@@ -3021,8 +3006,6 @@ def load_checkpoint(run, rounds):
         raise FedGANError(f"{run.out} is at round {ck['round']}; --rounds {rounds} would shorten it: give --rounds "
                           f">= {ck['round']}")
     run.g.load_state_dict(ck["g"])
-    if run.g_ema is not None:
-        run.g_ema.load_state_dict(ck["g_ema"])
     changed = set()
     private = read_clients(run.out, ck, sorted(run.fed.clients))
     for i, c in run.fed.clients.items():
@@ -3030,10 +3013,9 @@ def load_checkpoint(run, rounds):
     if changed and run.lead:
         print(f"resumed on another device or precision: {', '.join(sorted(changed))} (the run goes on "
               "deterministically, but not bitwise as it would have on the first device)")
-    run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64),
-                             ck["history"], ck["norm_history"], ck.get("probe_history", []), ck.get("watch"),
-                             ck.get("watch_n", 0), ck.get("watch_history", []), ck.get("kept", {}),
-                             ck.get("rolled", []))
+    run.server = ServerState(np.array(ck["counts"], dtype=np.int64), np.array(ck["weights"], dtype=np.float64))
+    if run.defense.detect is not None:
+        run.defense.detect.load_state_dict(ck)
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
     run.checkpointed = ck["round"]
@@ -3107,12 +3089,12 @@ def reconstruct(g, x, y, n_classes, per_class, epochs, local, seed, arch, device
 
 def finish(run, cfg, seconds):
     """After the last round: the post-hoc step, generator.pt, the backdoor figures and summary.json."""
-    g = run.output  # the moving average with --ema: what is fine-tuned, saved and measured
+    g = run.g
     if run.defense.posthoc is not None:
         run.defense.posthoc(g.requires_grad_(True))
         save_samples(g, run.out / "samples" / "reconstructed.png", cfg.seed)
     atomic_save(dict(kwargs=g.kwargs, state_dict=g.state_dict(), classes=run.data.classes, rounds=cfg.rounds,
-                     ema=cfg.ema), run.out / "generator.pt")
+                     ), run.out / "generator.pt")
     extra = {}
     if cfg.attack in ("patch", "latent") and cfg.poison > 0:
         trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
@@ -3143,7 +3125,7 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
         print(f"done: {rounds} rounds in {seconds:.0f}s (metrics.jsonl was missing: no per-round figures)")
         return s
     flags = np.array([r["flagged"] for r in recs])
-    post = np.array([r["round"] - 1 > warmup for r in recs])  # Algorithm 1's t = round - 1
+    post = np.array([not detecting or r["round"] - 1 > warmup for r in recs])  # Algorithm 1's t = round - 1
     mal = np.array(recs[-1]["malicious"], bool)
     s = dict(rounds=rounds, seconds=round(seconds, 1), flags_per_client=flags.sum(0).tolist(),
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
@@ -3258,8 +3240,8 @@ def bench(cfg):
         rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)
     sync(device)
     server_ms = (time.perf_counter() - t) / 5 * 1000
-    rule_name = cfg.detector if cfg.detector != "none" else "paper"
-    detect = detector(rule_name, cfg.detect_fpr)
+    rule_name = "calibrated" if cfg.detector == "calibrated" else "paper"
+    detect = loss_rule(rule_name, cfg.detect_fpr)
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
     detect(hist, 1)  # warm every cache (the calibrated rule simulates its threshold once per N)
     t = time.perf_counter()
@@ -3364,7 +3346,8 @@ def bench_round(cfg):
         g_states, reports = client_updates(run.fed, center, 0)
         sync(run.fed.device)
         train_s = time.perf_counter() - t
-        defense = dataclasses.replace(run.defense, detect=run.defense.detect or detector("paper"), warmup=-1)
+        defense = dataclasses.replace(run.defense, detect=run.defense.detect or RuleDetector(loss_rule("paper")),
+                                      warmup=-1)
         t = time.perf_counter()  # time detection too, on a server that has seen one round
         server_round(run.server, defense, g_states, reports.g_loss, center, 0)
         server_s = time.perf_counter() - t

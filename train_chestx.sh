@@ -13,7 +13,7 @@
 #          Vanilla and the 64 px arms get SEEDS seeds, the 16 and 32 px arms SEEDS_SMALL.
 #   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
 #          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
-#          probe of the generators with the loss, calibrated rule), watch (the probe detector with rollback);
+#          probe of the generators with the loss, calibrated rule), watch (the probe detector);
 #          and central, the centralized reference
 #          (one party on all the training data for as many image-steps: what federation costs).
 # Recipe: QUICK=1 trains with fedgan.py's working recipe (--recipe fedgan: Adam 2e-3, betas 0/0.99, D on one
@@ -69,7 +69,8 @@ if [ "$QUICK" = 1 ]; then
     SEEDS=${SEEDS:-$([ "$GRID" = paper ] && echo 5 || echo 3)}; SEEDS_SMALL=${SEEDS_SMALL:-3}
     OUT=${OUT:-runs/quick_$DATASET$SUFFIX}
     METRICS=${METRICS:-${LPIPS_DIR:+lpips,}fid,kid,pr,trigger}
-    MODEL=(--arch small --width 8 --local-steps 5 --warmup 5)
+    MODEL=(--arch small --width 8 --local-steps 5)
+    WARM=" --warmup 5"  # every detector's warm-up m at 100 rounds (the paper's 10 at 200)
     CENTRAL="--clients 1 --local-steps $((5 * ${CLIENTS:-4}))"  # one party, all the data, as many image-steps
     RECON="--reconstruct-epochs 5 --reconstruct-per-class 200"  # only where --posthoc reconstruct uses them
     STUDY=(--classifier small --epochs 10 --n-real "5,50" --n-synth 500 --fid-epochs 5 --pairs 200 --seeds 2)
@@ -79,6 +80,7 @@ else
     OUT=${OUT:-runs/paper_$DATASET$SUFFIX}
     METRICS=${METRICS:-lpips,fid,kid,pr,trigger}
     MODEL=(--arch paper)
+    WARM=""
     RECON=""
     CENTRAL="--clients 1"  # one local epoch over all the data: as many image-steps as N clients' epochs
     STUDY=()
@@ -94,7 +96,8 @@ DATA=(--dataset "$DATASET")
 if [ -n "${DATA_ROOT:-}" ]; then
     DATA+=(--data-root "$DATA_ROOT")
 elif [ "$QUICK" = 1 ] && [ "$DATASET" = isic ]; then
-    DATA=(--dataset synthetic --channels 3 --decay 0.9 --no-tanh)  # the lesion-like RGB set, as isic: decay, linear G
+    DATA=(--dataset synthetic --channels 3 --no-tanh)  # the lesion-like RGB set, as isic: linear G, and decay 0.9
+    DECAY=" --decay 0.9"                                # for the detectors
 fi
 if [ -n "$LPIPS_DIR" ]; then
     STUDY+=(--weights-dir "$LPIPS_DIR")
@@ -102,7 +105,9 @@ fi
 # shellcheck disable=SC2206  # a flag list, split on purpose
 STUDY+=(${EVAL_FLAGS:-})
 COMMON=("${DATA[@]}" --img-size "$IMG" --clients "$CLIENTS" --device "$DEVICE" --recipe "$RECIPE" "${MODEL[@]}")
-if [ "$SHADOW" = 1 ]; then COMMON+=(--shadow); fi
+# shellcheck disable=SC2206  # WARM is a flag list, split on purpose
+if [ "$SHADOW" = 1 ]; then COMMON+=(--shadow $WARM); fi
+DET="$WARM${DECAY:-}"  # what every arm with a detector adds
 
 px_of() { local px=$(( $1 * IMG / 256 )); echo $(( px < 1 ? 1 : px )); }
 # The grid: a name, the flags that make it and its number of training seeds
@@ -116,20 +121,22 @@ if [ "$GRID" = paper ]; then
         for defense in feddetect reconstruct flip rotate; do
             extra=""
             if [ "$defense" = reconstruct ]; then extra=" $RECON"; fi
+            if [ "$defense" = feddetect ]; then extra="$DET"; fi
             NAMES+=("$defense$p"); FLAGS+=("--poison $(px_of $p) --defense $defense$extra"); NSEEDS+=("$n")
         done
     done
     a="--poison $(px_of 64)"
-    NAMES+=(probe64 multikrum64); FLAGS+=("$a --detector probe" "$a --aggregator multi-krum"); NSEEDS+=("$SEEDS" "$SEEDS")
+    NAMES+=(probe64 multikrum64); FLAGS+=("$a --detector probe$DET" "$a --aggregator multi-krum")
+    NSEEDS+=("$SEEDS" "$SEEDS")
     UTILITY=${UTILITY:-vanilla attack64 feddetect64 reconstruct64 flip64 rotate64 probe64 multikrum64}
     BASELINES=vanilla,attack64
 else
     p=$TRIGGER; a="--poison $(px_of $p)"
     NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p"
             "watch$p" "central")
-    FLAGS+=("$a" "$a --defense feddetect" "$a --detector calibrated" "$a --aggregator multi-krum"
-            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe"
-            "$a --detector probe --rollback 10" "$CENTRAL")
+    FLAGS+=("$a" "$a --defense feddetect$DET" "$a --detector calibrated$DET" "$a --aggregator multi-krum"
+            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe$DET"
+            "$a --detector probe$DET" "$CENTRAL")
     BASELINES=vanilla,attack$p
     for _ in "${NAMES[@]:1}"; do NSEEDS+=("$SEEDS"); done
 fi
