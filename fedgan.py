@@ -2443,6 +2443,8 @@ def build_run(cfg, out, rank, world, lock):
     if world > cfg.clients:
         raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
                           "use --nproc-per-node <= --clients")
+    if cfg.resume and rank == 0 and (out / "checkpoint.pt").exists():
+        check_same_experiment(cfg, read_checkpoint(out / "checkpoint.pt")["config"], out)
     seed_everything(cfg.seed)
     data = data_of(cfg)
     if cfg.resume:
@@ -2632,8 +2634,10 @@ def check_fingerprint(out, data, root):
         return
     now = data_fingerprint(data) if saved else None
     if saved and saved != now:
-        raise FedGANError(f"the data at {root} differs from the data {out} trained on (fingerprints {saved} against "
-                          f"{now}); pass --data-root to the run's own data")
+        where = f"the data at {root}" if root else "the synthetic data made from config.json's settings"
+        raise FedGANError(f"{where} differs from the data {out} trained on (fingerprints {saved} against {now}); "
+                          + ("pass --data-root to the run's own data" if root else
+                             "restore config.json's synthetic settings"))
 
 
 class Stopped(BaseException):
@@ -2767,6 +2771,8 @@ def log_round(run, t, rounds, reports, decision, secs, left):
     """The round's line on stdout (with the time left for the run) and in metrics.jsonl (lists by client id)."""
     server, n = run.server, len(decision.flags)
     note = f"  EXCLUDED non-finite loss: {np.flatnonzero(~decision.ok).tolist()}" if not decision.ok.all() else ""
+    if decision.selected is not None:
+        note += f"  kept {np.flatnonzero(decision.selected).tolist()}"
     if "watch_score" in decision.logged:
         note += f"  probe {fmt(decision.logged['watch_score'], 1)}"
     print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  left {hms(left)}  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
@@ -2995,6 +3001,18 @@ def read_checkpoint(path):
                           "it to restart the run from round 0")
 
 
+def check_same_experiment(cfg, ck_config, out):
+    """A config.json edited by hand must still describe the run its checkpoint holds: any setting outside
+    what --resume may change that differs is refused, naming it."""
+    trained = config_from_json(ck_config, out / "checkpoint.pt")
+    for f in dataclasses.fields(Config):
+        k = f.name
+        if k not in RESUMABLE | {"out"} and getattr(cfg, k) != getattr(trained, k):
+            raise FedGANError(f"{out / 'config.json'} says {k}={getattr(cfg, k)!r}, but its checkpoint was trained "
+                              f"with {k}={getattr(trained, k)!r}; put that value back in config.json, or start a new "
+                              "run with --out for another experiment")
+
+
 def load_checkpoint(run, rounds):
     """Restore the global generator, server state, every client this process holds and the random streams."""
     ck = read_checkpoint(run.out / "checkpoint.pt") if run.lead else None
@@ -3131,6 +3149,10 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
              final_weights=recs[-1]["weights"], malicious=np.flatnonzero(mal).tolist())
     w = np.array(s["final_weights"])
     s["malicious_final_weight"] = float(w[mal].sum())
+    if "selected" in recs[-1]:  # Krum chose: a client's part of the last aggregate is not its weight w_i
+        share = w * np.array(recs[-1]["selected"])
+        s["final_share"] = (share / share.sum()).tolist()
+        s["malicious_final_share"] = float(share[mal].sum() / share.sum())
     s["lowest_benign_weight"] = float(w[~mal].min()) if (~mal).any() else None
     if post.any():
         fp = flags[post][:, ~mal]
@@ -3152,7 +3174,9 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
     s.update(extra or {})
     atomic_write_text(out / "summary.json", json.dumps(s, indent=2))
     print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
-          f"final weights {fmt(s['final_weights'])}  malicious {s['malicious']}")
+          f"final weights {fmt(s['final_weights'])}"
+          + (f" (their shares of the last aggregate, {aggregator_name} chose: {fmt(s['final_share'])})"
+             if "final_share" in s else "") + f"  malicious {s['malicious']}")
     if "fpr_after_warmup" in s and detecting:
         tpr = "n/a" if s.get("tpr_after_warmup") is None else f"{s['tpr_after_warmup']:.2f}"
         first = s.get("rounds_to_first_correct_flag")

@@ -302,6 +302,13 @@ def test_robust_defenses_run_end_to_end():
                 mal = summary["malicious"]
                 assert math.isclose(summary["krum_rejected_malicious"], 1 - sel[:, mal].mean(), abs_tol=1e-9)
                 assert math.isclose(summary["malicious_mean_share"], (sel[:, mal].sum(1) / kept).mean(), abs_tol=1e-9)
+                # the attacker's part of the last aggregate, not its weight w_i, is what every figure reports
+                assert math.isclose(summary["malicious_final_share"], sel[-1, mal].sum() / kept, abs_tol=1e-9)
+                assert summary["final_share"] == (sel[-1] / kept).tolist()
+                import eval as ev
+                det = ev.detection_metrics(Path(tmp) / "r", cfg, say=lambda *a: None)
+                assert math.isclose(det["attacker_final_weight"], sel[-1, mal].sum() / kept, abs_tol=1e-9)
+                assert math.isclose(det["attacker_share"][-1], det["attacker_final_weight"], abs_tol=1e-9)
             else:
                 assert "selected" not in recs[0]
     # FedDetect on update norms: an outsized update is flagged
@@ -1752,6 +1759,18 @@ def test_flags_that_do_nothing_alone_are_refused_and_advice_is_not_circular():
     # with what they need, they are accepted
     fedgan.parse_args(["--poison", "4", "--detector", "calibrated", "--detect-on", "probe", "--recover",
                        "--detect-fpr", "0.01", "--partition", "dirichlet", "--dirichlet-alpha", "0.3"])
+
+
+def test_a_hand_edited_config_json_is_refused_on_resume_naming_the_setting():
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "r"
+        quiet(fedgan.train, tiny_cfg(folder, "--rounds", "1", "--local-steps", "1", "--ckpt-every", "1"))
+        original = (folder / "config.json").read_text()
+        for k, v in (("clients", 5), ("lr", 0.01), ("poison", 4), ("seed", 3)):
+            (folder / "config.json").write_text(json.dumps(dict(json.loads(original), **{k: v})))
+            _fails_cleanly(["--resume", str(folder), "--rounds", "2"], f"says {k}={v!r}, but its checkpoint")
+        (folder / "config.json").write_text(original)
+        assert quiet(fedgan.main, ["--resume", str(folder), "--rounds", "2"]).summary["rounds"] == 2  # as written
 
 
 def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk():
