@@ -717,6 +717,10 @@ def read_npz(path, size, channels):
         return raw, labels
 
     raws = {split: raw_part(split) for split in ("train", "test") if f"{split}_images" in keys}
+    scales = {split: float_scale([r]) for split, (r, _) in raws.items() if float_scale([r])}
+    if len(set(scales.values())) > 1:  # [0, 1] beside [0, 255]: no one scale reads both right
+        raise FedGANError(f"{path}: train_images look like floats in [0, {255 / scales['train']:g}] but test_images "
+                          f"like [0, {255 / scales['test']:g}]; store both splits on one scale")
     scale = float_scale([r for r, _ in raws.values()])  # one scale for the whole file, never one per split
 
     def part(split):
@@ -736,6 +740,8 @@ def read_npz(path, size, channels):
 def check_splits(train_y, test_y, classes, where):
     """Every class trains on at least one image; both splits hold images; labels name known classes."""
     k = len(classes)
+    if k < 2:
+        raise FedGANError(f"{where} holds {k} class; a conditional GAN needs at least 2 (labels 0..K-1)")
     for split, y in (("train", train_y), ("test", test_y)):
         if len(y) == 0:
             raise FedGANError(f"the {split} split of {where} is empty; give it images (or, for a test split, drop "
@@ -825,6 +831,10 @@ def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=
               describe_split("test", test[1], classes, *(tinfo[:3] if held_out else sinfo))
               + (f" (held out: {test_frac:g} of each class)" if held_out else "")]
     check_splits(train[1], test[1], classes, root)
+    flat = train[0].flatten(1)
+    if bool((flat.amax(1) == flat.amin(1)).all()):  # trains, but on nothing: say so in the data line
+        report.append("WARNING: every training image is one flat value, with no contrast to learn; check how the "
+                      "images were exported")
     return Data(tuple(train), tuple(test), classes, "; ".join(report))
 
 

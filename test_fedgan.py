@@ -899,6 +899,10 @@ def test_train_script_runs_the_study_over_seeds_with_short_copies():
         assert "Paired difference" in (g / "results.md").read_text()
         again = subprocess.run(["bash", str(HERE / "train_isic.sh")], env=env, capture_output=True, text=True)
         assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4, again.stdout
+        other = subprocess.run(["bash", str(HERE / "train_isic.sh")], env=dict(env, IMG="32"), capture_output=True,
+                               text=True)  # the same OUT with other settings: not "finished", and nothing trained
+        assert other.returncode != 0 and "holds a run with other settings (img_size 16, the grid asks 32" in \
+            other.stderr and "finished earlier" not in other.stdout, other.stdout + other.stderr
 
 
 @quick
@@ -906,10 +910,14 @@ def test_train_script_runs_the_study_over_seeds_with_short_copies():
 def test_train_script_lists_the_paper_grid_without_training():
     if not shutil.which("bash"):
         raise Skip("needs bash")
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, DRY="1", QUICK="1", OUT=str(Path(tmp) / "g"), PYTHON=sys.executable)
-        out = subprocess.run(["bash", str(HERE / "train_chestx.sh")], env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:  # OUT relative to where the user stands, not to the script
+        env = dict(os.environ, DRY="1", QUICK="1", OUT="g", PYTHON=sys.executable)
+        out = subprocess.run(["bash", str(HERE / "train_chestx.sh")], env=env, capture_output=True, text=True, cwd=tmp)
         assert out.returncode == 0 and not (Path(tmp) / "g").exists(), out.stderr  # nothing trained or written
+        assert f"--out {Path(tmp).resolve() / 'g'}/vanilla_s0" in out.stdout.replace(tmp, str(Path(tmp).resolve()))
+        odd = subprocess.run(["bash", str(HERE / "train_chestx.sh")], env=dict(env, UTILITY="vanilla nosuch"),
+                             capture_output=True, text=True, cwd=tmp)
+        assert odd.returncode == 2 and "UTILITY: nosuch is not in the paper grid" in odd.stderr, odd.stderr
     starts = [ln for ln in out.stdout.splitlines() if " --out " in ln]
     runs = {ln.split(" --out ")[1].rsplit("/", 1)[1] for ln in starts}
     arms = {r.rsplit("_s", 1)[0] for r in runs}
@@ -1782,6 +1790,17 @@ def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk()
         data = _load(_npz(tmp / "f.npz", train, y, x.astype(np.float32) / 255, y))
         assert torch.equal(data.train[0][1:], data.test[0][1:]) and int(data.train[0].max()) == 255
         assert "1 value above 1 clipped" in data.report, data.report
+        for bad, words in ((dict(test=x.astype(np.float32) / 255, train=x.astype(np.float32)), "one scale"),
+                           (dict(train=x, labels=np.zeros_like(y)), "needs at least 2")):
+            path = _npz(tmp / "bad.npz", bad.get("train", x), bad.get("labels", y), bad.get("test"),
+                        None if bad.get("test") is None else y)
+            try:
+                _load(path)
+            except fedgan.FedGANError as e:
+                assert words in str(e), e
+            else:
+                raise AssertionError(f"{words}: accepted")
+        assert "every training image is one flat value" in _load(_npz(tmp / "flat.npz", np.full_like(x, 77), y)).report
         # NORMAL/PNEUMONIA/COVID19: three classes, the known two first; hidden things skipped, other types counted
         for name in ("NORMAL", "PNEUMONIA", "COVID19"):
             _write_images(tmp / "three" / name, 4)

@@ -42,12 +42,30 @@
 #   DRY        1: print the fedgan.py and eval.py commands the grid would run, and run nothing
 #   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET; study: ..._study)
 #   METRICS    fidelity metrics (lpips,fid,kid,pr,trigger; quick without lpips unless LPIPS_DIR is set)
-#   LPIPS_DIR  folder with the LPIPS weights (offline)      PYTHON     interpreter (python)
+#   LPIPS_DIR  folder with the LPIPS weights (offline)      PYTHON     interpreter (the first of python, python3
+#                                                                      that imports torch)
 #   EVAL_FLAGS more eval.py flags, after the preset ones (they win), e.g. "--n-synth 100 --seeds 1"
 #   ARMS       only these runs of the grid (all)             UTILITY    arms of the utility study
-#              (paper: vanilla attack32 feddetect32; study: every arm, at ROUNDS)
+#              (paper: the 64 px arms and vanilla; study: every arm, at ROUNDS)
+# Relative DATA_ROOT, OUT and LPIPS_DIR are taken from where you stand. A run folder counts as finished only
+# if its config.json is the run the grid asks for; one trained with other settings stops the script.
 set -euo pipefail
+for v in DATA_ROOT OUT LPIPS_DIR; do  # the script works from its own folder: make the user's paths absolute
+    if [ -n "${!v:-}" ] && [[ "${!v}" != /* ]]; then printf -v "$v" '%s' "$PWD/${!v}"; fi
+done
 cd "$(dirname "$0")"
+if [ -z "${PYTHON:-}" ]; then
+    for p in python python3; do
+        if command -v "$p" > /dev/null && "$p" -c "import torch, torchvision, numpy, PIL" 2> /dev/null; then
+            PYTHON=$p; break
+        fi
+    done
+    if [ -z "${PYTHON:-}" ]; then
+        echo "no python here imports torch, torchvision, numpy and pillow; install them (README's first line)" \
+             "or set PYTHON=/path/to/python" >&2
+        exit 2
+    fi
+fi
 
 DATASET=${DATASET:-chestx}
 GRID=${GRID:-paper}
@@ -57,7 +75,6 @@ TRIGGER=${TRIGGER:-64}
 CLIENTS=${CLIENTS:-4}
 SEED=${SEED:-0}
 DEVICE=${DEVICE:-auto}
-PYTHON=${PYTHON:-python}
 LPIPS_DIR=${LPIPS_DIR:-}
 JOBS=${JOBS:-1}
 SHADOW=${SHADOW:-0}
@@ -154,12 +171,38 @@ if [ -n "${ARMS:-}" ]; then  # only these runs of the grid, e.g. ARMS="vanilla a
     NAMES=("${KEEP_N[@]}") FLAGS=("${KEEP_F[@]}") NSEEDS=("${KEEP_S[@]}")
 fi
 if [ "$GRID" = study ]; then UTILITY=${UTILITY:-${NAMES[*]}}; fi
+in_grid() { local a; for a in "${NAMES[@]}"; do if [ "$a" = "$1" ]; then return 0; fi; done; return 1; }
+KEEP=()  # checked now, not after hours of training: eval compares with the baselines the grid trains
+for b in ${BASELINES//,/ }; do if in_grid "$b"; then KEEP+=("$b"); else echo "note: baseline $b is not among ARMS"; fi; done
+BASE=()
+if [ "${#KEEP[@]}" -gt 0 ]; then BASE=(--baseline "$(IFS=,; echo "${KEEP[*]}")"); fi
+KEEP=()
+for u in $UTILITY; do
+    if in_grid "$u"; then KEEP+=("$u")
+    elif [ -z "${ARMS:-}" ]; then echo "UTILITY: $u is not in the $GRID grid (${NAMES[*]})" >&2; exit 2
+    else echo "note: utility arm $u is not among ARMS, left out"; fi
+done
+UTILITY="${KEEP[*]}"
 
 mmss() { printf '%d:%02d' $(( $1 / 60 )) $(( $1 % 60 )); }
 rounds_in() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["rounds"])' "$1"; }
 rounds_of() { rounds_in "$1/config.json"; }  # what the run is set to reach
 # a run is finished at R rounds when its summary says so (an extension keeps the shorter run's summary until it ends)
 finished() { [ -f "$1/summary.json" ] && [ "$(rounds_in "$1/summary.json")" = "$2" ]; }
+same_run() {  # DIR FLAG...: is DIR, if it exists, the run these flags start (--rounds aside)?
+    [ -f "$1/config.json" ] || return 0
+    "$PYTHON" - "$@" <<'PY'
+import json, sys, fedgan
+folder, flags = sys.argv[1], sys.argv[2:]
+want = fedgan.parse_args(flags + ["--out", folder])
+have = fedgan.config_from_json(json.load(open(folder + "/config.json")), folder)
+diff = [k for k in vars(want) if k not in fedgan.RESUMABLE | {"out"} and getattr(want, k) != getattr(have, k)]
+if diff:
+    sys.exit(f"{folder} holds a run with other settings ("
+             + ", ".join(f"{k} {getattr(have, k)!r}, the grid asks {getattr(want, k)!r}" for k in diff)
+             + "); move it away or choose another OUT")
+PY
+}
 
 train_to() {  # DIR LOG ROUNDS FLAG...: start, resume or extend the run in DIR to ROUNDS rounds
     local dir=$1 log=$2 rounds=$3
@@ -178,6 +221,7 @@ run_one() {  # K SEED: run K of the grid with this training seed (and its SHORT-
     local tag="[${name}_s$seed]"
     # shellcheck disable=SC2206  # FLAGS entries are flag lists, split on purpose
     local flags=(${FLAGS[$1]} --seed "$seed")
+    same_run "$dir" "${COMMON[@]}" "${flags[@]}" && same_run "$snap" "${COMMON[@]}" "${flags[@]}" || return 1
     if finished "$dir" "$ROUNDS"; then echo "$tag finished earlier, skipped"; return 0; fi
     echo "$tag training (log $log)"
     if [ "$SHORT" -gt 0 ] && ! finished "$snap" "$SHORT"; then
@@ -264,13 +308,15 @@ for name in $UTILITY; do
     done
 done
 echo "[eval] fidelity ($METRICS) and detection of ${#RUNS[@]} runs -> $OUT/eval_fidelity (log $OUT/eval_fidelity.log)"
-"$PYTHON" eval.py "${RUNS[@]}" --metrics "$METRICS" --baseline "$BASELINES" --seed "$SEED" --device "$DEVICE" \
+"$PYTHON" eval.py "${RUNS[@]}" --metrics "$METRICS" "${BASE[@]}" --seed "$SEED" --device "$DEVICE" \
     "${STUDY[@]}" --out "$OUT/eval_fidelity" --force > "$OUT/eval_fidelity.log" 2>&1 \
     || { tail -n 5 "$OUT/eval_fidelity.log" >&2; exit 1; }
-echo "[eval] utility study of $UTILITY -> $OUT/eval_utility (log $OUT/eval_utility.log)"
-"$PYTHON" eval.py "${U_RUNS[@]}" --metrics utility --match-steps --baseline "$BASELINES" --seed "$SEED" \
-    --device "$DEVICE" "${STUDY[@]}" --out "$OUT/eval_utility" --force > "$OUT/eval_utility.log" 2>&1 \
-    || { tail -n 5 "$OUT/eval_utility.log" >&2; exit 1; }
+if [ "${#U_RUNS[@]}" -gt 0 ]; then
+    echo "[eval] utility study of $UTILITY -> $OUT/eval_utility (log $OUT/eval_utility.log)"
+    "$PYTHON" eval.py "${U_RUNS[@]}" --metrics utility --match-steps "${BASE[@]}" --seed "$SEED" \
+        --device "$DEVICE" "${STUDY[@]}" --out "$OUT/eval_utility" --force > "$OUT/eval_utility.log" 2>&1 \
+        || { tail -n 5 "$OUT/eval_utility.log" >&2; exit 1; }
+fi
 {
     echo "# $DATASET, grid $GRID ($([ "$QUICK" = 1 ] && echo "QUICK mode, CPU-sized" || echo "paper settings"))"
     echo
@@ -280,7 +326,6 @@ echo "[eval] utility study of $UTILITY -> $OUT/eval_utility (log $OUT/eval_utili
          "(finished runs skipped)."
     echo
     sed '1d' "$OUT/eval_fidelity/results.md"
-    echo
-    sed '1d' "$OUT/eval_utility/results.md"
+    if [ "${#U_RUNS[@]}" -gt 0 ]; then echo; sed '1d' "$OUT/eval_utility/results.md"; fi
 } > "$OUT/results.md"
 echo "done in $(mmss $((SECONDS - t_start))): $OUT/results.md"
