@@ -72,6 +72,13 @@ def check_sha256(path, want):
                         f"not the official one: delete it and fetch it again")
 
 
+def lpips_at_hand(weights_dir=None):
+    """Are both LPIPS weight files there, in weights_dir or the torch cache (nothing is downloaded)?"""
+    folder = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    lin = LPIPS_FILE if weights_dir else "lpips_v0.1_alex.pth"
+    return (folder / ALEXNET_FILE).exists() and (folder / lin).exists()
+
+
 def lpips_weights(weights_dir=None):
     """(AlexNet state dict, list of 5 LPIPS linear weight vectors), both hash-checked.
 
@@ -983,6 +990,23 @@ def holm_table(title, rows, metrics, ivs):
     return lines
 
 
+def brief(results):
+    """A few lines for the console: per arm, its seeds and the figures read first; results.md has the rest."""
+    summary = results.get("summary", {})
+    first = [m for m in (HEADLINE, "trigger strength", "trigger rate", "attacker final weight")
+             if any(k.split(" (")[0] == m or k == m for k in summary)]
+    lines = []
+    for arm, v in results["arms"].items():
+        figs = []
+        for m in first:
+            key = next(k for k in summary if k.split(" (")[0] == m or k == m)
+            iv = summary[key].get(arm)
+            if iv and iv.get("mean") is not None:
+                figs.append(f"{key} {cell(iv)}")
+        lines.append(f"{arm} (seeds {', '.join(map(str, v['seeds']))}): " + ("; ".join(figs) or "see results.md"))
+    return "\n".join(lines)
+
+
 def markdown(results):
     lines = ["# FedGAN evaluation", "", "Protocol: " + results["protocol_text"], ""]
     arms, summary, diffs = results["arms"], results.get("summary", {}), results.get("differences", {})
@@ -1248,15 +1272,17 @@ def build_parser():
                    "root, or 'synthetic' for the embedded set); with --img-size, --channels")
     p.add_argument("--out", default="eval_out", help="where results.json, results.md and the SVG plots go")
     p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
-    p.add_argument("--metrics", default="lpips,fid,kid,pr,trigger,utility",
-                   help="comma list of lpips, fid, kid, pr (precision/recall), trigger (strength and rate), utility")
+    p.add_argument("--metrics", default=None,
+                   help="comma list of lpips, fid, kid, pr (precision/recall), trigger (strength and rate), utility "
+                        "(default: all of them, LPIPS only where its weights are at hand: --weights-dir or the torch "
+                        "cache)")
     p.add_argument("--baseline", default=None, help="comma list of arms every other arm is compared with, seed by "
                    "seed (e.g. vanilla,attack64); none by default")
     p.add_argument("--n-real", default="1,5,10,50,100,200,500", help="real images per class in the utility study")
     p.add_argument("--n-synth", type=int, default=1000, help="synthetic images per class (utility and FID)")
     p.add_argument("--seeds", type=int, default=5, help="classifier seeds of the utility study (per generator)")
-    p.add_argument("--classifier", default="densenet121", choices=["densenet121", "small"],
-                   help="utility classifier: the paper's DenseNet-121 (random init) or a CPU-sized CNN")
+    p.add_argument("--classifier", default="small", choices=["densenet121", "small"],
+                   help="utility classifier: a CPU-sized CNN, or the paper's DenseNet-121 (random init; 32 px or more)")
     p.add_argument("--epochs", type=int, default=20, help="classifier epochs (paper: 20)")
     p.add_argument("--match-steps", action="store_true", help="utility: train the real-only classifier for as many "
                    "optimizer steps as the ones with synthetic images (more epochs), so that extra images are not "
@@ -1283,7 +1309,14 @@ def parse_args(argv):
                         if a.runs else "nothing to score: give run folders, .npz files or --ladder DATA_ROOT")
     if a.ladder:
         a.data_root = None if a.ladder == "synthetic" else a.ladder
-    a.metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    if a.metrics is None:  # everything a newcomer's machine can compute offline, and one line for what it cannot
+        a.metrics = ["lpips", "fid", "kid", "pr", "trigger", "utility"]
+        if not a.ladder and not lpips_at_hand(a.weights_dir):
+            a.metrics.remove("lpips")
+            print(f"LPIPS skipped: its AlexNet weights are not at hand (give --weights-dir with {ALEXNET_FILE} and "
+                  f"{LPIPS_FILE})")
+    else:
+        a.metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
     bad = set(a.metrics) - set(METRICS)
     if bad or not a.metrics:
         raise EvalError(f"--metrics {','.join(sorted(bad)) or '(empty)'} unknown; choose from {', '.join(METRICS)}")
@@ -1523,6 +1556,10 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
             missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
             raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests "
                             "on every class: give data whose test split holds them all")
+    size = next(iter(datas.values())).train[0].shape[-1]
+    if a.classifier == "densenet121" and size < 32:  # its five poolings leave nothing of a smaller image
+        raise EvalError(f"--classifier densenet121 needs images of 32 px or more, these are {size} px; use "
+                        "--classifier small")
     S, N = a.seeds, len(a.n_real)
     real = {key: np.zeros((N, S)) for key in datas}
     acc = {n: np.zeros((N, S)) for n in runs}
@@ -1610,6 +1647,10 @@ def main(argv=None):
     except (EvalError, fedgan.FedGANError) as e:
         sys.stderr.write(f"eval.py: error: {e}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("eval.py: stopped by Ctrl-C; nothing was written (evaluations are not resumable: run it "
+                         "again)\n")
+        sys.exit(130)
     out = Path(a.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1640,8 +1681,8 @@ def main(argv=None):
     if sheet:
         sample_sheet(sheet, len(results["classes"])).save(out / "samples.png")
         written.append("samples.png")
-    print(markdown(results))
-    print("wrote " + ", ".join(f"{out}/{f}" for f in written))
+    print(brief(results))
+    print("wrote " + ", ".join(f"{out}/{f}" for f in written) + f" (every table: {out}/results.md)")
 
 
 if __name__ == "__main__":

@@ -1632,6 +1632,22 @@ def test_eval_refuses_bad_inputs_before_any_work():
         (broken / "config.json").write_text((run / "config.json").read_text())
         (broken / "generator.pt").write_bytes((run / "generator.pt").read_bytes()[:500])
         fails([str(broken), "--metrics", "fid", "--out", str(tmp / "e2")], "cannot read")
+        fails([str(run), "--metrics", "utility", "--classifier", "densenet121", "--out", str(tmp / "e3")],
+              "needs images of 32 px or more, these are 16 px")
+        real_eval = ev.evaluate
+        ev.evaluate = lambda a: (_ for _ in ()).throw(KeyboardInterrupt)  # Ctrl-C in the middle of the work
+        try:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as said:
+                try:
+                    ev.main([str(run), "--weights-dir", str(tmp), "--out", str(tmp / "e4")])
+                except SystemExit as e:
+                    assert e.code == 130, e.code
+            assert len(err.getvalue().splitlines()) == 1 and "stopped by Ctrl-C" in err.getvalue(), err.getvalue()
+            # LPIPS is in the default metrics only where its weights are: otherwise one line says it is skipped
+            assert "LPIPS skipped" in said.getvalue() and not (tmp / "e4").exists()
+        finally:
+            ev.evaluate = real_eval
     # a class missing from the real split: its FID is n/a, the rest is computed
     net = ev.SmallCNN(1, 2).eval()
     g = fedgan.Generator(16, 1, 2, width=8)
