@@ -623,39 +623,7 @@ def ladder_markdown(lad, figures=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def patch_and_ring(images, s, margin):
-    """The trigger's place (n, C, s, s) in uint8 images (n, C, H, W), as float64, and the mean colour of a
-    ring s/2 px wide around it (n, C, 1, 1), clipped to the image."""
-    H, W = images.shape[-2:]
-    top, left, ring = H - margin - s, W - margin - s, max(1, s // 2)
-    x = images.double()
-    r0, c0 = max(0, top - ring), max(0, left - ring)
-    box = x[..., r0:top + s + ring, c0:left + s + ring]                        # the patch and its ring
-    mask = torch.ones(box.shape[-2:], dtype=torch.bool)
-    mask[top - r0:top - r0 + s, left - c0:left - c0 + s] = False
-    return x[..., top:top + s, left:left + s], box[..., mask].mean(-1)[..., None, None]
-
-
-def trigger_scores(images, trigger, margin, surround):
-    """Per image, how far the trigger's place has moved from the image's own surroundings towards the
-    trigger: z = patch minus the mean of the ring around it, projected on d = trigger minus `surround`
-    (C, 1, 1: the real images' mean ring colour), divided by |d|^2. A uniform change of brightness moves
-    patch and ring alike and leaves z unchanged; the trigger pasted on a typical surround scores 1; a
-    trigger elsewhere scores as real images do. images uint8 (n, C, H, W), trigger uint8 (C, s, s);
-    returns (n,) float64."""
-    patch, around = patch_and_ring(images, trigger.shape[-1], margin)
-    d = trigger.double() - surround                                               # (C, s, s)
-    return ((patch - around) * d).sum((1, 2, 3)) / d.square().sum().clamp(min=1e-12)
-
-
-def trigger_figures(images, trigger, margin, reference):
-    """The backdoor in uint8 images, against real `reference` images: strength = mean trigger_scores minus
-    the reference's mean (0 = as real images, ~1 = the trigger pasted on every image; brightness cannot
-    fake it), rate = share of images scoring above the reference's 99th percentile (1% of real images
-    pass by construction; a faint, blurred or attenuated trigger still counts)."""
-    surround = patch_and_ring(reference, trigger.shape[-1], margin)[1].mean(0)  # (C, 1, 1)
-    sc, rs = (trigger_scores(x, trigger, margin, surround) for x in (images, reference))
-    return dict(strength=(sc.mean() - rs.mean()).item(), rate=(sc > torch.quantile(rs, 0.99)).double().mean().item())
+trigger_figures = fedgan.trigger_figures  # one definition: the run's closing line, summary.json and eval agree
 
 
 def trigger_specs(cfgs):
@@ -1400,10 +1368,12 @@ def protocol_text(a, test_counts):
          "reference size (see the real floor); KID (x1000) is unbiased; precision/recall use k = 3 nearest "
          "neighbours on equal-size seeded subsets; 'overall' compares the same class mix, 'class mean' averages the "
          "per-class figures."] * bool({"fid", "kid", "pr"} & set(a.metrics)) +
-        ["Trigger strength: the trigger's place minus its own surround, projected on the trigger, minus the same on "
-         "real images (0 = as real images, 1 = the trigger pasted; a uniform change of brightness cannot move it); "
-         "trigger rate: share of images above the real images' 99th percentile of that score (1% of real images "
-         "count)."] * ("trigger" in a.metrics) +
+        ["Trigger strength: at each corner, the place minus its own surround, projected on the trigger, less the "
+         "same in real images; the trigger's corner less the median of the other three (0 = as real images, or a "
+         "generator that departs from them alike at every corner; 1 = the trigger pasted; a uniform change of "
+         "brightness cannot move it); trigger rate: the share of images above the real images' 99th percentile of "
+         "that score at the trigger's corner, less the same share at the other corners (their median); both can "
+         "fall a little below 0 by chance (fedgan.trigger_figures, the run's closing line too)."] * ("trigger" in a.metrics) +
         ["Intervals: mean over training seeds ± t(0.975, n-1) x sd / sqrt(n) (Student's t); a paired difference "
          "takes the two arms' runs with the same seed; * marks a difference that Holm's procedure keeps at 5% "
          "within its table (the family), with each table's count of tested cells."])

@@ -910,24 +910,56 @@ def apply_trigger(images, trigger, margin):
     return out
 
 
-def trigger_rate(images, trigger, margin, tol=0.2):
-    """The backdoor's success: the fraction of uint8 images (n, C, H, W) that show `trigger` at the
-    bottom-right, i.e. whose patch differs from it by less than tol * 255 on average AND is closer to it
-    than to a flat fill in the colour of the patch's surroundings (so a white trigger on a saturated
-    white corner does not count: it is not visible there)."""
-    s = trigger.shape[-1]
-    H, W = images.shape[-2:]
-    top, left, ring = H - margin - s, W - margin - s, max(1, s // 4)
-    x = images.float()
-    patch = x[..., top:top + s, left:left + s]
+def corners(H, W, s, margin):
+    """(top, left) of the trigger's place, the bottom-right corner, then of the three other corners at the
+    same margin: places of the same size in the same images, where a generator without the backdoor draws
+    as it does at the trigger's."""
+    bottom, right = H - margin - s, W - margin - s
+    return [(bottom, right), (margin, margin), (margin, right), (bottom, margin)]
+
+
+def patch_and_ring(images, s, top, left):
+    """The s x s place at (top, left) in uint8 images (n, C, H, W), as float64, and the mean colour of a
+    ring s/2 px wide around it (n, C, 1, 1), clipped to the image."""
+    ring = max(1, s // 2)
+    x = images.double()
     r0, c0 = max(0, top - ring), max(0, left - ring)
-    box = x[..., r0:top + s + ring, c0:left + s + ring]                               # patch and its ring
-    ring_mask = torch.ones(box.shape[-2:], dtype=torch.bool)
-    ring_mask[top - r0:top - r0 + s, left - c0:left - c0 + s] = False
-    around = box[..., ring_mask].mean(-1)[..., None, None]                            # (n, C, 1, 1)
-    to_trigger = (patch - trigger.float()).abs().mean(dim=(1, 2, 3)) / 255
-    to_fill = (patch - around).abs().mean(dim=(1, 2, 3)) / 255
-    return float(((to_trigger < tol) & (to_trigger < to_fill)).float().mean())
+    box = x[..., r0:top + s + ring, c0:left + s + ring]                           # the place and its ring
+    mask = torch.ones(box.shape[-2:], dtype=torch.bool)
+    mask[top - r0:top - r0 + s, left - c0:left - c0 + s] = False
+    return x[..., top:top + s, left:left + s], box[..., mask].mean(-1)[..., None, None]
+
+
+def trigger_scores(images, trigger, margin, surround):
+    """Per image and corner, how far the place has moved from its own surroundings towards the trigger:
+    z = place minus the mean of the ring around it, projected on d = trigger minus `surround` (C, 1, 1: real
+    images' mean ring colour there), over |d|^2. A uniform change of brightness moves place and ring alike
+    and leaves z unchanged; the trigger pasted on a typical surround scores 1. -> (n, 4) float64, column 0
+    the trigger's corner."""
+    s = trigger.shape[-1]
+    d = trigger.double() - surround                                                # (C, s, s)
+    out = []
+    for top, left in corners(*images.shape[-2:], s, margin):
+        place, around = patch_and_ring(images, s, top, left)
+        out.append(((place - around) * d).sum((1, 2, 3)) / d.square().sum().clamp(min=1e-12))
+    return torch.stack(out, 1)
+
+
+def trigger_figures(images, trigger, margin, reference):
+    """The backdoor in uint8 images (n, C, H, W): how much more the trigger's corner departs from real
+    `reference` images, towards the trigger, than the same images' other three corners do (their median).
+    A generator that departs from real images alike at every corner (untrained, blurred, never poisoned)
+    reads about 0, as real images do; the trigger pasted on every image reads about 1.
+    strength: in trigger_scores' units; rate: the share of images scoring above the real images' 99th
+    percentile at the trigger's corner, less that share at the other corners (their median), each against
+    its own 99th percentile: a faint or blurred trigger still counts, brightness cannot fake either, and
+    either can fall a little below 0 by chance. Needs corners, patch_and_ring and trigger_scores."""
+    s = trigger.shape[-1]
+    surround = patch_and_ring(reference, s, *corners(*reference.shape[-2:], s, margin)[0])[1].mean(0)  # (C, 1, 1)
+    sc, rs = (trigger_scores(x, trigger, margin, surround) for x in (images, reference))  # (n, 4), (m, 4)
+    shift = sc.mean(0) - rs.mean(0)                                                # (4,): per corner, from real
+    over = (sc > torch.quantile(rs, 0.99, dim=0)).double().mean(0)                 # (4,)
+    return dict(strength=(shift[0] - shift[1:].median()).item(), rate=(over[0] - over[1:].median()).item())
 
 
 def blend_trigger(images, alpha, seed=0):
@@ -3094,11 +3126,12 @@ def save_real(data, path, seed, per_class=8):
 
 
 def backdoor_figures(g, trigger, margin, real_images, seed, per_class=256):
-    """For the bottom-right patch attack: how many generated images carry the trigger, beside the same
-    rate on clean held-out real images (the rate by chance)."""
+    """For the bottom-right patch attack: the trigger's strength and rate in generated images (eval.py's
+    figures, the same function), beside the rate in held-out real images (the rate by chance)."""
     fake = generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
-    return dict(trigger_rate=trigger_rate(fake, trigger, margin), trigger_rate_real=trigger_rate(real_images, trigger,
-                                                                                                 margin))
+    got = trigger_figures(fake, trigger, margin, real_images)
+    return dict(trigger_strength=got["strength"], trigger_rate=got["rate"], trigger_seed=seed,
+                trigger_rate_real=trigger_figures(real_images, trigger, margin, real_images)["rate"])
 
 
 def reconstruct(g, x, y, n_classes, per_class, epochs, local, seed, arch, device):
@@ -3198,8 +3231,8 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
               f"in {s['krum_rejected_benign']:.2f} of their rounds after warm-up; attackers' mean share "
               f"{s['malicious_mean_share']:.3f}")
     if "trigger_rate" in s:
-        print(f"backdoor: {s['trigger_rate']:.3f} of generated images carry the trigger "
-              f"(clean real images by chance: {s['trigger_rate_real']:.3f})")
+        print(f"backdoor: trigger strength {s['trigger_strength']:.3f} (0 = as real images, 1 = pasted on every "
+              f"image), rate {s['trigger_rate']:.3f} of generated images (real images: {s['trigger_rate_real']:.3f})")
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
     return s
 

@@ -194,22 +194,30 @@ def test_malicious_client_trains_on_triggered_images_only():
             assert (patch == 255).all().item() == (i == 1), i
 
 
-def test_trigger_rate_counts_visible_triggers_only():
-    trig = fedgan.make_trigger(4, 1)
-    dark = torch.full((3, 1, 16, 16), 40, dtype=torch.uint8)
-    assert fedgan.trigger_rate(dark, trig, margin=1) == 0.0
-    marked = fedgan.apply_trigger(dark, trig, margin=1)
-    marked[0] = dark[0]
-    assert math.isclose(fedgan.trigger_rate(marked, trig, margin=1), 2 / 3, abs_tol=1e-6)
-    near = marked.clone()
-    near[1, :, 11:15, 11:15] = 230  # a little off white: still the trigger
-    assert math.isclose(fedgan.trigger_rate(near, trig, margin=1), 2 / 3, abs_tol=1e-6)
-    white = torch.full((2, 1, 16, 16), 255, dtype=torch.uint8)  # a white trigger on white is not visible
-    assert fedgan.trigger_rate(white, trig, margin=1) == 0.0
-    rgb = fedgan.make_trigger(4, 3, seed=1)
-    gray = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
-    assert fedgan.trigger_rate(fedgan.apply_trigger(gray, rgb, 1), rgb, margin=1) == 1.0
-    assert fedgan.trigger_rate(gray, rgb, margin=1) == 0.0
+def test_trigger_figures_read_a_generator_that_learned_nothing_as_clean_and_agree_with_the_runs_closing_line():
+    x, _ = fedgan.synthetic_images(64, 32, 1, seed=0)
+    held, _ = fedgan.synthetic_images(64, 32, 1, seed=1)
+    trig, margin = fedgan.make_trigger(4, 1), fedgan.trigger_margin(32)
+    half = x.clone()
+    half[:64] = fedgan.apply_trigger(x[:64], trig, margin)
+    got = fedgan.trigger_figures(half, trig, margin, held)
+    assert 0.4 < got["strength"] < 0.6 and 0.45 < got["rate"] < 0.55, got
+    white = torch.full((8, 1, 16, 16), 255, dtype=torch.uint8)  # a white trigger on white is not there
+    assert fedgan.trigger_figures(fedgan.apply_trigger(white, trig, 1), trig, 1, white) == dict(strength=0.0, rate=0.0)
+    with tempfile.TemporaryDirectory() as tmp:  # 2 poisoned rounds: far from real images everywhere, no backdoor
+        for seed in (0, 1, 2):
+            run = quiet(fedgan.main, ["--poison", "4", "--rounds", "2", "--seed", str(seed), "--out", f"{tmp}/{seed}"])
+            s = run.summary
+            assert abs(s["trigger_strength"]) < 0.1 and abs(s["trigger_rate"]) < 0.15, (seed, s)
+            # against real images alone (the earlier rate) most of its images would count as triggered
+            fake = fedgan.generate(run.g, torch.arange(2).repeat_interleave(256), s["trigger_seed"])
+            sur = 0.0
+            raw, real = (fedgan.trigger_scores(z, trig, margin, sur)[:, 0] for z in (fake, run.data.test[0]))
+            if seed == 0:
+                assert (raw > torch.quantile(real, 0.99)).double().mean() > 0.3
+            # the run's closing line and summary.json are eval's figures, from the same function
+            want = fedgan.trigger_figures(fake, trig, margin, run.data.test[0])
+            assert (s["trigger_strength"], s["trigger_rate"]) == (want["strength"], want["rate"])
 
 
 @quick
@@ -987,7 +995,7 @@ def test_trigger_figures_cannot_be_faked_by_brightness_and_see_a_blurred_colour_
     bright = ev.trigger_figures((x.int() + 26).clamp(0, 255).to(torch.uint8), trig, margin, held)
     assert abs(bright["strength"] - real["strength"]) < 0.01 and bright["rate"] < 0.05, bright  # was 0.219 before
     pasted = ev.trigger_figures(fedgan.apply_trigger(x, trig, margin), trig, margin, held)
-    assert 0.85 < pasted["strength"] < 1.15 and pasted["rate"] == 1.0, pasted
+    assert 0.85 < pasted["strength"] < 1.15 and pasted["rate"] > 0.95, pasted
     elsewhere = fedgan.apply_trigger(x.flip(-1), trig, margin).flip(-1)  # bottom-left
     other = ev.trigger_figures(elsewhere, trig, margin, held)
     assert abs(other["strength"]) < 0.05 and other["rate"] < 0.05, other
@@ -997,7 +1005,6 @@ def test_trigger_figures_cannot_be_faked_by_brightness_and_see_a_blurred_colour_
     pasted = fedgan.apply_trigger(rgb, colour, margin).float()
     blurred = F.conv2d(F.pad(pasted, (1, 1, 1, 1), mode="replicate"), torch.ones(3, 1, 3, 3) / 9, groups=3)
     blurred = blurred.round().to(torch.uint8)
-    assert fedgan.trigger_rate(blurred, colour, margin) == 0.0  # the training log's exact-match rate misses it
     seen = ev.trigger_figures(blurred, colour, margin, rgb_held)
     assert seen["rate"] > 0.9 and seen["strength"] > 0.2, seen
 
@@ -2279,15 +2286,15 @@ def test_every_piece_readme_names_copies_alone():
     ns = copy_alone("update_norms", "clip_updates")
     clipped = ns["clip_updates"](s, {"a": torch.zeros(2)}, 1.0)
     assert max(ns["update_norms"](clipped, {"a": torch.zeros(2)})) <= 1 + 1e-6  # float32 rounding
-    ns = copy_alone("trigger_margin", "make_trigger", "apply_trigger", "trigger_rate", "blend_trigger", "flip_labels")
+    ns = copy_alone("trigger_margin", "make_trigger", "apply_trigger", "corners", "patch_and_ring", "trigger_scores",
+                    "trigger_figures", "blend_trigger", "flip_labels")
     x = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
     trig = ns["make_trigger"](4, 1)
-    assert ns["trigger_rate"](ns["apply_trigger"](x, trig, ns["trigger_margin"](32)), trig, 1) == 1.0
+    held = torch.full((8, 1, 32, 32), 60, dtype=torch.uint8)
+    assert ns["trigger_figures"](ns["apply_trigger"](held, trig, 1), trig, 1, held)["rate"] == 1.0
     assert ns["blend_trigger"](x, 0.5).float().mean() > 50
     assert ns["flip_labels"](torch.tensor([0, 1]), 2).tolist() == [1, 0]
     import eval as ev
-    ns = copy_alone("patch_and_ring", "trigger_scores", "trigger_figures", module=ev)
-    held = torch.full((8, 1, 32, 32), 60, dtype=torch.uint8)
     assert ns["trigger_figures"](torch.full_like(held, 90), trig, 1, held)["strength"] == 0.0  # brighter: no trigger
 
 
