@@ -2294,7 +2294,6 @@ def test_every_piece_readme_names_copies_alone():
     assert ns["trigger_figures"](ns["apply_trigger"](held, trig, 1), trig, 1, held)["rate"] == 1.0
     assert ns["blend_trigger"](x, 0.5).float().mean() > 50
     assert ns["flip_labels"](torch.tensor([0, 1]), 2).tolist() == [1, 0]
-    import eval as ev
     assert ns["trigger_figures"](torch.full_like(held, 90), trig, 1, held)["strength"] == 0.0  # brighter: no trigger
 
 
