@@ -1208,6 +1208,10 @@ def load_images(path, a):
     size, channels = x.shape[-1], x.shape[1]
     if x.shape[-2] != size:
         raise EvalError(f"{path}: images are {x.shape[-2]}x{size}; give square images")
+    if size < 16 or size > 256 or size & (size - 1):  # MedMNIST's 28 px, say: to the next size fedgan trains at
+        fit = min(256, max(16, 1 << (size - 1).bit_length()))
+        print(f"{path.name}: {size} px images resized to {fit} px (fedgan's sizes are the powers of two 16..256)")
+        x, size = fedgan.resize_uint8(x, fit), fit
     dataset = a.dataset or ("synthetic" if not a.data_root else "chestx" if channels == 1 else "isic")
     cfg = fedgan.Config(dataset=dataset, data_root=a.data_root, img_size=size, channels=channels, rounds=1)
     fedgan.finalize(cfg)
@@ -1222,6 +1226,7 @@ def data_key(cfg):
 
 
 METRICS = ("lpips", "fid", "kid", "pr", "trigger", "utility")
+OUTPUTS = {"results.json", "results.md", "arms.svg", "attacker_share.svg", "utility.svg", "samples.png"}  # in --out
 
 
 def wanted(measure, metrics):
@@ -1277,6 +1282,10 @@ def parse_args(argv):
                         if a.runs else "nothing to score: give run folders, .npz files or --ladder DATA_ROOT")
     if a.ladder:
         a.data_root = None if a.ladder == "synthetic" else a.ladder
+    if a.data_root and not Path(a.data_root).exists():
+        raise EvalError(f"--data-root {a.data_root} does not exist; give the folder or .npz the runs trained on"
+                        if not a.ladder else f"--ladder {a.ladder}: no such file or folder; give a data folder, an "
+                        ".npz, or 'synthetic'")
     if a.metrics is None:  # everything a newcomer's machine can compute offline, and one line for what it cannot
         a.metrics = ["lpips", "fid", "kid", "pr", "trigger", "utility"]
         if not a.ladder and not lpips_at_hand(a.weights_dir):
@@ -1445,6 +1454,9 @@ def evaluate(a):
                                      differs=config_difference(runs[names[0]]["config"], ref_cfg))
                          for label, names in arms.items()})
     specs = trigger_specs([r["cfg"] for r in runs.values()])
+    if "trigger" in a.metrics and not specs:
+        say("no trigger table: none of these runs trained with the patch attack (--poison SIZE), so there is no "
+            "trigger to look for")
     noise_run = arms[a.baseline[0]][0] if a.baseline else next(iter(runs))
     domain, floors, refs = bool({"fid", "kid", "pr"} & set(a.metrics)), {}, {}
     for key in dict.fromkeys(data_key(r["cfg"]) for r in runs.values()) if domain else []:
@@ -1633,6 +1645,8 @@ def main(argv=None):
         text = "\n".join(["# The metric ladder", "", "Data: " + results["protocol_text"], ""] +
                          ladder_markdown(results["ladder"]))
         (out / "results.md").write_text(text)
+        for stale in OUTPUTS - set(written):
+            (out / stale).unlink(missing_ok=True)
         print(text)
         print("wrote " + ", ".join(f"{out}/{f}" for f in written))
         return
@@ -1651,6 +1665,8 @@ def main(argv=None):
     if sheet:
         sample_sheet(sheet, len(results["classes"])).save(out / "samples.png")
         written.append("samples.png")
+    for stale in OUTPUTS - set(written):  # an earlier evaluation's figures do not stay beside these
+        (out / stale).unlink(missing_ok=True)
     print(brief(results))
     print("wrote " + ", ".join(f"{out}/{f}" for f in written) + f" (every table: {out}/results.md)")
 

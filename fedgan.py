@@ -830,7 +830,13 @@ def load_data(dataset, data_root, img_size, channels, seed, synthetic_per_class=
     report = [describe_split("train", train[1], classes, *tinfo),
               describe_split("test", test[1], classes, *(tinfo[:3] if held_out else sinfo))
               + (f" (held out: {test_frac:g} of each class)" if held_out else "")]
+    if held_out and len(train[1]) == 0:
+        raise FedGANError(f"{root} holds {len(test[1])} image(s), and holding out --test-frac {test_frac:g} (at least "
+                          "one per class) for evaluation left none to train on; give more images, or a test split")
     check_splits(train[1], test[1], classes, root)
+    native = {tuple(int(v) for v in shape.split("x")[:2]) for shape in tinfo[0]}
+    if native != {(img_size, img_size)}:  # e.g. 28 px MedMNIST upscaled for a 256 px run: say it
+        report.append(f"images resized to {img_size} x {img_size} px")
     flat = train[0].flatten(1)
     if bool((flat.amax(1) == flat.amin(1)).all()):  # trains, but on nothing: say so in the data line
         report.append("WARNING: every training image is one flat value, with no contrast to learn; check how the "
@@ -3013,6 +3019,10 @@ def read_clients(out, ck, ids):
     the per-client files hold them in a list."""
     if not isinstance(ck["clients"], str):
         return {i: ck["clients"][i] for i in ids}
+    missing = [out / ck["clients"] / f"{i:05d}.pt" for i in ids if not (out / ck["clients"] / f"{i:05d}.pt").exists()]
+    if missing:
+        raise FedGANError(f"{missing[0]} is gone (a client's discriminator and optimizers at round {ck['round']}), so "
+                          f"--resume cannot continue {out} exactly; start a new run with --out")
     return {i: read_checkpoint(out / ck["clients"] / f"{i:05d}.pt") for i in ids}
 
 

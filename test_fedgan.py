@@ -1085,6 +1085,19 @@ def test_eval_scores_images_from_any_generator_given_as_npz():
         _fails_cleanly([str(tmp / "bad.npz"), "--metrics", "fid", "--out", str(tmp / "ev2")], "lacks images/labels",
                        main=ev.main)
         _fails_cleanly(["--out", str(tmp / "ev2")], "nothing to score", main=ev.main)
+        _fails_cleanly([str(tmp / "real.npz"), "--data-root", str(tmp / "nowhere"), "--out", str(tmp / "ev2")],
+                       "--data-root", main=ev.main)
+        _fails_cleanly(["--ladder", str(tmp / "missing.npz"), "--out", str(tmp / "ev2")], "no such file", main=ev.main)
+        # MedMNIST's own 28 px: scored at 32 px with a line; a second evaluation into the same folder (--force)
+        # leaves none of the first one's figures behind; a table that cannot exist says why in one line
+        small = fedgan.resize_uint8(x, 28)
+        np.savez(tmp / "m28.npz", images=small[:, 0].numpy(), labels=y.numpy())
+        (tmp / "ev" / "arms.svg").write_text("<svg/>")  # as an earlier evaluation with a forest plot left it
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            ev.main([str(tmp / "m28.npz"), "--metrics", "trigger", "--out", str(tmp / "ev"), "--force"])
+        assert "28 px images resized to 32 px" in said.getvalue() and "no trigger table" in said.getvalue()
+        assert not (tmp / "ev" / "arms.svg").exists() and (tmp / "ev" / "results.md").exists()
 
 
 def test_noise_generator_has_worse_domain_fid_than_a_trained_one():
@@ -1801,6 +1814,12 @@ def test_a_hand_edited_config_json_is_refused_on_resume_naming_the_setting():
             (folder / "config.json").write_text(json.dumps(dict(json.loads(original), **{k: v})))
             _fails_cleanly(["--resume", str(folder), "--rounds", "2"], f"says {k}={v!r}, but its checkpoint")
         (folder / "config.json").write_text(original)
+        ck = torch.load(folder / "checkpoint.pt", weights_only=True)
+        gone = folder / ck["clients"] / "00002.pt"
+        kept = gone.read_bytes()
+        gone.unlink()  # a client's checkpoint file deleted by hand: named, and no resume from a partial set
+        _fails_cleanly(["--resume", str(folder), "--rounds", "2"], "00002.pt is gone")
+        gone.write_bytes(kept)
         assert quiet(fedgan.main, ["--resume", str(folder), "--rounds", "2"]).summary["rounds"] == 2  # as written
 
 
@@ -1824,6 +1843,14 @@ def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk()
             else:
                 raise AssertionError(f"{words}: accepted")
         assert "every training image is one flat value" in _load(_npz(tmp / "flat.npz", np.full_like(x, 77), y)).report
+        assert "images resized to 16 x 16 px" not in _load(_npz(tmp / "same.npz", x, y)).report  # 16 px: as they are
+        assert "images resized to 32 x 32 px" in _load(_npz(tmp / "same.npz", x, y), size=32).report
+        try:  # one image per class and no test split: the hold-out takes them all
+            _load(_npz(tmp / "tiny.npz", x[:2], y[:2]))
+        except fedgan.FedGANError as e:
+            assert "left none to train on" in str(e), e
+        else:
+            raise AssertionError("an .npz the hold-out emptied was accepted")
         # NORMAL/PNEUMONIA/COVID19: three classes, the known two first; hidden things skipped, other types counted
         for name in ("NORMAL", "PNEUMONIA", "COVID19"):
             _write_images(tmp / "three" / name, 4)
