@@ -565,14 +565,17 @@ def lower_is_better(metric):
     return not metric.split(" (")[0].split(" ")[-1] in ("precision", "recall")
 
 
-def ladder(ref, real_x, real_y, seed, classes):
+def ladder(ref, real_x, real_y, seed, classes, say=lambda msg: None):
     """Every fidelity figure of real images (a set disjoint from the reference) and of the same images under
     each LADDER damage at its three levels. Returns dict(real={figure: value}, damaged={damage: [3 x
     {figure: value}]}, verdict={figure: {damage: 'sees' | why not}})."""
     score = lambda x, y: scalar_metrics(fidelity(ref, x, y, seed), classes)  # noqa: E731
-    real = score(real_x, real_y)
-    damaged = {kind: [score(*damage(real_x, real_y, kind, lv, ref.n_classes, seed + i))
-                      for i, lv in enumerate(levels)] for kind, (_, levels) in LADDER.items()}
+    t0 = time.time()
+    real, damaged = score(real_x, real_y), {}
+    for j, (kind, (_, levels)) in enumerate(LADDER.items()):
+        damaged[kind] = [score(*damage(real_x, real_y, kind, lv, ref.n_classes, seed + i)) for i, lv in enumerate(levels)]
+        say(f"ladder: {kind} done, {j + 1}/{len(LADDER)} damages, "
+            f"~{(time.time() - t0) / (j + 1) * (len(LADDER) - j - 1) / 60:.1f} min left")
     verdict = {}
     for m in real:
         sign = 1 if lower_is_better(m) else -1
@@ -1416,7 +1419,7 @@ def run_ladder(a):
     text = (f"{cfg.dataset} {a.data_root or ''} at {cfg.img_size} px, {cfg.channels} channel(s); reference: the held-out "
             f"split ({counts}); the real set: {len(ry)} training images (up to {a.n_synth} per class); domain CNN "
             f"{a.fid_epochs} epochs; seed {a.seed}.")
-    return dict(classes=data.classes, protocol_text=text, ladder=ladder(ref, rx, ry, a.seed, data.classes))
+    return dict(classes=data.classes, protocol_text=text, ladder=ladder(ref, rx, ry, a.seed, data.classes, say))
 
 
 def evaluate(a):
@@ -1470,8 +1473,11 @@ def evaluate(a):
             floors[key][sp] = {m: v for m, v in fl[sp].items() if wanted(m, a.metrics)}
         if "ladder" not in results:
             say("the metric ladder: the floor's real images under known damage")
-            results["ladder"] = ladder(refs[key], fx, fy, a.seed, classes)
-    for name, r in runs.items():
+            results["ladder"] = ladder(refs[key], fx, fy, a.seed, classes, say)
+    t_runs = time.time()
+    for i, (name, r) in enumerate(runs.items()):
+        if i:  # this phase's pace so far: the time left for the rest of the runs
+            say(f"scored {i}/{len(runs)} runs, ~{(time.time() - t_runs) / i * (len(runs) - i) / 60:.1f} min left")
         res = results["runs"].setdefault(name, {})
         tx, ty = r["data"].test
         if "lpips" in a.metrics:

@@ -564,7 +564,11 @@ def resume_matches(args):
 def test_outputs_explain_themselves():
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r"
-        quiet(fedgan.train, tiny_cfg(out, "--rounds", "2", "--local-steps", "1", "--sample-every", "1"))
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            fedgan.train(tiny_cfg(out, "--rounds", "2", "--local-steps", "1", "--sample-every", "1"))
+        rounds = [ln for ln in said.getvalue().splitlines() if ln.startswith("round ")]
+        assert len(rounds) == 2 and re.search(r"round    1/2 .* left 0:\d\d ", rounds[0]), rounds  # time left, round 1
         for f in ("config.json", "metrics.jsonl", "summary.json", "generator.pt", "checkpoint.pt",
                   "samples/round_0001.png", "samples/round_0002.png"):
             assert (out / f).exists(), f
