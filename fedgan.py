@@ -539,7 +539,15 @@ def to_channels(x, channels):
     return (x.float() * lum).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+COMMON_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # named in messages
+
+
+@functools.lru_cache(maxsize=None)
+def image_ext():
+    """Every file suffix Pillow can open here (PNG, JPEG, TIFF, BMP, WebP, GIF, PGM, ...)."""
+    from PIL import Image
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def float_scale(arrays):
@@ -639,6 +647,18 @@ def describe_split(name, y, classes, shapes, dtypes, ranges, skipped=None):
 HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I", "F")  # PIL modes deeper than 8 bits: convert("L") would clip them
 
 
+def as_shown(im):
+    """An image as a viewer shows it: turned by its EXIF orientation, the first frame of an animation or
+    stack, and a transparent image laid on white."""
+    from PIL import Image, ImageOps
+    im.seek(0)
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im
+
+
 def read_folder(root, classes, size, channels):
     """root/<class>/* images -> uint8 (n, C, size, size), labels in the order of `classes`, and what the
     files were (sizes, modes, value ranges) for the data report. 8-bit images of any mode are converted
@@ -648,14 +668,15 @@ def read_folder(root, classes, size, channels):
     xs, ys, shapes, modes, deep, ranges, skipped = [], [], [], [], [], [], collections.Counter()
     for label, name in enumerate(classes):
         entries = [p for p in (root / name).iterdir() if visible(p) and p.is_file()]
-        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXT)
-        skipped.update(p.suffix.lower() or "(no suffix)" for p in entries if p.suffix.lower() not in IMAGE_EXT)
+        files = sorted(p for p in entries if p.suffix.lower() in image_ext())
+        skipped.update(p.suffix.lower() or "(no suffix)" for p in entries if p.suffix.lower() not in image_ext())
         if not files:
-            raise FedGANError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXT))})"
+            raise FedGANError(f"class folder {root / name} holds no images ({', '.join(COMMON_EXT)}, ...)"
                               f"{skipped_text(skipped)}; add images or remove the folder")
         for p in files:
             try:
                 with Image.open(p) as im:
+                    im = as_shown(im)
                     shapes.append(f"{im.height}x{im.width}")
                     modes.append(im.mode)
                     if im.mode in HIGH_DEPTH:
@@ -686,7 +707,7 @@ def skipped_text(skipped):
         return ""
     n = sum(skipped.values())
     kinds = ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items()))
-    return f", {n} file{'s' * (n > 1)} skipped for their type ({kinds}; readable: {', '.join(sorted(IMAGE_EXT))})"
+    return f", {n} file{'s' * (n > 1)} skipped for their type ({kinds}; readable: what Pillow opens, e.g. {', '.join(COMMON_EXT)})"
 
 
 def open_npz(path, needed, fix):

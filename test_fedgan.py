@@ -1534,6 +1534,24 @@ def test_unusual_image_data_loads_right():
         deep = _load(tmp / "deep")
         assert abs(deep.train[0][deep.train[1] == 0].float().mean() - 40000 / 257) < 2, deep.report
         assert abs(deep.train[0][deep.train[1] == 1].float().mean() - 10000 / 257) < 2
+        # as a viewer shows them: EXIF orientation applied, transparency on white, any format Pillow opens
+        top_dark = np.full((16, 24), 255, np.uint8)
+        top_dark[:4] = 0  # a dark band at the top, stored upside down with "rotate 180" in its EXIF
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (tmp / "view" / cls).mkdir(parents=True)
+            exif = Image.Exif()
+            exif[0x0112] = 3
+            Image.fromarray(top_dark[::-1].copy()).save(tmp / "view" / cls / "turned.jpg", exif=exif, quality=100)
+            clear = Image.new("LA", (16, 16), (0, 0))  # black, fully transparent: shown white
+            clear.save(tmp / "view" / cls / "clear.png")
+            Image.fromarray(top_dark).save(tmp / "view" / cls / "plain.webp", lossless=True)
+            Image.fromarray(top_dark).save(tmp / "view" / cls / "plain.pgm")
+        view = _load(tmp / "view", size=16)
+        imgs = torch.cat([view.train[0], view.test[0]]).float()
+        assert len(imgs) == 8 and "skipped" not in view.report, view.report
+        assert (imgs.view(8, -1).min(1).values == 255).sum() == 2  # the transparent ones, white
+        turned = [im for im in imgs if im.min() < 100]
+        assert len(turned) == 6 and all(im[0, :2].mean() < 60 and im[0, -4:].mean() > 200 for im in turned)
 
 
 def test_bad_data_is_refused_with_one_line_and_nothing_written():
@@ -1861,10 +1879,10 @@ def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk()
         _write_images(tmp / "three" / ".ipynb_checkpoints", 2)
         (tmp / "three" / "NORMAL" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
         from PIL import Image
-        Image.new("L", (20, 20)).save(tmp / "three" / "NORMAL" / "x.gif")
+        (tmp / "three" / "NORMAL" / "notes.txt").write_text("not an image")
         data = _load(tmp / "three")
         assert data.classes == ["NORMAL", "PNEUMONIA", "COVID19"] and len(data.train[1]) + len(data.test[1]) == 12
-        assert "1 file skipped for their type (1 .gif" in data.report, data.report
+        assert "1 file skipped for their type (1 .txt" in data.report, data.report
         _write_images(tmp / "three" / "normal", 4)
         try:
             _load(tmp / "three")
