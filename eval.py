@@ -565,6 +565,22 @@ def lower_is_better(metric):
     return not metric.split(" (")[0].split(" ")[-1] in ("precision", "recall")
 
 
+def better(metric):
+    """'higher' or 'lower': which way a figure of the tables improves (None where neither is better)."""
+    m = metric.lower()
+    if any(w in m for w in ("precision", "recall", "tpr", "accuracy", "lowest benign weight")):
+        return "higher"
+    if any(w in m for w in ("fid", "kid", "trigger", "attacker", "fpr", "first flag")):
+        return "lower"
+    return None
+
+
+def direction_line(metrics):
+    """'Lower is better: A, B. Higher is better: C.' for a table's columns."""
+    ways = {w: [m for m in metrics if better(m) == w] for w in ("lower", "higher")}
+    return " ".join(f"{w.capitalize()} is better: {', '.join(ms)}." for w, ms in ways.items() if ms)
+
+
 def ladder(ref, real_x, real_y, seed, classes, say=lambda msg: None):
     """Every fidelity figure of real images (a set disjoint from the reference) and of the same images under
     each LADDER damage at its three levels. Returns dict(real={figure: value}, damaged={damage: [3 x
@@ -777,7 +793,8 @@ def arm_key(config):
 
 def arm_label(names):
     """An arm's name: its folders' common name with the seed suffix (_s0, -s12) taken off."""
-    stripped = sorted({re.sub(r"[_-]s\d+$", "", n) for n in names})
+    stripped = sorted({re.sub(r"[_-]s\d+(_\d{8}-\d{6})?$", "", n) for n in names})  # fedgan's default names end
+    # in _sSEED_YYYYMMDD-HHMMSS: the time tells one seed's folder from another's, not one arm from another
     return stripped[0] if len(stripped) == 1 else "/".join(stripped)
 
 
@@ -1001,6 +1018,8 @@ def markdown(results):
                 if f"{d} in shadow: {k}" in summary and summary[f"{d} in shadow: {k}"][a]["mean"] is not None))
             continue
         lines += [f"## {family}: mean [95% interval] over training seeds", ""]
+        if direction_line(metrics):
+            lines += [direction_line(metrics), ""]
         lines += table(arms, metrics, lambda m, a: cell(summary[m][a]))
         if lad and any(m in lad["verdict"] for m in metrics):
             blind = [f"{m}: {', '.join(k for k, v in lad['verdict'][m].items() if v != 'sees')}" for m in metrics
@@ -1199,6 +1218,22 @@ def recorded_fingerprint(folder):
         return None
 
 
+def native_channels(root):
+    """1 or 3: whether the data at root (an .npz or a class-per-folder tree) is gray or colour, from its first
+    image; None when that cannot be told (fedgan's data loading then says what is wrong)."""
+    root = Path(root)
+    try:
+        if root.is_file():
+            im = np.load(root, mmap_mode="r")["train_images"]
+            return 3 if im.ndim == 4 and im.shape[-1] in (3, 4) else 1
+        from PIL import Image
+        first = next(p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in fedgan.image_ext())
+        with Image.open(first) as im:
+            return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F") else 3
+    except Exception:
+        return None
+
+
 def load_images(path, a):
     """(Config, settings dict, ImageSet) of an .npz of generated images: `images` (n, H, W[, C]) or (n, C, H, W),
     any common dtype, and `labels` (n,) ints. Its reference is the held-out split of --data-root at the
@@ -1215,6 +1250,11 @@ def load_images(path, a):
         fit = min(256, max(16, 1 << (size - 1).bit_length()))
         print(f"{path.name}: {size} px images resized to {fit} px (fedgan's sizes are the powers of two 16..256)")
         x, size = fedgan.resize_uint8(x, fit), fit
+    native = native_channels(a.data_root) if a.data_root else None
+    if native and native != channels:  # scoring against the same images in another colour model compares nothing
+        kind = {1: "gray", 3: "RGB"}
+        raise EvalError(f"{path} holds {kind[channels]} images but --data-root {a.data_root} is {kind[native]}; give "
+                        "the data the images were generated for")
     dataset = a.dataset or ("synthetic" if not a.data_root else "chestx" if channels == 1 else "isic")
     cfg = fedgan.Config(dataset=dataset, data_root=a.data_root, img_size=size, channels=channels, rounds=1)
     fedgan.finalize(cfg)
@@ -1229,6 +1269,7 @@ def data_key(cfg):
 
 
 METRICS = ("lpips", "fid", "kid", "pr", "trigger", "utility")
+SMALL_REFERENCE = 50  # reference images per class below which results.md warns about the distribution figures
 OUTPUTS = {"results.json", "results.md", "arms.svg", "attacker_share.svg", "utility.svg", "samples.png"}  # in --out
 
 
@@ -1442,6 +1483,12 @@ def evaluate(a):
     classes, n_classes = data.classes, len(data.classes)
     tx, ty = data.test
     test_counts = ", ".join(f"{int((ty == c).sum())} {cn}" for c, cn in enumerate(classes))
+    fewest = min(int((ty == c).sum()) for c in range(n_classes))
+    if fewest < SMALL_REFERENCE and {"fid", "kid", "pr"} & set(a.metrics):
+        test_counts += (f"; WARNING: {fewest} images in its smallest class, too few for per-class FID, KID and "
+                        f"precision/recall (their noise dwarfs differences; {SMALL_REFERENCE}+ per class is a floor)")
+        say(f"WARNING: the reference holds {fewest} images in its smallest class: per-class FID, KID and "
+            "precision/recall are mostly noise at that size")
     n_synth = a.n_synth
     sets = [r["g"] for r in runs.values() if isinstance(r["g"], ImageSet)]
     if sets:  # an image file gives what it holds: every set is scored on as many images per class

@@ -881,12 +881,15 @@ def test_study_runs_end_to_end_on_tiny_runs_with_arms_intervals_and_paired_diffe
         md = (out / "results.md").read_text()
         assert "Paired difference from **vanilla**" in md and "| attack |" in md and "n real = 8" in md
         assert "differences tested" in md and "Holm keeps" in md and "## The metric ladder" in md
+        assert "Lower is better: deep FID" in md and "WARNING:" in md and "too few for per-class FID" in md
         for svg in ("arms.svg", "attacker_share.svg", "utility.svg"):
             ET.fromstring((out / svg).read_text())  # well-formed
         from PIL import Image
         with Image.open(out / "samples.png") as im:  # real, vanilla, attack: 3 blocks of 2 rows of 16 px x 2
             assert im.height == 3 * (2 * 32 + 6), im.size
         assert (out / "utility.svg").read_text().count("<polyline") == 3
+    assert ev.arm_label(["synthetic_none_p0_s0_20261207-051200", "synthetic_none_p0_s1_20261207-051311"]) == \
+        "synthetic_none_p0"  # fedgan's default folder names: seeds group them, the times do not split them
 
 
 def test_train_script_runs_the_study_over_seeds_with_short_copies():
@@ -1092,6 +1095,11 @@ def test_eval_scores_images_from_any_generator_given_as_npz():
         _fails_cleanly([str(tmp / "real.npz"), "--data-root", str(tmp / "nowhere"), "--out", str(tmp / "ev2")],
                        "--data-root", main=ev.main)
         _fails_cleanly(["--ladder", str(tmp / "missing.npz"), "--out", str(tmp / "ev2")], "no such file", main=ev.main)
+        rgb, ry = fedgan.synthetic_images(8, 32, 3, seed=0)
+        np.savez(tmp / "rgb.npz", images=rgb.permute(0, 2, 3, 1).numpy(), labels=ry.numpy())
+        np.savez(tmp / "gray_data.npz", train_images=x[:, 0].numpy(), train_labels=y.numpy())
+        _fails_cleanly([str(tmp / "rgb.npz"), "--data-root", str(tmp / "gray_data.npz"), "--out", str(tmp / "ev2")],
+                       "holds RGB images but --data-root", main=ev.main)  # not relabelled as gray
         # MedMNIST's own 28 px: scored at 32 px with a line; a second evaluation into the same folder (--force)
         # leaves none of the first one's figures behind; a table that cannot exist says why in one line
         small = fedgan.resize_uint8(x, 28)
