@@ -2786,13 +2786,13 @@ def rounds(run, cfg, log):
         log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
 
 
-def paper_hours_on(device, cfg, images):
-    """A rough estimate of the hours the paper's networks would take for `images` training images on this
+def hours_on(device, cfg, images, arch):
+    """A rough estimate of the hours networks of `arch` would take for `images` training images on this
     device: their forward FLOPs per image (counted on the meta device), x 6 for G and x 9 for D (a D step
     sees real and fake images, a G step goes through D, a backward pass costs two forwards), at this
     device's fp32 matmul speed."""
     with torch.device("meta"):
-        g, d = build_models(2, **dict(arch_of(cfg), arch="paper"))
+        g, d = build_models(2, **dict(arch_of(cfg), arch=arch))
         z, y = torch.randn(1, g.z_dim), torch.zeros(1, dtype=torch.long)
         g_fl = count_forward_flops(g, z, y)
         d_fl = count_forward_flops(d, torch.randn(1, cfg.channels, cfg.img_size, cfg.img_size), y)
@@ -2804,9 +2804,10 @@ def describe(run, cfg):
     fed, amp = run.fed, amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
     note = ""
     if fed.device.type == "cpu" and cfg.arch == "small" and cfg.img_size >= 128:  # the card's command on a CPU
-        hours = paper_hours_on(fed.device, cfg, (cfg.rounds - run.start) * sum(fed.steps) * cfg.batch)
-        note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: its networks "
-                f"(--arch paper) need a GPU, and would take roughly {hours:,.0f} h here")
+        images = (cfg.rounds - run.start) * sum(fed.steps) * cfg.batch
+        paper, small = (hours_on(fed.device, cfg, images, arch) for arch in ("paper", "small"))
+        note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: this run should "
+                f"take roughly {small:,.1f} h here, the paper's networks (--arch paper, for a GPU) {paper:,.0f} h")
     parts = [cfg.augment != "none" and f"augment {cfg.augment}",
              cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
              cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]

@@ -1406,6 +1406,9 @@ def test_the_cards_command_says_on_a_cpu_that_it_trains_the_small_networks():
                                                          "--synthetic-per-class", "8", "--out", str(Path(tmp) / "r")]))
         line = fedgan.describe(run, cfg)
     assert "NOTE: on a CPU these are the small networks" in line and "--arch paper" in line, line
+    small, paper = (float(v.replace(",", "")) for v in re.findall(r"roughly ([\d,.]+) h here, the paper's networks "
+                                                                  r"\(--arch paper, for a GPU\) ([\d,.]+) h", line)[0])
+    assert 0 <= small < paper, line  # the run it starts, and what the paper's would cost
 
 
 def test_tanh_generator_is_the_linear_one_squashed_and_only_the_first_runs_preset():
