@@ -1438,9 +1438,10 @@ def g_step_loss(d, real, fake, labels, joint, dim=0):
     return g_loss_of(d_logits(d, real.detach() if joint else None, fake, labels, joint, dim)[1])
 
 
-def client_update(client, g_state, steps, t=0):
+def client_update(client, g_state, steps, t=0, tick=None):
     """Procedure A: load the global generator, then `steps` of (D step, G step) on round t's shard.
-    -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees."""
+    -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees.
+    tick(step, steps), if given, is called after every step (progress for long local epochs)."""
     g, d, local = client.g, client.d, client.local
     x, y = shard(client, t)
     device = x.device
@@ -1472,6 +1473,8 @@ def client_update(client, g_state, steps, t=0):
         client.scaler.update()
         d_sum += d_loss.detach().float()
         g_sum += g_loss.detach().float()
+        if tick is not None:
+            tick(s + 1, steps)
     return g.state_dict(), ((d_sum / steps).item(), (g_sum / steps).item())
 
 
@@ -1639,15 +1642,19 @@ def client_updates(fed, g_state, t, log=print):
             torch.cuda.empty_cache()
             log(f"out of memory with {len(owned)} clients side by side: clients train in turn from round {t + 1} on")
     if results is None:
-        results, t0 = {}, time.time()
+        results, t0, said = {}, time.time(), [time.time()]
+
+        def tick(i, step, steps):  # a long round (large images on a CPU, many clients) says something every 20 s
+            if time.time() - said[0] > 20:
+                log(f"  client {i}: step {step}/{steps}, {len(results)}/{len(owned)} clients done here, "
+                    f"{time.time() - t0:.0f}s into the round", flush=True)
+                said[0] = time.time()
         for i in owned:
             if fed.offload:
                 client_to(fed.clients[i], fed.device)
-            results[i] = client_update(fed.clients[i], g_state, fed.steps[i], t)
+            results[i] = client_update(fed.clients[i], g_state, fed.steps[i], t, functools.partial(tick, i))
             if fed.offload:
                 client_to(fed.clients[i], "cpu")
-            if time.time() - t0 > 20:  # a long round (large images on a CPU, many clients) still shows progress
-                log(f"  client {i} done, {len(results)}/{len(owned)} here, {time.time() - t0:.0f}s", flush=True)
     if fed.timing is not None:
         time_the_ways(fed, t, time.perf_counter() - start, log)
     d_losses, true_losses = gather_losses({i: r[1] for i, r in results.items()}, fed.n_clients, fed.distributed)

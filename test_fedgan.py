@@ -580,6 +580,23 @@ def test_outputs_explain_themselves():
         assert Image.open(out / "samples/round_0002.png").size == (8 * 16, 2 * 16)  # one row per class
 
 
+def test_a_long_round_says_something_every_20_seconds():
+    with tempfile.TemporaryDirectory() as tmp:
+        run = quiet(fedgan.setup_run, tiny_cfg(Path(tmp) / "r", "--rounds", "1", "--local-steps", "3"))
+        said, clock, real = [], [0.0], time.time
+
+        def slow():  # every look at the clock is 7 s later: a round of 12 steps takes minutes
+            clock[0] += 7.0
+            return clock[0]
+        time.time = slow
+        try:
+            fedgan.client_updates(run.fed, run.g.state_dict(), 0, log=lambda *a, **k: said.append(a[0]))
+        finally:
+            time.time = real
+        fedgan.unlock_folder(run.lock)
+    assert len(said) >= 3 and all("step" in ln and "into the round" in ln for ln in said), said
+
+
 def test_pneumoniamnist_trains_a_few_rounds():
     if not PNEUMONIAMNIST.exists():
         raise Skip(f"{PNEUMONIAMNIST} not present")
