@@ -1346,12 +1346,20 @@ def client_seed(seed, client_id):
     return seed * 1_000_003 + 7919 * (client_id + 1)
 
 
-def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, clean=None, attack_start=0,
-                parallel=False, backdoor=None):
-    """A client around its shard and discriminator d; home: where its models live between turns
+@dataclass
+class Attacker:
+    """What a malicious client does besides training on its poisoned shard."""
+    clean: Optional[tuple] = None        # (x, y) it trains on before `start` (a late attacker)
+    start: int = 0                       # --attack-start
+    backdoor: Optional[Backdoor] = None  # --attack latent: what backdoor_loss teaches its generator
+
+
+def make_client(client_id, data, g_global, d, local, seed, device, home=None, parallel=False, attacker=None):
+    """A client around its shard data = (x, y) and discriminator d; home: where its models live between turns
     (default the device; 'cpu' when offloading, see client_to). With --compile, a client trained in turn
     has its modules compiled; clients side by side (parallel) do not: client_update_parallel compiles the
     batched functions instead, so exactly one path is compiled."""
+    (x, y), a = data, attacker or Attacker()
     g = copy.deepcopy(g_global)
     g.to(home or device), d.to(home or device)
     if local.channels_last:
@@ -1364,8 +1372,8 @@ def make_client(client_id, x, y, g_global, d, local, seed, device, home=None, cl
                   opt_d=torch.optim.Adam(d.parameters(), lr=local.lr, betas=betas),
                   scaler=torch.amp.GradScaler(device.type, enabled=local.amp_dtype == torch.float16),
                   rng=torch.Generator(device=device).manual_seed(client_seed(seed, client_id)), local=local,
-                  clean=None if clean is None else (clean[0].to(device), clean[1].to(device)),
-                  attack_start=attack_start, backdoor=backdoor)
+                  clean=None if a.clean is None else (a.clean[0].to(device), a.clean[1].to(device)),
+                  attack_start=a.start, backdoor=a.backdoor)
 
 
 def new_discriminator(client_id, seed, n_classes, arch):
@@ -2550,13 +2558,14 @@ def build_run(cfg, out, rank, world, lock):
         if i in bad:  # the attack: every training image of a malicious client
             xp, yp = dilute((xi, yi), poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size),
                                              cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
-            clean = (xi, yi) if cfg.attack_start > 0 else None  # a late attacker trains clean until it starts
-            bd = (Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent" else None)
-            clients[i] = make_client(i, xp, yp, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     clean, cfg.attack_start, parallel=parallel, backdoor=bd)
+            attacker = Attacker((xi, yi) if cfg.attack_start > 0 else None, cfg.attack_start,  # late: clean first
+                                Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent"
+                                else None)
+            clients[i] = make_client(i, (xp, yp), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
+                                     parallel, attacker)
         else:
-            clients[i] = make_client(i, xi, yi, g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     parallel=parallel)
+            clients[i] = make_client(i, (xi, yi), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
+                                     parallel)
     fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
                      cfg.seed, [len(s) for s in shards], cfg.scale_update, Timing() if timed else None)
     if rank == 0:
@@ -3179,7 +3188,7 @@ def reconstruct(g, x, y, n_classes, per_class, epochs, local, seed, arch, device
     gen = torch.Generator().manual_seed(seed + 11)
     idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=gen)]
                      [:per_class] for c in range(n_classes)])
-    server = make_client(-1, x[idx], y[idx], g, new_discriminator(-1, seed, n_classes, arch), local, seed, device)
+    server = make_client(-1, (x[idx], y[idx]), g, new_discriminator(-1, seed, n_classes, arch), local, seed, device)
     steps = epochs * steps_per_round(0, local.batch, len(idx))
     print(f"reconstruct: fine-tuning the server generator on {len(idx)} benign images for {steps} steps")
     state, (_, gl) = client_update(server, g.state_dict(), steps)
@@ -3414,7 +3423,7 @@ def bench(cfg):
 def time_steps(x, y, g, local, cfg, device, parallel):
     """Fresh clients (the bench's one, or --clients side by side), two warm-up steps (allocator, kernels,
     compilation), then cfg.bench_steps timed. -> (clients, warm-up s, s per step)."""
-    clients = [make_client(i, x, y, g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
+    clients = [make_client(i, (x, y), g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
                            parallel=parallel) for i in range(cfg.clients if parallel else 1)]
     state = {k: v.clone() for k, v in g.state_dict().items()}
     step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
