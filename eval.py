@@ -589,7 +589,8 @@ def ladder(ref, real_x, real_y, seed, classes, say=lambda msg: None):
     t0 = time.time()
     real, damaged = score(real_x, real_y), {}
     for j, (kind, (_, levels)) in enumerate(LADDER.items()):
-        damaged[kind] = [score(*damage(real_x, real_y, kind, lv, ref.n_classes, seed + i)) for i, lv in enumerate(levels)]
+        damaged[kind] = [score(*damage(real_x, real_y, kind, lv, ref.n_classes, seed + i))
+                         for i, lv in enumerate(levels)]
         say(f"ladder: {kind} done, {j + 1}/{len(LADDER)} damages, "
             f"~{(time.time() - t0) / (j + 1) * (len(LADDER) - j - 1) / 60:.1f} min left")
     verdict = {}

@@ -339,7 +339,8 @@ def finalize(cfg):
     if not cfg.out.strip():
         raise FedGANError("--out is empty; give the run folder a path, e.g. --out runs/first")
     data = Path(cfg.data_root or default_data_root(cfg.dataset)) if cfg.dataset != "synthetic" else None
-    if data is not None and data.is_dir() and data.resolve() in [Path(cfg.out).resolve(), *Path(cfg.out).resolve().parents]:
+    out = Path(cfg.out).resolve()
+    if data is not None and data.is_dir() and data.resolve() in [out, *out.parents]:
         raise FedGANError(f"--out {cfg.out} lies inside the data folder {data}, where the next run would read it as a "
                           "class folder; choose a folder outside it")
     return cfg
@@ -707,7 +708,8 @@ def skipped_text(skipped):
         return ""
     n = sum(skipped.values())
     kinds = ", ".join(f"{k} {ext}" for ext, k in sorted(skipped.items()))
-    return f", {n} file{'s' * (n > 1)} skipped for their type ({kinds}; readable: what Pillow opens, e.g. {', '.join(COMMON_EXT)})"
+    return (f", {n} file{'s' * (n > 1)} skipped for their type ({kinds}; readable: what Pillow opens, e.g. "
+            f"{', '.join(COMMON_EXT)})")
 
 
 def open_npz(path, needed, fix):
@@ -2861,7 +2863,8 @@ def log_round(run, t, rounds, reports, decision, secs, left):
         note += f"  kept {np.flatnonzero(decision.selected).tolist()}"
     if "watch_score" in decision.logged:
         note += f"  probe {fmt(decision.logged['watch_score'], 1)}"
-    print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  left {hms(left)}  g_loss {fmt(reports.g_loss)}  d_loss {fmt(reports.d_loss)}  "
+    print(f"round {t + 1:4d}/{rounds}  {secs:6.1f}s  left {hms(left)}  g_loss {fmt(reports.g_loss)}  "
+          f"d_loss {fmt(reports.d_loss)}  "
           f"w {fmt(server.weights)}  flagged {np.flatnonzero(decision.flags).tolist()}{note}", flush=True)
     rec = dict(round=t + 1, d_loss=reports.d_loss, g_loss=reports.g_loss, flagged=decision.flags.astype(int).tolist(),
                **({"g_loss_true": reports.g_loss_true} if run.fed.adaptive else {}),
