@@ -686,6 +686,7 @@ def _write_images(folder, n, size=20, mode="L"):
             folder / f"img{i}.png")
 
 
+@quick
 def test_folder_layouts_kermany_and_flat_and_npz():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "kermany"
@@ -937,7 +938,6 @@ def test_train_script_runs_the_study_over_seeds_with_short_copies():
             other.stderr and "finished earlier" not in other.stdout, other.stdout + other.stderr
 
 
-@quick
 @quick
 def test_train_script_lists_the_paper_grid_without_training():
     if not shutil.which("bash"):
@@ -1382,6 +1382,7 @@ def test_demodulation_stays_fp32_under_autocast():
     assert plain_bf16.dtype == torch.bfloat16 and not torch.equal(plain_bf16.float(), exact)
 
 
+@quick
 def test_collectives_use_the_backends_device():
     real = fedgan.dist.get_backend
     try:
@@ -1678,6 +1679,7 @@ def test_a_detector_that_would_never_run_is_announced():
         assert "never runs" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
 
 
+@quick
 def test_eval_refuses_bad_inputs_before_any_work():
     import eval as ev
 
