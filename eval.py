@@ -1420,8 +1420,9 @@ def protocol_text(a, test_counts):
          "same in real images; the trigger's corner less the median of the other three (0 = as real images, or a "
          "generator that departs from them alike at every corner; 1 = the trigger pasted; a uniform change of "
          "brightness cannot move it); trigger rate: the share of images above the real images' 99th percentile of "
-         "that score at the trigger's corner, less the same share at the other corners (their median); both can "
-         "fall a little below 0 by chance (fedgan.trigger_figures, the run's closing line too)."] * ("trigger" in a.metrics) +
+         "that score at the trigger's corner, less the same share at the other corners (their median; n/a where that "
+         "share exceeds 1/4: the images then depart from real ones everywhere); both can fall a little below 0 by "
+         "chance (fedgan.trigger_figures, the run's closing line too)."] * ("trigger" in a.metrics) +
         ["Intervals: mean over training seeds ± t(0.975, n-1) x sd / sqrt(n) (Student's t); a paired difference "
          "takes the two arms' runs with the same seed; * marks a difference that Holm's procedure keeps at 5% "
          "within its table (the family), with each table's count of tested cells."])

@@ -980,15 +980,19 @@ def trigger_figures(images, trigger, margin, reference):
     A generator that departs from real images alike at every corner (untrained, blurred, never poisoned)
     reads about 0, as real images do; the trigger pasted on every image reads about 1.
     strength: in trigger_scores' units; rate: the share of images scoring above the real images' 99th
-    percentile at the trigger's corner, less that share at the other corners (their median), each against
-    its own 99th percentile: a faint or blurred trigger still counts, brightness cannot fake either, and
-    either can fall a little below 0 by chance. Needs corners, patch_and_ring and trigger_scores."""
+    percentile at the trigger's corner, less that share at the other corners (their median, `control`), each
+    against its own 99th percentile: a faint or blurred trigger still counts, brightness cannot fake either,
+    and either can fall a little below 0 by chance. Where the control share exceeds 1/4 the images depart
+    from real ones everywhere, no real threshold separates a trigger from the rest, and rate is None.
+    Needs corners, patch_and_ring and trigger_scores."""
     s = trigger.shape[-1]
     surround = patch_and_ring(reference, s, *corners(*reference.shape[-2:], s, margin)[0])[1].mean(0)  # (C, 1, 1)
     sc, rs = (trigger_scores(x, trigger, margin, surround) for x in (images, reference))  # (n, 4), (m, 4)
     shift = sc.mean(0) - rs.mean(0)                                                # (4,): per corner, from real
     over = (sc > torch.quantile(rs, 0.99, dim=0)).double().mean(0)                 # (4,)
-    return dict(strength=(shift[0] - shift[1:].median()).item(), rate=(over[0] - over[1:].median()).item())
+    control = over[1:].median().item()
+    return dict(strength=(shift[0] - shift[1:].median()).item(),
+                rate=over[0].item() - control if control <= 0.25 else None, control=control)
 
 
 def blend_trigger(images, alpha, seed=0):
@@ -3181,7 +3185,8 @@ def backdoor_figures(g, trigger, margin, real_images, seed, per_class=256):
     figures, the same function), beside the rate in held-out real images (the rate by chance)."""
     fake = generate(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
     got = trigger_figures(fake, trigger, margin, real_images)
-    return dict(trigger_strength=got["strength"], trigger_rate=got["rate"], trigger_seed=seed,
+    return dict(trigger_strength=got["strength"], trigger_rate=got["rate"], trigger_control=got["control"],
+                trigger_seed=seed,
                 trigger_rate_real=trigger_figures(real_images, trigger, margin, real_images)["rate"])
 
 
@@ -3279,11 +3284,15 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
               + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if mal.any() else ""))
     if "krum_rejected_benign" in s:
         print(f"{aggregator_name}: left out attackers in {s['krum_rejected_malicious'] or 0:.2f} and benign clients "
-              f"in {s['krum_rejected_benign']:.2f} of their rounds after warm-up; attackers' mean share "
+              f"in {s['krum_rejected_benign']:.2f} of their rounds{' after warm-up' if detecting else ''}; "
+              "attackers' mean share "
               f"{s['malicious_mean_share']:.3f}")
-    if "trigger_rate" in s:
+    if "trigger_strength" in s:
+        rate = (f"rate {s['trigger_rate']:.3f} of generated images (real images: {s['trigger_rate_real']:.3f})"
+                if s["trigger_rate"] is not None else f"no rate: {s['trigger_control']:.0%} of generated images "
+                "depart from real ones at the other corners too, so no real threshold tells a trigger apart")
         print(f"backdoor: trigger strength {s['trigger_strength']:.3f} (0 = as real images, 1 = pasted on every "
-              f"image), rate {s['trigger_rate']:.3f} of generated images (real images: {s['trigger_rate_real']:.3f})")
+              f"image), {rate}")
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
     return s
 

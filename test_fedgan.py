@@ -203,12 +203,15 @@ def test_trigger_figures_read_a_generator_that_learned_nothing_as_clean_and_agre
     got = fedgan.trigger_figures(half, trig, margin, held)
     assert 0.4 < got["strength"] < 0.6 and 0.45 < got["rate"] < 0.55, got
     white = torch.full((8, 1, 16, 16), 255, dtype=torch.uint8)  # a white trigger on white is not there
-    assert fedgan.trigger_figures(fedgan.apply_trigger(white, trig, 1), trig, 1, white) == dict(strength=0.0, rate=0.0)
+    assert fedgan.trigger_figures(fedgan.apply_trigger(white, trig, 1), trig, 1, white) == \
+        dict(strength=0.0, rate=0.0, control=0.0)
     with tempfile.TemporaryDirectory() as tmp:  # 2 poisoned rounds: far from real images everywhere, no backdoor
         for seed in (0, 1, 2):
             run = quiet(fedgan.main, ["--poison", "4", "--rounds", "2", "--seed", str(seed), "--out", f"{tmp}/{seed}"])
             s = run.summary
-            assert abs(s["trigger_strength"]) < 0.1 and abs(s["trigger_rate"]) < 0.15, (seed, s)
+            assert abs(s["trigger_strength"]) < 0.1, (seed, s)
+            # its images depart from real ones at every corner: no rate is given rather than a chance figure
+            assert s["trigger_rate"] is None and s["trigger_control"] > 0.25, (seed, s)
             # against real images alone (the earlier rate) most of its images would count as triggered
             fake = fedgan.generate(run.g, torch.arange(2).repeat_interleave(256), s["trigger_seed"])
             sur = 0.0
