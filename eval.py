@@ -687,8 +687,8 @@ def detection_metrics(folder, cfg, say=print):
     out = dict(lowest_benign_weight=summary.get("lowest_benign_weight"))
     if mal.any():
         share = [None if robust_only else float(aggregation_weights(r)[mal].sum()) for r in recs]
-        final = summary.get("malicious_final_share", summary["malicious_final_weight"])  # Krum: what it kept
-        out.update(attacker_final_weight=None if robust_only else final, attacker_share=share,
+        # its part of the last aggregate (under Krum what it kept, not its weight w_i), read from the log itself
+        out.update(attacker_final_weight=share[-1], attacker_share=share,
                    attacker_mean_share=None if robust_only else float(np.mean(share)))
     for k in ("tpr_after_warmup", "fpr_after_warmup"):
         out[k] = summary.get(k)
