@@ -2433,6 +2433,16 @@ def test_every_documented_command_parses_and_every_link_exists():
     assert seen >= 8, seen  # the check found the commands
 
 
+@quick
+def test_every_interval_in_readmes_results_stands_in_docs_results():
+    readme, docs = (HERE / "README.md").read_text(), (HERE / "docs" / "results.md").read_text()
+    results = readme[readme.index("## Results in brief"):readme.index("## References")]
+    intervals = re.findall(r"\[[-+]?[\d,.]+, [-+]?[\d,.]+\]", results)
+    assert len(intervals) >= 10, intervals  # the check found the figures
+    missing = [iv for iv in intervals if iv not in docs]
+    assert not missing, f"README's results quote intervals no table in docs/results.md holds: {missing}"
+
+
 def test_the_worked_example_in_readme_runs():
     text = (HERE / "README.md").read_text()
     code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def clipped_mean" in b)
