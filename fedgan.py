@@ -316,6 +316,13 @@ def finalize(cfg):
     if cfg.aggregator in ("krum", "multi-krum") and cfg.clients < 4:
         raise FedGANError(f"--aggregator {cfg.aggregator} scores each client by its n - f - 2 nearest others, none "
                           f"with {cfg.clients} clients (f = {threat_bound(cfg.clients)}); use --clients 4 or more")
+    check_attackers(cfg)
+    check_out_path(cfg)
+    return cfg
+
+
+def check_attackers(cfg):
+    """The malicious clients: some when there is an attack, none without, a minority, within 0..N-1."""
     ids = malicious_ids(cfg)
     if attacking(cfg) and not ids:
         raise FedGANError("an attack needs at least one malicious client (--malicious K or --malicious-ids)")
@@ -334,6 +341,10 @@ def finalize(cfg):
                                                    f"an attack needs --clients {2 * len(ids) + 1} or more"))
     if any(i < 0 or i >= cfg.clients for i in ids):
         raise FedGANError(f"--malicious-ids {cfg.malicious_ids} names a client outside 0..{cfg.clients - 1}")
+
+
+def check_out_path(cfg):
+    """--out: named (a default from the settings and the time), not empty, not inside the data folder."""
     if cfg.out is None:
         cfg.out = f"runs/{cfg.dataset}_{cfg.defense}_p{cfg.poison}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     if not cfg.out.strip():
@@ -343,7 +354,6 @@ def finalize(cfg):
     if data is not None and data.is_dir() and data.resolve() in [out, *out.parents]:
         raise FedGANError(f"--out {cfg.out} lies inside the data folder {data}, where the next run would read it as a "
                           "class folder; choose a folder outside it")
-    return cfg
 
 
 def resolve_defense(cfg):
@@ -2525,27 +2535,20 @@ def build_run(cfg, out, rank, world, lock):
     """setup_run's work once the folder is checked (and, for a resume, held)."""
     device = pick_device(cfg.device)
     set_precision(cfg, device)
-    if world > 1 and cfg.scale_update:
-        raise FedGANError("--scale-update needs every generator on one process; run it without torchrun")
-    if world > 1 and cfg.aggregator != "fedavg":
-        raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
-                          "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
-    if world > cfg.clients:
-        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
-                          "use --nproc-per-node <= --clients")
+    check_world(cfg, world)
     if cfg.resume and rank == 0 and (out / "checkpoint.pt").exists():
         check_same_experiment(cfg, read_checkpoint(out / "checkpoint.pt")["config"], out)
     seed_everything(cfg.seed)
     data = data_of(cfg)
     if cfg.resume:
         check_fingerprint(out, data, cfg.data_root)
-    x, y = data.train
+    y = data.train[1]
     shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
               else split_clients(len(y), cfg.clients, cfg.seed))
     if min(len(s) for s in shards) < 2:
         raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
                           f"use fewer --clients or more data (data: {data.report})")
-    bad, n_classes = malicious_ids(cfg), len(data.classes)
+    n_classes = len(data.classes)
     g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
     owned = owned_clients(cfg.clients, rank, world)
     steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
@@ -2555,6 +2558,35 @@ def build_run(cfg, out, rank, world, lock):
     if world > 1 and defense.detect is not None and defense.detect.whole:
         raise FedGANError("the probe, the probe detector and --shadow read every generator, so they need them all "
                           "on one process; run them without torchrun")
+    clients = clients_of(cfg, data, shards, owned, g_global, device, parallel, offload)
+    fed = Federation(clients, steps, malicious_ids(cfg), device, parallel, offload, world > 1, cfg.adaptive,
+                     cfg.attack_start, cfg.seed, [len(s) for s in shards], cfg.scale_update,
+                     Timing() if timed else None)
+    if rank == 0:
+        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients))
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        load_checkpoint(run, cfg.rounds)
+    elif cfg.resume and rank == 0:
+        print(f"no checkpoint in {out}: starting from round 0")
+    return run
+
+
+def check_world(cfg, world):
+    """Under torchrun: what needs every generator on one process is refused, and every rank needs a client."""
+    if world > 1 and cfg.scale_update:
+        raise FedGANError("--scale-update needs every generator on one process; run it without torchrun")
+    if world > 1 and cfg.aggregator != "fedavg":
+        raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
+                          "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
+    if world > cfg.clients:
+        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
+                          "use --nproc-per-node <= --clients")
+
+
+def clients_of(cfg, data, shards, owned, g_global, device, parallel, offload):
+    """{id: Client} for the clients this process holds, the malicious ones with their attack (the edge)."""
+    (x, y), n_classes, bad = data.train, len(data.classes), malicious_ids(cfg)
     local = local_of(cfg, device)
     trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
     clients = {}
@@ -2572,16 +2604,7 @@ def build_run(cfg, out, rank, world, lock):
         else:
             clients[i] = make_client(i, (xi, yi), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
                                      parallel)
-    fed = Federation(clients, steps, bad, device, parallel, offload, world > 1, cfg.adaptive, cfg.attack_start,
-                     cfg.seed, [len(s) for s in shards], cfg.scale_update, Timing() if timed else None)
-    if rank == 0:
-        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients))
-    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
-    if cfg.resume and (out / "checkpoint.pt").exists():
-        load_checkpoint(run, cfg.rounds)
-    elif cfg.resume and rank == 0:
-        print(f"no checkpoint in {out}: starting from round 0")
-    return run
+    return clients
 
 
 def fixed_probe(cfg, g):
@@ -3272,6 +3295,12 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
         s["malicious_mean_share"] = float((sel[:, mal].sum(1) / sel.sum(1)).mean())
     s.update(extra or {})
     atomic_write_text(out / "summary.json", json.dumps(s, indent=2))
+    say_summary(s, out, seconds, detecting, aggregator_name)
+    return s
+
+
+def say_summary(s, out, seconds, detecting, aggregator_name):
+    """The run's closing lines, from its summary."""
     print(f"done: {s['rounds']} rounds in {seconds:.0f}s  flags per client {s['flags_per_client']}  "
           f"final weights {fmt(s['final_weights'])}"
           + (f" (their shares of the last aggregate, {aggregator_name} chose: {fmt(s['final_share'])})"
@@ -3281,7 +3310,7 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
         first = s.get("rounds_to_first_correct_flag")
         print(f"detector after warm-up: TPR {tpr}  FPR {s['fpr_after_warmup']:.3f} per benign client-round"
               + (f"  first correct flag after {first} detection round(s)" if first else "")
-              + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if mal.any() else ""))
+              + (f"  attackers' final weight {s['malicious_final_weight']:.3f}" if s["malicious"] else ""))
     if "krum_rejected_benign" in s:
         print(f"{aggregator_name}: left out attackers in {s['krum_rejected_malicious'] or 0:.2f} and benign clients "
               f"in {s['krum_rejected_benign']:.2f} of their rounds{' after warm-up' if detecting else ''}; "
@@ -3294,7 +3323,6 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
         print(f"backdoor: trigger strength {s['trigger_strength']:.3f} (0 = as real images, 1 = pasted on every "
               f"image), {rate}")
     print(f"outputs: {out}/ (config.json, metrics.jsonl, summary.json, samples/, generator.pt, checkpoint.pt)")
-    return s
 
 
 # ------------------------------------------------------------------------------------------------
