@@ -1912,7 +1912,6 @@ def test_float_data_has_one_scale_per_file_and_classes_are_the_folders_on_disk()
             _write_images(tmp / "three" / name, 4)
         _write_images(tmp / "three" / ".ipynb_checkpoints", 2)
         (tmp / "three" / "NORMAL" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
-        from PIL import Image
         (tmp / "three" / "NORMAL" / "notes.txt").write_text("not an image")
         data = _load(tmp / "three")
         assert data.classes == ["NORMAL", "PNEUMONIA", "COVID19"] and len(data.train[1]) + len(data.test[1]) == 12
