@@ -702,7 +702,7 @@ def detection_metrics(folder, cfg, say=print):
 
 # config.json keys that do not change the experiment: runs differing only in these are one arm
 NOT_THE_EXPERIMENT = {"seed", "out", "resume", "environment", "device", "amp", "amp_dtype", "tf32", "channels_last",
-                      "compile", "parallel_clients", "offload", "ckpt_every", "sample_every", "bench", "bench_steps",
+                      "compile", "offload", "ckpt_every", "sample_every", "bench", "bench_steps",
                       "bench_round", "recipe"}  # recipe: a name for values recorded on their own
 # Student's t, 97.5% quantile, by degrees of freedom (the two-sided 95% interval)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -773,9 +773,14 @@ def interval(values):
     return dict(mean=mean, lo=mean - half, hi=mean + half, n=len(v), sd=sd, p=p)
 
 
+GONE = dict(trim=None, parallel_clients=None, attack_start=0)  # settings fedgan.py no longer has (None: any value)
+
+
 def meaningful(config):
     """config without the settings that do nothing in it (fedgan.NEEDS: --reconstruct-epochs without a
-    reconstruction, --trim without a trimmed mean, ...), so runs that differ only there are one arm."""
+    reconstruction, --blend-alpha without a blend, ...), and without settings fedgan.py no longer has at their
+    only value, so runs that differ only there are one arm."""
+    config = {k: v for k, v in config.items() if not (k in GONE and GONE[k] in (None, v))}
     cfg = fedgan.Config(**{f.name: config[f.name] for f in dataclasses.fields(fedgan.Config) if f.name in config})
     return {k: v for k, v in config.items() if not (k in fedgan.NEEDS and not fedgan.NEEDS[k][0](cfg))}
 

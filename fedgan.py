@@ -22,6 +22,7 @@ References: Jin et al., "Backdoor Attack and Defense in Federated GAN-based Medi
 Radford et al. 2016, DCGAN; Miyato & Koyama 2018, projection discriminator; McMahan et al. 2017, FedAvg;
 Blanchard et al. 2017, Krum; Liu, Ting & Zhou 2008, isolation forest (isoforest.py); Page 1954, CUSUM.
 """
+
 import argparse
 import collections
 import contextlib
@@ -55,7 +56,6 @@ from isoforest import IsolationForest
 # ------------------------------------------------------------------------------------------------
 # Config: the only place that knows every flag. Functions below take the plain values they use.
 # ------------------------------------------------------------------------------------------------
-
 
 PRESETS = {  # flags given on the command line win over these
     "synthetic": dict(img_size=32, channels=1, decay=0.8, rounds=40, width=8, tanh=True),  # the first run
@@ -112,7 +112,6 @@ class Config:
     malicious: int = opt(None, "number K of malicious clients, chosen at random from the seed "
                                "(default 1 when attacking)", "attack")
     malicious_ids: str = opt(None, "explicit malicious client ids, comma separated (overrides --malicious)", "attack")
-    attack_start: int = opt(0, "round from which malicious clients train on poisoned data (clean before it)", "attack")
     adaptive: bool = opt(False, "malicious clients report a loss drawn from the benign clients' range of the round, "
                                 "while still training on poisoned data (an attacker who knows the detector)", "attack")
     scale_update: bool = opt(False, "malicious clients scale their update G_i - G to a norm inside the benign "
@@ -120,10 +119,9 @@ class Config:
                                     "distance-based defenses", "attack")
     # defense: a shortcut, then the four parts it stands for
     defense: str = opt("none", "the paper-facing shortcut for one part below: feddetect (= --detector paper) | flip | "
-                               "rotate (= --augment) | reconstruct (= --posthoc) | median | trimmed-mean | krum | "
-                               "multi-krum | clip (= --aggregator) | none", "defense",
-                       choices=["none", "feddetect", "flip", "rotate", "reconstruct", "median", "trimmed-mean",
-                                "krum", "multi-krum", "clip"])
+                               "rotate (= --augment) | reconstruct (= --posthoc) | krum | multi-krum | clip "
+                               "(= --aggregator) | none", "defense",
+                       choices=["none", "feddetect", "flip", "rotate", "reconstruct", "krum", "multi-krum", "clip"])
     augment: str = opt(None, "augmentation of every client's real batches: none | flip | rotate (default none)",
                        "defense: augmentation", choices=["none", "flip", "rotate"])
     detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
@@ -157,12 +155,10 @@ class Config:
     decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
                              "d^c_i, c_i its flag count (not the optimizer's weight decay) " + preset("decay"),
                       "defense: detector")
-    aggregator: str = opt(None, "how the server combines generators: fedavg | median | trimmed-mean | krum | "
-                                "multi-krum | clip (updates clipped to the median norm) (default fedavg)",
+    aggregator: str = opt(None, "how the server combines generators: fedavg | krum | multi-krum | clip (updates "
+                                "clipped to the median norm) (default fedavg)",
                           "defense: aggregator",
-                          choices=["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"])
-    trim: float = opt(0.1, "trimmed-mean: fraction cut at each end per coordinate, in [0, 0.5)",
-                      "defense: aggregator")
+                          choices=["fedavg", "krum", "multi-krum", "clip"])
     posthoc: str = opt(None, "after the last round: none | reconstruct (fine-tune the server generator on benign "
                              "real images) (default none)", "defense: post-hoc", choices=["none", "reconstruct"])
     reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning",
@@ -202,9 +198,6 @@ class Config:
     tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (when autocast is off)", "speed")
     channels_last: bool = opt(True, "NHWC memory format for models and batches on CUDA", "speed")
     compile: bool = opt(False, "torch.compile the generator and discriminator (slow first round, faster after)", "speed")
-    parallel_clients: str = opt("auto", "train this process's clients side by side (torch.func.vmap over stacked "
-                                        "models; equal to one after another): auto (on CUDA when shards and steps "
-                                        "agree) | on | off", "speed", choices=["auto", "on", "off"])
     offload: str = opt("auto", "keep each client's private state (D, optimizers, G copy) in host memory between "
                                "its turns: auto (when N clients would not fit the GPU) | on | off", "speed",
                        choices=["auto", "on", "off"])
@@ -230,13 +223,16 @@ JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake im
 # Measured and removed (docs/results.md has their tables; commit 97daaf9 has the code): a run written
 # with one of these on cannot be resumed or rebuilt here.
 REMOVED = dict(ema=0.0, r1=0.0, class_loss=0.0, rollback=0)
+# Never measured, so removed (commit 2f12077 has them): the late attacker, the median and the trimmed mean.
+UNMEASURED = dict(attack_start=lambda v: v != 0, aggregator=lambda v: v in ("median", "trimmed-mean"),
+                  defense=lambda v: v in ("median", "trimmed-mean"))
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
                      reconstruct=("posthoc", "reconstruct"))  # every other --defense value is an aggregator
 PART_DEFAULTS = dict(augment="none", detector="none", aggregator="fedavg", posthoc="none")
 # What --resume may change: how fast and where it runs, how often it writes, and how long it goes on.
 # --data-root may point to the same data moved elsewhere: its fingerprint is checked against the run's.
-RESUMABLE = {"rounds", "device", "amp", "amp_dtype", "tf32", "channels_last", "compile", "parallel_clients",
+RESUMABLE = {"rounds", "device", "amp", "amp_dtype", "tf32", "channels_last", "compile",
              "offload", "ckpt_every", "sample_every", "resume", "data_root"}
 
 
@@ -310,9 +306,6 @@ def finalize(cfg):
     if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
                           f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
-    if attacking(cfg) and cfg.attack_start >= cfg.rounds:
-        raise FedGANError(f"--attack-start {cfg.attack_start} is not before --rounds {cfg.rounds}: the attack would "
-                          f"never happen; start it earlier or train longer")
     if cfg.aggregator in ("krum", "multi-krum") and cfg.clients < 4:
         raise FedGANError(f"--aggregator {cfg.aggregator} scores each client by its n - f - 2 nearest others, none "
                           f"with {cfg.clients} clients (f = {threat_bound(cfg.clients)}); use --clients 4 or more")
@@ -376,7 +369,7 @@ def check_ranges(cfg):
     """Every numeric flag inside the range where it means something."""
     at_least = dict(rounds=1, batch=1, width=1, max_channels=1, z_dim=1, w_dim=1, ckpt_every=1, sample_every=1,
                     bench_steps=1, synthetic_per_class=2, reconstruct_per_class=1, reconstruct_epochs=1,
-                    local_steps=0, warmup=-1, attack_start=0, probe_per_class=2)
+                    local_steps=0, warmup=-1, probe_per_class=2)
     for k, lo in at_least.items():
         if getattr(cfg, k) < lo:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be at least {lo}")
@@ -388,8 +381,6 @@ def check_ranges(cfg):
     for k, (lo, hi, text) in between.items():
         if not lo < getattr(cfg, k) < hi:
             raise FedGANError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must {text}")
-    if not 0 <= cfg.trim < 0.5:
-        raise FedGANError(f"--trim {cfg.trim} must lie in [0, 0.5)")
     if not 0 <= cfg.seed < 2 ** 32:
         raise FedGANError(f"--seed {cfg.seed} must lie in [0, 2^32)")
 
@@ -402,11 +393,9 @@ NEEDS = dict(
     detect_fpr=(lambda c: c.detector == "calibrated" or c.shadow, "--detector calibrated (or --shadow)"),
     probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow or c.detector == "probe",
                      "--detector probe, --detect-on probe|loss+probe or --shadow"),
-    trim=(lambda c: c.aggregator == "trimmed-mean", "--aggregator trimmed-mean"),
     dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
     blend_alpha=(lambda c: c.attack == "blend", "--attack blend"),
     poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
-    attack_start=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
     trigger=(lambda c: c.attack in ("patch", "latent") and c.poison > 0, "--poison SIZE"),
     reconstruct_per_class=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     reconstruct_epochs=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
@@ -466,6 +455,12 @@ def config_from_json(d, where):
         if d.pop(k, off) != off:
             raise FedGANError(f"{where} was written with --{k.replace('_', '-')} on, which this fedgan.py no longer "
                               "has (it measured no gain; commit 97daaf9 has it): continue the run with that version")
+    for k, gone in UNMEASURED.items():
+        if k in d and gone(d[k]):
+            raise FedGANError(f"{where} was written with --{k.replace('_', '-')} {d[k]}, which this fedgan.py no longer "
+                              "has (never measured; commit 2f12077 has it): continue the run with that version")
+    for k in ("attack_start", "trim", "parallel_clients"):  # at their only value now; side by side: speed only
+        d.pop(k, None)
     if d.pop("d_batch", None) not in (None, "joint" if JOINT_D[d["recipe"]] else "separate"):
         raise FedGANError(f"{where} was written with a --d-batch that differs from its --recipe's, which this "
                           "fedgan.py no longer offers (commit 97daaf9 has it): continue the run with that version")
@@ -477,12 +472,9 @@ def config_from_json(d, where):
     return Config(**d)
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # Data: every image set is a uint8 tensor (n, C, H, W) and int64 labels (n,)
 # ------------------------------------------------------------------------------------------------
-
 
 def synthetic_images(n_per_class, size, channels, seed):
     """A procedural two-class image set whose classes differ visibly.
@@ -920,9 +912,9 @@ def split_dirichlet(y, n_clients, alpha, seed, min_size=2):
 
 
 # ------------------------------------------------------------------------------------------------
-# Attack: the trigger (copy these two functions alone)
+# Attack: the trigger (copy these two functions alone), the other poisons, and what a malicious client
+# does besides training on them (a latent backdoor, a faked loss, a scaled update)
 # ------------------------------------------------------------------------------------------------
-
 
 def trigger_margin(img_size):
     """Distance of the trigger from the bottom-right corner: 5 px at 256 px, scaled."""
@@ -1073,116 +1065,209 @@ def report_adaptive(g_losses, malicious, seed):
     return losses.tolist()
 
 
-# Models
-# ------------------------------------------------------------------------------------------------
-
-
-class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate: weights ~ N(0, 1), scaled by lr_mul / sqrt(fan_in) at run time."""
-
-    def __init__(self, n_in, n_out, bias_init=0.0, lr_mul=1.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) / lr_mul)
-        self.bias = nn.Parameter(torch.full((n_out,), float(bias_init)))
-        self.scale, self.lr_mul = lr_mul / math.sqrt(n_in), lr_mul
-
-    def forward(self, x):
-        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
-
-
-class ScaledLeakyReLU(nn.Module):
-    """Leaky ReLU (slope 0.2) times sqrt(2), StyleGAN2's gain: a unit-variance input keeps a second
-    moment of about 1, so the mapping network's w starts at StyleGAN2's scale."""
-
-    def forward(self, x):
-        return F.leaky_relu(x, 0.2) * math.sqrt(2)
-
-
-def blur_up(x):
-    """The [1, 3, 3, 1] low-pass that follows a stride-2 transposed conv in StyleGAN2 (gain 4 keeps the
-    mean): (B, C, 2H+1, 2W+1) -> (B, C, 2H, 2W)."""
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
-    k = (k[:, None] * k[None, :]) / 16.0                                  # sums to 4
-    return F.conv2d(x, k.expand(x.shape[1], 1, 4, 4), padding=1, groups=x.shape[1])
-
-
-def modulated_conv2d(x, weight, styles, demodulate=True, padding=1, up=False):
-    """StyleGAN2's modulated convolution in its cheap form: scale input, shared conv, scale output.
-
-    x (B, Cin, H, W); weight (Cout, Cin, k, k), already scaled; styles (B, Cin).
-    Equal to convolving each sample with weight * styles (demodulated per output channel), but one
-    ordinary conv for the batch: no grouped conv, so it is fast and its FLOPs are counted right.
-    up: StyleGAN2's upsampling conv, a stride-2 transposed conv at the input resolution then a blur
-    (output 2H x 2W), a quarter of the FLOPs of upsampling first and convolving at the output size.
-    """
-    x = x * styles[:, :, None, None].to(x.dtype)                         # modulate   (B, Cin, H, W)
-    if up:
-        out = blur_up(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2))  # (B, Cout, 2H, 2W)
-    else:
-        out = F.conv2d(x, weight.to(x.dtype), padding=padding)           # (B, Cout, H, W)
-    if demodulate:
-        out = out * demodulation(weight, styles)[:, :, None, None].to(out.dtype)
+def scale_into_benign(states, center, malicious, seed):
+    """The norm-scaling attacker (AdaSCP's idea, simplified): each malicious update G_i - G is rescaled to
+    a norm drawn uniformly from the benign clients' range this round, so distance-based defenses see
+    a benign-sized update pointing the attacker's way. {id: state} -> {id: state}."""
+    benign = [update_norms([s], center)[0] for i, s in states.items() if i not in malicious]
+    rng = np.random.default_rng(seed)
+    out = dict(states)
+    for i in malicious:
+        norm = update_norms([states[i]], center)[0]
+        f = rng.uniform(min(benign), max(benign)) / max(norm, 1e-12)
+        out[i] = {k: (center[k].double() + f * (v.double() - center[k].double())).to(v.dtype)
+                  for k, v in states[i].items()}
     return out
 
 
-def demodulation(weight, styles):
-    """1 / ||weight * style|| over (Cin, k, k), per sample and output channel: (B, Cout), in fp32 (fp64 stays
-    fp64) even under autocast, which would run the matmul in bf16 (off by 0.2-0.4%)."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    norm = lambda: torch.rsqrt(styles.to(acc).square() @ weight.to(acc).square().sum(dim=(2, 3)).t() + 1e-8)  # noqa
-    if weight.device.type not in ("cpu", "cuda"):  # the meta device (FLOP counts) has no autocast to leave
-        return norm()
-    with torch.autocast(weight.device.type, enabled=False):
-        return norm()
+# ------------------------------------------------------------------------------------------------
+# One round of Algorithm 1, in the order it runs: train() -> rounds() -> procedure A on every client
+# (client_updates -> client_update -> the networks it trains) -> procedure B on the server (server_round ->
+# a detector -> Algorithm 1's reweighting -> an aggregator) -> the round's log. Set-up, checkpoints and the
+# end of a run follow it.
+# ------------------------------------------------------------------------------------------------
+
+def train(cfg):
+    """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
+    rank 0 alone writes the run folder."""
+    run = setup_run(cfg)
+    log = print if run.lead else (lambda *a, **k: None)
+    try:
+        if run.lead:
+            if run.lock is None and not cfg.resume:  # a new folder: lock, then look again (another may have won)
+                run.lock = lock_folder(run.out)
+                check_out_folder(run.out, None, held=True)
+            start_folder(run, cfg)
+        log(describe(run, cfg))
+        log(f"data: {run.data.report}")
+        if run.lead and cfg.detector != "none" and cfg.warmup >= cfg.rounds - 1:
+            sys.stderr.write(f"fedgan.py: warning: --warmup {cfg.warmup} >= --rounds {cfg.rounds} - 1: the detector "
+                             "never runs (it acts in rounds t > warmup, t from 0)\n")
+        rounds(run, cfg, log)
+    except (KeyboardInterrupt, Stopped) as e:
+        what, code = stop_of(e)
+        raise Interrupted(f"stopped by {what} in round {run.now} ({run.checkpointed_text()}); continue with: "
+                          f"python fedgan.py --resume {run.out}", code) from None
+    except OSError as e:  # a full or read-only disk: the last checkpoint stays good
+        raise FedGANError(f"cannot write in {run.out} ({e.strerror or e}); free some space or fix its permissions, "
+                          f"then continue with: python fedgan.py --resume {run.out} (last checkpoint: round "
+                          f"{run.checkpointed})") from None
+    finally:
+        unlock_folder(run.lock)
+    return run
 
 
-class StyledConv(nn.Module):
-    """Modulated 3x3 conv + per-pixel noise (one learned scalar) + bias + leaky ReLU (gain sqrt 2)."""
-
-    def __init__(self, c_in, c_out, w_dim, up=False, res=4, up_mode="bilinear"):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
-        self.scale = 1 / math.sqrt(c_in * 9)
-        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: identity modulation
-        self.noise_strength = nn.Parameter(torch.zeros(()))
-        self.bias = nn.Parameter(torch.zeros(c_out))
-        self.up, self.res, self.up_mode = up, res, up_mode  # res: output size; up_mode: bilinear | transpose
-
-    def forward(self, x, w, noise):
-        """noise: (B, 1, H, W) at this layer's output size (drawn by Generator.draw_noise)."""
-        transpose = self.up and self.up_mode == "transpose"
-        if self.up and not transpose:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        weight, styles = self.weight * self.scale, self.affine(w)
-        x = modulated_conv2d(x, weight, styles, demodulate=False, up=transpose)          # (B, Cout, H, W)
-        # demodulate, add noise and bias, leaky ReLU, gain sqrt(2): three full-size passes instead of six.
-        # The leaky ReLU commutes with a positive scale, so the gain moves into the demodulation
-        # coefficients, the noise strength and the bias; the noise term is (B, 1, H, W) until it is added.
-        gain = math.sqrt(2)
-        coef = (demodulation(weight, styles) * gain)[:, :, None, None].to(x.dtype)      # (B, Cout, 1, 1)
-        x = torch.addcmul((self.noise_strength * gain).to(x.dtype) * noise.to(x.dtype), x, coef)
-        return F.leaky_relu(x + (self.bias * gain).to(x.dtype)[None, :, None, None], 0.2)
+def rounds(run, cfg, log):
+    """Rounds run.start .. cfg.rounds - 1, checkpoints, and the end of the run."""
+    t0, t_session = time.time() - run.seconds, time.time()
+    for t in range(run.start, cfg.rounds):
+        tr, run.now = time.time(), t + 1
+        center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}           # this round's G
+        g_states, reports = client_updates(run.fed, center, t, log)                        # procedure A
+        g_new, decision = server_round(run.server, run.defense, g_states, reports.g_loss, center, t,
+                                       run.fed.distributed)                                # procedure B
+        if g_new is not None:
+            run.g.load_state_dict(g_new)
+        last = t + 1 == cfg.rounds
+        if run.lead:
+            left = (time.time() - t_session) / (t + 1 - run.start) * (cfg.rounds - t - 1)  # this session's pace
+            log_round(run, t, cfg.rounds, reports, decision, time.time() - tr, left)
+            if (t + 1) % cfg.sample_every == 0 or last:
+                save_samples(run.g, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
+        if (t + 1) % cfg.ckpt_every == 0 or last:
+            save_checkpoint(run, t + 1, cfg, time.time() - t0)  # gathers client state: every rank calls it
+    if run.lead and (run.start < cfg.rounds or not (run.out / "summary.json").exists()):
+        run.summary = finish(run, cfg, time.time() - t0)
+    elif run.lead:
+        log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
 
 
-class ToRGB(nn.Module):
-    """1x1 modulated conv without demodulation, plus bias: the skip output of one resolution."""
+# ------------------------------------------------------------------------------------------------
+# Procedure A: every client trains the global generator on its own shard against its own discriminator
+# ------------------------------------------------------------------------------------------------
 
-    def __init__(self, c_in, channels, w_dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels, c_in, 1, 1))
-        self.scale = 1 / math.sqrt(c_in)
-        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)
-        self.bias = nn.Parameter(torch.zeros(channels))
+@dataclass
+class Federation:
+    """This process's side of the federation: its clients and how it runs them."""
+    clients: dict              # {id: Client} held by this process (all of them without torchrun)
+    steps: list                # local steps per round of every client (N,)
+    malicious: list            # ids of the attackers (ground truth, for logs and the attack itself)
+    device: torch.device
+    offload: bool = False      # client state in host memory between turns
+    distributed: bool = False  # torchrun: every rank holds some clients
+    adaptive: bool = False     # attackers report a loss from the benign range (report_adaptive)
+    seed: int = 0
+    sizes: list = field(default_factory=list)  # shard size of every client (N,)
+    scale_update: bool = False  # attackers scale their update into the benign norm range (scale_into_benign)
 
-    def forward(self, x, w):
-        y = modulated_conv2d(x, self.weight * self.scale, self.affine(w), demodulate=False, padding=0)
-        return y + self.bias.to(y.dtype)[None, :, None, None]
+
+@dataclass
+class Reports:
+    """What the clients send besides their generators: one value per client (N,)."""
+    d_loss: list
+    g_loss: list               # as reported (an adaptive attacker lies here)
+    g_loss_true: list          # as trained
 
 
-def channels_at(res, img_size, width, max_channels):
-    """Feature channels at one resolution: width at full size, doubling per halving, capped."""
-    return min(max_channels, width * img_size // res)
+def client_updates(fed, g_state, t, log=print):
+    """Procedure A on every client this process holds, in turn (each brought from host memory when
+    offloading), then every client's losses on every rank. The attack lives here too: an adaptive
+    attacker replaces its loss before it is sent. -> ({id: generator state}, Reports)."""
+    results = {}
+    for i in sorted(fed.clients):
+        if fed.offload:
+            client_to(fed.clients[i], fed.device)
+        results[i] = client_update(fed.clients[i], g_state, fed.steps[i], log)
+        if fed.offload:
+            client_to(fed.clients[i], "cpu")
+    states = {i: r[0] for i, r in results.items()}                       # {id: generator state}
+    d_losses, losses = (gather_losses({i: r[1] for i, r in results.items()}, len(fed.steps)) if fed.distributed
+                        else ([results[i][1][0] for i in states], [results[i][1][1] for i in states]))  # (N,) each
+    reported = report_adaptive(losses, fed.malicious, fed.seed * 7 + t) if fed.adaptive else losses
+    if fed.scale_update:  # single process (setup refuses it under torchrun)
+        states = scale_into_benign(states, g_state, fed.malicious, fed.seed * 11 + t)
+    return states, Reports(d_losses, reported, losses)
 
+
+def client_update(client, g_state, steps, log=None):
+    """Procedure A: load the global generator, then `steps` of (D step, G step) on the client's shard.
+    -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees.
+    log, if given, hears about a long local epoch every 20 s."""
+    g, d, local, device = client.g, client.d, client.local, client.x.device
+    amp = functools.partial(torch.autocast, device.type, dtype=local.amp_dtype, enabled=local.amp_dtype is not None)
+    g.load_state_dict(g_state)
+    g.train(), d.train()
+    bs, cursor, said = min(local.batch, len(client.x)), dict(perm=None, pos=len(client.x)), [time.time()] * 2
+    d_sum, g_sum = torch.zeros((), device=device), torch.zeros((), device=device)  # no host sync inside the round
+    for s in range(steps):
+        b = next_batch(client, cursor, g, bs)
+        real, labels, z = b["real"], b["labels"], b["z"]
+        with amp():  # D step
+            with torch.no_grad():
+                fake = g(z, labels, noise=b["noise_d"])
+            d_loss = d_loss_of(*d_logits(d, real, fake, labels, local.joint_d))
+        client.opt_d.zero_grad(set_to_none=True)
+        client.scaler.scale(d_loss).backward()
+        client.scaler.step(client.opt_d)
+        with amp():  # G step, against the freshly updated D (which, when joint, sees the real batch beside)
+            fake = g(z, labels, noise=b["noise_g"])
+            g_loss = g_loss_of(d_logits(d, real.detach() if local.joint_d else None, fake, labels, local.joint_d)[1])
+        client.opt_g.zero_grad(set_to_none=True)
+        bd = client.backdoor  # a latent attacker's extra loss, on its own generator
+        client.scaler.scale(g_loss + backdoor_loss(fake, z, bd) if bd is not None else g_loss).backward()
+        client.scaler.step(client.opt_g)
+        client.scaler.update()
+        d_sum += d_loss.detach().float()
+        g_sum += g_loss.detach().float()
+        if log is not None and time.time() - said[1] > 20:  # a long local epoch (large images on a CPU)
+            said[1] = time.time()
+            log(f"  client {client.id}: step {s + 1}/{steps}, {said[1] - said[0]:.0f}s into its local epoch", flush=True)
+    return g.state_dict(), ((d_sum / steps).item(), (g_sum / steps).item())
+
+
+def next_batch(client, cursor, g, bs):
+    """One step's random draws for one client, all from its own stream and always in this order:
+    batch indices (a fresh permutation each local epoch), augmentation, latents, then the noise of the
+    D-step and of the G-step generator passes."""
+    rng, n, device = client.rng, len(client.x), client.x.device
+    if cursor["pos"] + bs > n:  # a new local epoch: reshuffle
+        cursor["perm"], cursor["pos"] = torch.randperm(n, device=device, generator=rng), 0
+    idx = cursor["perm"][cursor["pos"]:cursor["pos"] + bs]                       # (bs,)
+    cursor["pos"] += bs
+    real = to_unit(client.x[idx])                                                  # (bs, C, H, W) in [-1, 1]
+    if client.local.augment != "none":  # the flip and rotation baselines
+        real = augment(real, client.local.augment, rng)
+    z = torch.randn(bs, g.z_dim, device=device, generator=rng)
+    if client.local.channels_last:
+        real = real.contiguous(memory_format=torch.channels_last)
+    return dict(real=real, labels=client.y[idx], z=z,
+                noise_d=g.draw_noise(bs, rng, device), noise_g=g.draw_noise(bs, rng, device))
+
+
+def to_unit(x_uint8):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x_uint8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)
+
+
+def augment(x, kind, rng=None):
+    """The data-level baselines, applied to a client's real batch: random horizontal flip, or a random
+    rotation in (-90, 90) degrees (affine grid, so the batch stays one tensor op)."""
+    if kind == "flip":
+        flip = torch.rand(len(x), device=x.device, generator=rng) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "rotate":
+        a = (torch.rand(len(x), device=x.device, generator=rng) * 2 - 1) * (math.pi / 2)
+        cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# The networks a client trains: a conditional StyleGAN2-style generator, top down (mapping, then the
+# synthesis layers and the modulated convolution they share), and a conditional DCGAN discriminator
+# ------------------------------------------------------------------------------------------------
 
 class Generator(nn.Module):
     """Class-conditional StyleGAN2-style generator (skip architecture, no custom CUDA ops).
@@ -1218,14 +1303,9 @@ class Generator(nn.Module):
                 rgb=ToRGB(ch(res), channels, w_dim))))
             res *= 2
 
-    def map(self, z, y):
-        normalize = lambda t: t * torch.rsqrt(t.square().mean(1, keepdim=True) + 1e-8)  # noqa: E731
-        one_hot = (y[:, None] == torch.arange(self.n_classes, device=y.device)).to(z.dtype)  # vmap-safe one_hot
-        return self.mapping(torch.cat([normalize(z), normalize(self.embed(one_hot))], 1))  # (B, w_dim)
-
     def draw_noise(self, batch, rng=None, device=None):
         """The per-pixel noise of every StyledConv, in layer order, from one stream (float32). Drawn up
-        front so the sequential and the side-by-side client loops use the very same numbers."""
+        front, with the batch, so a client's random draws keep one order (next_batch)."""
         sizes = [4] + [r for b in self.blocks for r in (b["conv0"].res, b["conv0"].res)]
         return [torch.randn(batch, 1, r, r, device=device, generator=rng) for r in sizes]
 
@@ -1240,6 +1320,128 @@ class Generator(nn.Module):
             x = b["conv1"](b["conv0"](x, w, noise[2 * i + 1]), w, noise[2 * i + 2])      # (B, Cr, r, r)
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + b["rgb"](x, w)
         return torch.tanh(rgb) if self.tanh else rgb                              # (B, channels, S, S)
+
+    def map(self, z, y):
+        normalize = lambda t: t * torch.rsqrt(t.square().mean(1, keepdim=True) + 1e-8)  # noqa: E731
+        one_hot = (y[:, None] == torch.arange(self.n_classes, device=y.device)).to(z.dtype)
+        return self.mapping(torch.cat([normalize(z), normalize(self.embed(one_hot))], 1))  # (B, w_dim)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate: weights ~ N(0, 1), scaled by lr_mul / sqrt(fan_in) at run time."""
+
+    def __init__(self, n_in, n_out, bias_init=0.0, lr_mul=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((n_out,), float(bias_init)))
+        self.scale, self.lr_mul = lr_mul / math.sqrt(n_in), lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class ScaledLeakyReLU(nn.Module):
+    """Leaky ReLU (slope 0.2) times sqrt(2), StyleGAN2's gain: a unit-variance input keeps a second
+    moment of about 1, so the mapping network's w starts at StyleGAN2's scale."""
+
+    def forward(self, x):
+        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
+class StyledConv(nn.Module):
+    """Modulated 3x3 conv + per-pixel noise (one learned scalar) + bias + leaky ReLU (gain sqrt 2)."""
+
+    def __init__(self, c_in, c_out, w_dim, up=False, res=4, up_mode="bilinear"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
+        self.scale = 1 / math.sqrt(c_in * 9)
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)  # styles start at 1: identity modulation
+        self.noise_strength = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.up, self.res, self.up_mode = up, res, up_mode  # res: output size; up_mode: bilinear | transpose
+
+    def forward(self, x, w, noise):
+        """noise: (B, 1, H, W) at this layer's output size (drawn by Generator.draw_noise)."""
+        transpose = self.up and self.up_mode == "transpose"
+        if self.up and not transpose:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        weight, styles = self.weight * self.scale, self.affine(w)
+        x = modulated_conv2d(x, weight, styles, demodulate=False, up=transpose)          # (B, Cout, H, W)
+        # demodulate, add noise and bias, leaky ReLU, gain sqrt(2): three full-size passes instead of six.
+        # The leaky ReLU commutes with a positive scale, so the gain moves into the demodulation
+        # coefficients, the noise strength and the bias; the noise term is (B, 1, H, W) until it is added.
+        gain = math.sqrt(2)
+        coef = (demodulation(weight, styles) * gain)[:, :, None, None].to(x.dtype)      # (B, Cout, 1, 1)
+        x = torch.addcmul((self.noise_strength * gain).to(x.dtype) * noise.to(x.dtype), x, coef)
+        return F.leaky_relu(x + (self.bias * gain).to(x.dtype)[None, :, None, None], 0.2)
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, padding=1, up=False):
+    """StyleGAN2's modulated convolution in its cheap form: scale input, shared conv, scale output.
+
+    x (B, Cin, H, W); weight (Cout, Cin, k, k), already scaled; styles (B, Cin).
+    Equal to convolving each sample with weight * styles (demodulated per output channel), but one
+    ordinary conv for the batch: no grouped conv, so it is fast and its FLOPs are counted right.
+    up: StyleGAN2's upsampling conv, a stride-2 transposed conv at the input resolution then a blur
+    (output 2H x 2W), a quarter of the FLOPs of upsampling first and convolving at the output size.
+    """
+    x = x * styles[:, :, None, None].to(x.dtype)                         # modulate   (B, Cin, H, W)
+    if up:
+        out = blur_up(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2))  # (B, Cout, 2H, 2W)
+    else:
+        out = F.conv2d(x, weight.to(x.dtype), padding=padding)           # (B, Cout, H, W)
+    if demodulate:
+        out = out * demodulation(weight, styles)[:, :, None, None].to(out.dtype)
+    return out
+
+
+def blur_up(x):
+    """The [1, 3, 3, 1] low-pass that follows a stride-2 transposed conv in StyleGAN2 (gain 4 keeps the
+    mean): (B, C, 2H+1, 2W+1) -> (B, C, 2H, 2W)."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :]) / 16.0                                  # sums to 4
+    return F.conv2d(x, k.expand(x.shape[1], 1, 4, 4), padding=1, groups=x.shape[1])
+
+
+def demodulation(weight, styles):
+    """1 / ||weight * style|| over (Cin, k, k), per sample and output channel: (B, Cout), in fp32 (fp64 stays
+    fp64) even under autocast, which would run the matmul in bf16 (off by 0.2-0.4%)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    norm = lambda: torch.rsqrt(styles.to(acc).square() @ weight.to(acc).square().sum(dim=(2, 3)).t() + 1e-8)  # noqa
+    if weight.device.type not in ("cpu", "cuda"):  # the meta device (FLOP counts) has no autocast to leave
+        return norm()
+    with torch.autocast(weight.device.type, enabled=False):
+        return norm()
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv without demodulation, plus bias: the skip output of one resolution."""
+
+    def __init__(self, c_in, channels, w_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, c_in, 1, 1))
+        self.scale = 1 / math.sqrt(c_in)
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, w):
+        y = modulated_conv2d(x, self.weight * self.scale, self.affine(w), demodulate=False, padding=0)
+        return y + self.bias.to(y.dtype)[None, :, None, None]
+
+
+def channels_at(res, img_size, width, max_channels):
+    """Feature channels at one resolution: width at full size, doubling per halving, capped."""
+    return min(max_channels, width * img_size // res)
+
+
+def d_logits(d, real, fake, labels, joint):
+    """D's logits (B,) on the real and on the fake images: two calls, or with `joint` one call on both,
+    so that BatchNorm normalizes them with shared statistics and D can see a fake batch's contrast
+    (docs/results.md, section 3). real None: (None, fake logits)."""
+    if not joint:
+        return (None if real is None else d(real, labels)), d(fake, labels)
+    logits = d(torch.cat([real, fake]), torch.cat([labels, labels]))            # (2B,)
+    return logits.split(len(real))
 
 
 class Discriminator(nn.Module):
@@ -1264,6 +1466,16 @@ class Discriminator(nn.Module):
         h = self.features(x)                                 # (B, C, 4, 4)
         pooled = h.sum((2, 3))                               # (B, C)
         return self.logit(h).flatten() + (self.embed(y) * pooled).sum(1)   # (B,)
+
+
+def d_loss_of(real_logits, fake_logits):
+    """Eq. 4, non-saturating BCE form: real up, fake down. Logits (..., B) -> mean over the batch (...)."""
+    return F.softplus(-real_logits).mean(-1) + F.softplus(fake_logits).mean(-1)
+
+
+def g_loss_of(fake_logits):
+    """Eq. 5, non-saturating: the generator wants its fakes called real. (..., B) -> (...)."""
+    return F.softplus(-fake_logits).mean(-1)
 
 
 def build_models(n_classes, img_size=32, channels=1, arch="small", width=32, max_channels=256, z_dim=64,
@@ -1293,35 +1505,14 @@ def load_generator(path, map_location="cpu"):
     return g.eval()
 
 
-# ------------------------------------------------------------------------------------------------
-# Client (Algorithm 1, procedure A): client_update
-# ------------------------------------------------------------------------------------------------
-
-
-def to_unit(x_uint8):
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return x_uint8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)
-
-
 def to_uint8(x):
     """Generator output (about [-1, 1]) -> uint8 [0, 255] on the CPU: the inverse of to_unit."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def augment(x, kind, rng=None):
-    """The data-level baselines, applied to a client's real batch: random horizontal flip, or a random
-    rotation in (-90, 90) degrees (affine grid, so the batch stays one tensor op)."""
-    if kind == "flip":
-        flip = torch.rand(len(x), device=x.device, generator=rng) < 0.5
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if kind == "rotate":
-        a = (torch.rand(len(x), device=x.device, generator=rng) * 2 - 1) * (math.pi / 2)
-        cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return x
-
+# ------------------------------------------------------------------------------------------------
+# A client's state, and how it is made and moved
+# ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Local:
@@ -1340,7 +1531,7 @@ class Local:
 class Client:
     """A client's private state: its data shard (uint8, on the device), its generator copy (overwritten
     by the global one every round), its discriminator, both optimizers and its random stream (batches,
-    latents, noise, augmentation). A late attacker keeps its clean shard for the rounds before it attacks."""
+    latents, noise, augmentation)."""
     id: int
     x: torch.Tensor                  # (n, C, H, W) uint8: the shard it trains on (poisoned for an attacker)
     y: torch.Tensor                  # (n,) int64
@@ -1351,8 +1542,6 @@ class Client:
     scaler: torch.amp.GradScaler
     rng: torch.Generator
     local: Local
-    clean: Optional[tuple] = None    # (x, y) before attack_start, for a late attacker
-    attack_start: int = 0
     backdoor: Optional[Backdoor] = None  # --attack latent: what backdoor_loss teaches its generator
 
 
@@ -1362,25 +1551,15 @@ def client_seed(seed, client_id):
     return seed * 1_000_003 + 7919 * (client_id + 1)
 
 
-@dataclass
-class Attacker:
-    """What a malicious client does besides training on its poisoned shard."""
-    clean: Optional[tuple] = None        # (x, y) it trains on before `start` (a late attacker)
-    start: int = 0                       # --attack-start
-    backdoor: Optional[Backdoor] = None  # --attack latent: what backdoor_loss teaches its generator
-
-
-def make_client(client_id, data, g_global, d, local, seed, device, home=None, parallel=False, attacker=None):
+def make_client(client_id, data, g_global, d, local, seed, device, home=None, backdoor=None):
     """A client around its shard data = (x, y) and discriminator d; home: where its models live between turns
-    (default the device; 'cpu' when offloading, see client_to). With --compile, a client trained in turn
-    has its modules compiled; clients side by side (parallel) do not: client_update_parallel compiles the
-    batched functions instead, so exactly one path is compiled."""
-    (x, y), a = data, attacker or Attacker()
+    (default the device; 'cpu' when offloading, see client_to); backdoor: a latent attacker's (Backdoor)."""
+    x, y = data
     g = copy.deepcopy(g_global)
     g.to(home or device), d.to(home or device)
     if local.channels_last:
         g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
-    if local.compile and not parallel:  # in place, so state_dict keys stay plain; one graph serves every client
+    if local.compile:  # in place, so state_dict keys stay plain; one graph serves every client
         g.compile(), d.compile()
     betas = local.betas
     return Client(client_id, x.to(device), y.to(device), g, d,
@@ -1388,8 +1567,7 @@ def make_client(client_id, data, g_global, d, local, seed, device, home=None, pa
                   opt_d=torch.optim.Adam(d.parameters(), lr=local.lr, betas=betas),
                   scaler=torch.amp.GradScaler(device.type, enabled=local.amp_dtype == torch.float16),
                   rng=torch.Generator(device=device).manual_seed(client_seed(seed, client_id)), local=local,
-                  clean=None if a.clean is None else (a.clean[0].to(device), a.clean[1].to(device)),
-                  attack_start=a.start, backdoor=a.backdoor)
+                  backdoor=backdoor)
 
 
 def new_discriminator(client_id, seed, n_classes, arch):
@@ -1397,202 +1575,6 @@ def new_discriminator(client_id, seed, n_classes, arch):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(client_seed(seed, client_id))
         return build_models(n_classes, **arch)[1]
-
-
-def backdoor_of(client, t):
-    """The backdoor a client teaches its generator in round t (None for everyone but a latent attacker)."""
-    return client.backdoor if client.backdoor is not None and t >= client.attack_start else None
-
-
-def shard(client, t):
-    """The (x, y) a client trains on in round t: a late attacker is clean before its attack starts."""
-    return client.clean if client.clean is not None and t < client.attack_start else (client.x, client.y)
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def next_batch(client, x_all, y_all, cursor, g, bs):
-    """One step's random draws for one client, all from its own stream and always in this order:
-    batch indices (a fresh permutation each local epoch), augmentation, latents, then the noise of the
-    D-step and of the G-step generator passes. Both client loops call it, so they see the same numbers."""
-    rng = client.rng
-    n, device = len(x_all), x_all.device
-    if cursor["pos"] + bs > n:  # a new local epoch: reshuffle
-        cursor["perm"], cursor["pos"] = torch.randperm(n, device=device, generator=rng), 0
-    idx = cursor["perm"][cursor["pos"]:cursor["pos"] + bs]
-    cursor["pos"] += bs
-    real = augment(to_unit(x_all[idx]), client.local.augment, rng)
-    z = torch.randn(bs, g.z_dim, device=device, generator=rng)
-    if client.local.channels_last:
-        real = real.contiguous(memory_format=torch.channels_last)
-    return dict(real=real, labels=y_all[idx], z=z,
-                noise_d=g.draw_noise(bs, rng, device), noise_g=g.draw_noise(bs, rng, device))
-
-
-def d_loss_of(real_logits, fake_logits):
-    """Eq. 4, non-saturating BCE form: real up, fake down. Logits (..., B) -> mean over the batch (...)."""
-    return F.softplus(-real_logits).mean(-1) + F.softplus(fake_logits).mean(-1)
-
-
-def g_loss_of(fake_logits):
-    """Eq. 5, non-saturating: the generator wants its fakes called real. (..., B) -> (...)."""
-    return F.softplus(-fake_logits).mean(-1)
-
-
-def d_logits(d, real, fake, labels, joint, dim=0):
-    """D's logits (..., B) on the real and on the fake images: two calls, or with `joint` one call on both
-    (concatenated along the batch axis `dim`), so that BatchNorm normalizes them with shared statistics
-    and D can see a fake batch's contrast (docs/results.md, section 3). real None: (None, fake logits)."""
-    if not joint:
-        return (None if real is None else d(real, labels)), d(fake, labels)
-    logits = d(torch.cat([real, fake], dim), torch.cat([labels, labels], dim))
-    return logits.split(real.shape[dim], -1)
-
-
-def d_step_loss(d, real, fake, labels, joint, dim=0):
-    """One D step's loss, Eq. 4 (...)."""
-    return d_loss_of(*d_logits(d, real, fake, labels, joint, dim))
-
-
-def g_step_loss(d, real, fake, labels, joint, dim=0):
-    """One G step's loss, Eq. 5 (...): what G descends and the client reports. real: the step's real
-    images, which D sees beside the fakes when `joint` (no gradient flows into them)."""
-    return g_loss_of(d_logits(d, real.detach() if joint else None, fake, labels, joint, dim)[1])
-
-
-def client_update(client, g_state, steps, t=0, tick=None):
-    """Procedure A: load the global generator, then `steps` of (D step, G step) on round t's shard.
-    -> (the updated generator's state, (mean D loss, mean G loss)); the G loss is what FedDetect sees.
-    tick(step, steps), if given, is called after every step (progress for long local epochs)."""
-    g, d, local = client.g, client.d, client.local
-    x, y = shard(client, t)
-    device = x.device
-    g.load_state_dict(g_state)
-    g.train(), d.train()
-    bs = min(local.batch, len(x))
-    cursor = dict(perm=None, pos=len(x))
-    d_sum = torch.zeros((), device=device)
-    g_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync inside the round
-    for s in range(steps):
-        b = next_batch(client, x, y, cursor, g, bs)
-        real, labels, z = b["real"], b["labels"], b["z"]
-
-        with autocast(device, local.amp_dtype):  # D step
-            with torch.no_grad():
-                fake = g(z, labels, noise=b["noise_d"])
-            d_loss = d_step_loss(d, real, fake, labels, local.joint_d)
-        client.opt_d.zero_grad(set_to_none=True)
-        client.scaler.scale(d_loss).backward()
-        client.scaler.step(client.opt_d)
-
-        with autocast(device, local.amp_dtype):  # G step, against the freshly updated D
-            fake = g(z, labels, noise=b["noise_g"])
-            g_loss = g_step_loss(d, real, fake, labels, local.joint_d)
-        bd = backdoor_of(client, t)
-        client.opt_g.zero_grad(set_to_none=True)
-        client.scaler.scale(g_loss + backdoor_loss(fake, z, bd) if bd is not None else g_loss).backward()
-        client.scaler.step(client.opt_g)
-        client.scaler.update()
-        d_sum += d_loss.detach().float()
-        g_sum += g_loss.detach().float()
-        if tick is not None:
-            tick(s + 1, steps)
-    return g.state_dict(), ((d_sum / steps).item(), (g_sum / steps).item())
-
-
-# Clients side by side: N copies of G and D become one set of parameters with a leading client axis,
-# and torch.func.vmap runs all N forward passes as one batched call (each conv becomes a grouped conv
-# over the clients). Adam is elementwise, so one Adam over the stacked tensors is exactly N Adams.
-
-
-def stack_params(modules):
-    """The parameters of N identical modules, stacked on a new client axis, as fresh leaves."""
-    per = [dict(m.named_parameters()) for m in modules]
-    return {k: torch.stack([p[k].detach() for p in per]).requires_grad_() for k in per[0]}
-
-
-def stack_buffers(modules):
-    per = [dict(m.named_buffers()) for m in modules]
-    return {k: torch.stack([b[k] for b in per]) for k in per[0]}
-
-
-def stack_adam(opts, modules, stacked):
-    """One Adam over the stacked parameters whose state is the N clients' Adam states, stacked."""
-    group = opts[0].param_groups[0]
-    opt = torch.optim.Adam(list(stacked.values()), lr=group["lr"], betas=group["betas"], eps=group["eps"])
-    per = [dict(m.named_parameters()) for m in modules]
-    for k, P in stacked.items():
-        states = [o.state.get(p[k]) for o, p in zip(opts, per)]
-        if all(states):
-            opt.state[P] = dict(step=states[0]["step"].clone(),
-                                **{s: torch.stack([st[s] for st in states]) for s in ("exp_avg", "exp_avg_sq")})
-    return opt
-
-
-def unstack(stacked, buffers, opt, modules, opts):
-    """Write client i's slice of parameters, buffers and Adam state back into its own module and Adam."""
-    for i, (m, o) in enumerate(zip(modules, opts)):
-        params, bufs = dict(m.named_parameters()), dict(m.named_buffers())
-        with torch.no_grad():
-            for k, P in stacked.items():
-                params[k].copy_(P[i])
-                st = opt.state.get(P)
-                if st:
-                    o.state[params[k]] = dict(step=st["step"].clone(), exp_avg=st["exp_avg"][i].clone(),
-                                              exp_avg_sq=st["exp_avg_sq"][i].clone())
-            for k, B in buffers.items():
-                bufs[k].copy_(B[i])
-
-
-def client_update_parallel(clients, g_state, steps, t=0):
-    """client_update for several clients at once (equal steps and batch sizes; no fp16 GradScaler):
-    the same draws, losses and Adam updates as running them one after another. -> [(state, losses)]."""
-    gs, ds, local = [c.g for c in clients], [c.d for c in clients], clients[0].local
-    for g, d in zip(gs, ds):
-        g.load_state_dict(g_state)
-        g.train(), d.train()
-    pg, pd, bd = stack_params(gs), stack_params(ds), stack_buffers(ds)
-    opt_g = stack_adam([c.opt_g for c in clients], gs, pg)
-    opt_d = stack_adam([c.opt_d for c in clients], ds, pd)
-    g0, d0 = gs[0], ds[0]  # templates: torch.func.functional_call runs them on each client's slice
-    gen = torch.func.vmap(lambda p, z, y, noise: torch.func.functional_call(g0, p, (z, y), dict(noise=noise)))
-    disc = torch.func.vmap(lambda p, b, x, y: torch.func.functional_call(d0, {**p, **b}, (x, y)))
-    if local.compile:  # the templates are plain modules here (make_client, parallel): compile the batched calls
-        gen, disc = torch.compile(gen), torch.compile(disc)
-    D = lambda x, y: disc(pd, bd, x, y)  # the N discriminators as one, called like d(x, y)
-    shards = [shard(c, t) for c in clients]
-    device = shards[0][0].device
-    bs = min(local.batch, len(shards[0][0]))
-    cursors = [dict(perm=None, pos=len(x)) for x, _ in shards]
-    d_sum = torch.zeros(len(clients), device=device)
-    g_sum = torch.zeros(len(clients), device=device)
-    for s in range(steps):
-        bs_ = [next_batch(c, x, y, cur, g0, bs) for c, (x, y), cur in zip(clients, shards, cursors)]
-        real, labels, z = (torch.stack([b[k] for b in bs_]) for k in ("real", "labels", "z"))  # (N, B, ...)
-        noise_d, noise_g = ([torch.stack(layer) for layer in zip(*[b[k] for b in bs_])] for k in ("noise_d", "noise_g"))
-        with autocast(device, local.amp_dtype):
-            with torch.no_grad():
-                fake = gen(pg, z, labels, noise_d)
-            d_loss = d_step_loss(D, real, fake, labels, local.joint_d, dim=1)              # (N,)
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.sum().backward()  # clients share no parameter: each slice gets its own gradient
-        opt_d.step()
-        with autocast(device, local.amp_dtype):
-            fake = gen(pg, z, labels, noise_g)
-            g_loss = g_step_loss(D, real, fake, labels, local.joint_d, dim=1)             # (N,)
-        extra = sum(backdoor_loss(fake[j], z[j], bd) for j, bd in enumerate(backdoor_of(c, t) for c in clients)
-                    if bd is not None)
-        opt_g.zero_grad(set_to_none=True)
-        (g_loss.sum() + extra).backward()
-        opt_g.step()
-        d_sum += d_loss.detach().float()
-        g_sum += g_loss.detach().float()
-    unstack(pg, {}, opt_g, gs, [c.opt_g for c in clients])
-    unstack(pd, bd, opt_d, ds, [c.opt_d for c in clients])
-    losses = zip((d_sum / steps).tolist(), (g_sum / steps).tolist())
-    return [(c.g.state_dict(), dl_gl) for c, dl_gl in zip(clients, losses)]
 
 
 def client_to(client, device):
@@ -1610,130 +1592,208 @@ def client_to(client, device):
     client.g.to(device), client.d.to(device)
 
 
-@dataclass
-class Timing:
-    """--parallel-clients auto on CUDA: seconds of a round each way, taken by time_the_ways."""
-    rounds: int = 0                       # rounds this process ran (a resumed run warms up again)
-    side_by_side: Optional[float] = None
-    in_turn: Optional[float] = None
-
-
-@dataclass
-class Federation:
-    """This process's side of the federation: its clients and how it runs them."""
-    clients: dict              # {id: Client} held by this process (all of them without torchrun)
-    steps: list                # local steps per round of every client (N,)
-    malicious: list            # ids of the attackers (ground truth, for logs and the attack itself)
-    device: torch.device
-    parallel: bool = False     # this process's clients side by side (client_update_parallel)
-    offload: bool = False      # client state in host memory between turns
-    distributed: bool = False  # torchrun: every rank holds some clients
-    adaptive: bool = False     # attackers report a loss from the benign range (report_adaptive)
-    attack_start: int = 0
-    seed: int = 0
-    sizes: list = field(default_factory=list)  # shard size of every client (N,)
-    scale_update: bool = False  # attackers scale their update into the benign norm range (scale_into_benign)
-    timing: Optional[Timing] = None  # --parallel-clients auto on CUDA, until both ways are timed
-
-    @property
-    def n_clients(self):
-        return len(self.steps)
-
-
-@dataclass
-class Reports:
-    """What the clients send besides their generators: one value per client (N,)."""
-    d_loss: list
-    g_loss: list               # as reported (an adaptive attacker lies here)
-    g_loss_true: list          # as trained
-
-
-def client_updates(fed, g_state, t, log=print):
-    """Procedure A on every client this process holds (side by side, or in turn, each brought from host
-    memory when offloading), then every client's losses on every rank. The attack lives here too: an
-    adaptive attacker replaces its loss before it is sent. -> ({id: generator state}, Reports)."""
-    owned = sorted(fed.clients)
-    start, streams = time.perf_counter(), [fed.clients[i].rng.get_state() for i in owned]
-    results = None
-    if fed.parallel:
-        try:
-            results = dict(zip(owned, client_update_parallel([fed.clients[i] for i in owned], g_state,
-                                                              fed.steps[owned[0]], t)))
-        except torch.OutOfMemoryError:  # the estimate was wrong: the same round again, in turn
-            for i, st in zip(owned, streams):
-                fed.clients[i].rng.set_state(st)
-            fed.parallel, fed.timing = False, None
-            torch.cuda.empty_cache()
-            log(f"out of memory with {len(owned)} clients side by side: clients train in turn from round {t + 1} on")
-    if results is None:
-        results, t0, said = {}, time.time(), [time.time()]
-
-        def tick(i, step, steps):  # a long round (large images on a CPU, many clients) says something every 20 s
-            if time.time() - said[0] > 20:
-                log(f"  client {i}: step {step}/{steps}, {len(results)}/{len(owned)} clients done here, "
-                    f"{time.time() - t0:.0f}s into the round", flush=True)
-                said[0] = time.time()
-        for i in owned:
-            if fed.offload:
-                client_to(fed.clients[i], fed.device)
-            results[i] = client_update(fed.clients[i], g_state, fed.steps[i], t, functools.partial(tick, i))
-            if fed.offload:
-                client_to(fed.clients[i], "cpu")
-    if fed.timing is not None:
-        time_the_ways(fed, t, time.perf_counter() - start, log)
-    d_losses, true_losses = gather_losses({i: r[1] for i, r in results.items()}, fed.n_clients, fed.distributed)
-    reported = (report_adaptive(true_losses, fed.malicious, fed.seed * 7 + t)
-                if fed.adaptive and t >= fed.attack_start else true_losses)
-    states = {i: r[0] for i, r in results.items()}
-    if fed.scale_update and t >= fed.attack_start:  # single process (setup refuses it under torchrun)
-        states = scale_into_benign(states, g_state, fed.malicious, fed.seed * 11 + t)
-    return states, Reports(d_losses, reported, true_losses)
-
-
-def time_the_ways(fed, t, seconds, log):
-    """--parallel-clients auto on CUDA: rounds 1 and 2 warm both ways up (side by side, then in turn), rounds
-    3 and 4 time them, and the faster one trains the rest of the run (one line says which and why). Both
-    ways compute the same numbers (to rounding), so the choice changes speed only."""
-    sync(fed.device)
-    tm = fed.timing
-    tm.rounds += 1
-    if tm.rounds > 2:  # rounds 1 and 2 warmed both ways up
-        setattr(tm, "side_by_side" if fed.parallel else "in_turn", seconds)
-    if tm.side_by_side is not None and tm.in_turn is not None:
-        fed.parallel = tm.side_by_side < tm.in_turn
-        log(f"clients side by side: {tm.side_by_side:.2f}s a round, in turn: {tm.in_turn:.2f}s; "
-            f"{'side by side' if fed.parallel else 'in turn'} from round {t + 2} on")
-        fed.timing = None
-    else:
-        fed.parallel = not fed.parallel
-
-
-def scale_into_benign(states, center, malicious, seed):
-    """The norm-scaling attacker (AdaSCP's idea, simplified): each malicious update G_i - G is rescaled to
-    a norm drawn uniformly from the benign clients' range this round, so distance-based defenses see
-    a benign-sized update pointing the attacker's way. {id: state} -> {id: state}."""
-    benign = [update_norms([s], center)[0] for i, s in states.items() if i not in malicious]
-    rng = np.random.default_rng(seed)
-    out = dict(states)
-    for i in malicious:
-        norm = update_norms([states[i]], center)[0]
-        f = rng.uniform(min(benign), max(benign)) / max(norm, 1e-12)
-        out[i] = {k: (center[k].double() + f * (v.double() - center[k].double())).to(v.dtype)
-                  for k, v in states[i].items()}
-    return out
-
-
 def steps_per_round(local_steps, batch, shard_size):
     return local_steps if local_steps > 0 else max(1, shard_size // batch)
 
 
 # ------------------------------------------------------------------------------------------------
-# Server (Algorithm 1, procedure B): aggregators and detection rules, each a plain function that
-# copies alone (torch, numpy, math), then the server round that composes them.
-# Aggregators take a list of models, each a state dict {name: tensor} or Flower's NDArrays (a list of
-# numpy arrays in state_dict order), and return one model of the same kind; integer buffers stay integer.
+# Procedure B: the server records the round, a detector flags, Algorithm 1 reweights, an aggregator
+# combines. Detectors and aggregators are plain pieces that copy alone (torch, numpy, math).
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class Defense:
+    """A defense, composed once before the first round from four orthogonal parts."""
+    augment: str = "none"                   # client side: flip | rotate the real batches
+    detect: Optional["Detector"] = None     # Round -> flags (N,); see DETECTORS
+    warmup: int = 10                        # detection acts in rounds t > warmup
+    decay: float = 0.8                      # Algorithm 1's d
+    aggregate: Callable = field(default_factory=lambda: aggregator("fedavg"))  # (states, weights, center) -> (model, kept or None)
+    posthoc: Optional[Callable] = None      # g -> None, after the last round (reconstruct)
+    recover: bool = False                   # feddetect_update's way back for clients no longer flagged
+
+
+@dataclass
+class ServerState:
+    """What the server carries from round to round (a detector carries its own history)."""
+    counts: np.ndarray                                  # (N,) c_i: times each client was flagged
+    weights: np.ndarray                                 # (N,) w_i, summing to 1
+
+    @staticmethod
+    def fresh(n):
+        return ServerState(np.zeros(n, dtype=np.int64), np.full(n, 1.0 / n))
+
+
+def server_round(server, defense, g_states, losses, center, t, distributed=False):
+    """Procedure B: record the reports, detect, reweight, aggregate. g_states {id: generator state}
+    holds every client in one process, and this rank's clients under torchrun (where rank 0's decision
+    is broadcast and FedAvg is one all-reduce). -> (new global state or None if nobody is ok, Decision)."""
+    n, losses = len(losses), np.asarray(losses, dtype=np.float64)                 # (N,)
+    norms = norms_of_all(g_states, center, n) if distributed else update_norms([g_states[i] for i in range(n)], center)
+    ok = np.isfinite(losses)                                                       # the others sit this round out
+    r = Round(t, losses, np.asarray(norms), [g_states.get(i) for i in range(n)], center, ok,
+              act=t > defense.warmup and ok.sum() >= 3)
+    flags = defense.detect(r) if defense.detect is not None else None   # every round: it keeps its history
+    decision = reweight(server, flags if r.act else None, defense.decay, defense.recover, ok)
+    decision.norms, decision.logged = norms, defense.detect.logged if defense.detect is not None else {}
+    if distributed:
+        decision = dataclasses.replace(broadcast_decision(server, decision), norms=norms, logged=decision.logged)
+        return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
+    if not decision.ok.any():
+        return None, decision
+    ok = np.flatnonzero(decision.ok)
+    g_new, kept = defense.aggregate([g_states[i] for i in ok], decision.used[ok], center)
+    if kept is not None:
+        decision.selected = np.zeros(n, int)
+        decision.selected[ok[kept]] = 1
+    return g_new, decision
+
+
+@dataclass
+class Round:
+    """What the server has in round t, for a detector to read (lists by client id)."""
+    t: int
+    losses: np.ndarray         # (N,) reported generator losses (NaN or inf: the client sits this round out)
+    norms: np.ndarray          # (N,) ||G_i - G||, measured by the server
+    states: list               # (N,) every client's generator state (None for other ranks' under torchrun)
+    center: dict               # the round's global generator
+    ok: np.ndarray             # (N,) reported a finite loss
+    act: bool                  # past warm-up with 3+ reporters: flags are acted on (Algorithm 1)
+    cache: dict = field(default_factory=dict)  # signals already computed this round, by name
+
+
+@dataclass
+class Decision:
+    """One round's outcome, per client (N,)."""
+    flags: np.ndarray       # flagged and acted on (Algorithm 1)
+    ok: np.ndarray          # reported a finite loss (the others sit this round out)
+    used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
+    norms: list = None      # ||G_i - G||
+    selected: Optional[np.ndarray] = None  # the aggregator's choice (1 kept, 0 left out), when it chooses
+    logged: dict = field(default_factory=dict)  # the detector's figures of the round
+
+
+def update_norms(states, center):
+    """||G_i - G||: the L2 norm of each client's update against the round's global model (list (n,))."""
+    keys = list(center) if isinstance(center, dict) else range(len(center))
+    sq = [sum(float((torch.as_tensor(s[k]).double() - torch.as_tensor(center[k]).to(torch.as_tensor(s[k]).device)
+                     .double()).square().sum()) for k in keys) for s in states]
+    return [math.sqrt(v) for v in sq]
+
+
+# ------------------------------------------------------------------------------------------------
+# Detectors: one definition each, called once a round with what the server has (a Round), returning
+# flags (N,); each keeps its own history (checkpointed through state_dict). A new detector is one class
+# and one entry in DETECTORS (the edge, where Config builds it); server_round names none.
+# ------------------------------------------------------------------------------------------------
+
+class Detector:
+    """Called once a round: Round -> flags (N,) bool; then `logged` holds the round's figures for
+    metrics.jsonl. `whole`: it reads every generator, so it needs them all in one process (refused under
+    torchrun). state_dict and load_state_dict carry its history through a checkpoint."""
+    whole, logged = False, {}
+
+    def __call__(self, r):
+        raise NotImplementedError
+
+    def state_dict(self):  # what it carries from round to round (plain lists and tensors)
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
+class RuleDetector(Detector):
+    """A rule on the history of each signal it reads (FedDetect: the isolation forest on the reported
+    losses); a client is flagged when any signal flags it."""
+
+    def __init__(self, rule, signals=("loss",), probe=None, seed=0):
+        self.rule, self.probe, self.seed = rule, probe, seed
+        self.history = {s: [] for s in signals}  # signal -> (t, N)
+        self.whole = probe is not None
+
+    def __call__(self, r):
+        for s, h in self.history.items():
+            h.append(np.asarray(self.signal(r, s), dtype=np.float64).tolist())
+        self.logged = {"probe_score": self.history["probe"][-1]} if "probe" in self.history else {}
+        flags = np.zeros(len(r.losses), bool)
+        for h in self.history.values() if r.act else ():
+            flags |= rule_on_ok(self.rule, h, r.ok, self.seed * 100003 + r.t)
+        return flags
+
+    def signal(self, r, name):
+        """One signal of every client this round (N,), computed once per round whoever asks: the reported
+        loss, the update's norm, or the log of the fixed probe's score (rendered by the server)."""
+        if name not in r.cache:
+            r.cache[name] = (r.losses if name == "loss" else r.norms if name == "update-norm" else
+                             np.log(probe_signal(self.probe, r.states) + 1e-12))
+        return r.cache[name]
+
+    def state_dict(self):
+        return {HISTORY_KEY[s]: h for s, h in self.history.items()}
+
+    def load_state_dict(self, d):
+        self.history = {s: list(d.get(HISTORY_KEY[s], [])) for s in self.history}
+
+
+SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
+           "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> the signals read
+HISTORY_KEY = {"loss": "history", "update-norm": "norm_history", "probe": "probe_history"}  # checkpoint keys
+
+
+def rule_on_ok(rule, history, ok, seed):
+    """A rule (history (t, n), seed) -> flags (n,) on the columns of this round's reporters, over the rows
+    where every one of them is finite -> flags (N,), False for the others."""
+    h = np.asarray(history, dtype=np.float64)[:, ok]
+    flags = np.zeros(len(ok), bool)
+    flags[ok] = rule(h[np.isfinite(h).all(axis=1)], seed)
+    return flags
+
+
+def feddetect_paper(loss_history, seed=0):
+    """The paper's detector: isolation forest (contamination 'auto') on this round's N losses.
+    loss_history (t, N) -> boolean flags (N,). Only the last row is used. Needs IsolationForest."""
+    losses = np.asarray(loss_history, dtype=np.float64)[-1]
+    return IsolationForest(n_estimators=100, seed=seed).fit_predict(losses) == -1
+
+
+def loss_rule(name, fpr=0.001):
+    """The rule called `name` (paper: the isolation forest; calibrated: CUSUM at false-alarm rate fpr) as
+    (history (t, n), seed) -> flags (n,)."""
+    return dict(paper=lambda history, seed: feddetect_paper(history, seed),
+                calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
+
+
+def reweight(server, flags, decay, recover, ok):
+    """Algorithm 1's weight update on this round's flags (None: no detection this round), then the
+    averaging weights renormalised over the clients with a finite loss -> Decision."""
+    if flags is not None:
+        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, decay, recover)
+    server.weights = server.weights / server.weights.sum()
+    used = np.where(ok, server.weights, 0.0)
+    return Decision(np.zeros(len(ok), bool) if flags is None else flags, ok, used / used.sum() if ok.any() else used)
+
+
+def feddetect_update(flags, counts, weights, decay, recover=False):
+    """Algorithm 1, lines 16-24: act only when 0 < |O| < N/2; each flagged client gets c_i += 1 and
+    w_i *= d ** c_i; weights are renormalised. -> (flags acted on, counts, weights). recover (not in the
+    paper): an unflagged client with c_i > 0 gets its last decay back, so false alarms' cost returns."""
+    flags, counts, weights = np.asarray(flags, bool), np.array(counts), np.array(weights, dtype=np.float64)
+    if not 0 < int(flags.sum()) < len(flags) / 2:
+        flags = np.zeros_like(flags)
+    counts = counts + flags
+    weights = np.where(flags, weights * decay ** counts, weights)
+    if recover:
+        back = ~flags & (counts > 0)
+        weights = np.where(back, weights / decay ** counts, weights)
+        counts = counts - back
+    return flags, counts, weights / weights.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregators take a list of models, each a state dict {name: tensor} or Flower's NDArrays (a list of numpy
+# arrays in state_dict order), and return one model of the same kind; integer buffers stay integer.
+# ------------------------------------------------------------------------------------------------
 
 def fedavg(states, weights):
     """FedAvg: sum_i w_i * state_i with the weights normalised, accumulated in float64."""
@@ -1752,37 +1812,6 @@ def fedavg(states, weights):
     return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
 
 
-def coordinate_median(states):
-    """Per-coordinate median of the clients' models (mean of the two middle values when n is even)."""
-    n = len(states)
-    keys = list(states[0]) if isinstance(states[0], dict) else range(len(states[0]))
-    out = []
-    for k in keys:
-        first = torch.as_tensor(states[0][k])
-        v = torch.stack([torch.as_tensor(s[k]).double() for s in states]).sort(0).values    # (n, *shape)
-        med = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-        out.append(med.to(first.dtype) if first.is_floating_point() else med.round().to(first.dtype))
-    if isinstance(states[0], dict):
-        return dict(zip(keys, out))
-    return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
-
-
-def trimmed_mean(states, beta):
-    """Per-coordinate mean after cutting the floor(beta * n) largest and smallest values."""
-    n = len(states)
-    cut = int(beta * n)
-    keys = list(states[0]) if isinstance(states[0], dict) else range(len(states[0]))
-    out = []
-    for k in keys:
-        first = torch.as_tensor(states[0][k])
-        v = torch.stack([torch.as_tensor(s[k]).double() for s in states]).sort(0).values    # (n, *shape)
-        m = v[cut:n - cut].mean(0)
-        out.append(m.to(first.dtype) if first.is_floating_point() else m.round().to(first.dtype))
-    if isinstance(states[0], dict):
-        return dict(zip(keys, out))
-    return [o.numpy() if isinstance(a, np.ndarray) else o for o, a in zip(out, states[0])]
-
-
 def krum_select(states, n_malicious, n_keep=1):
     """Krum / multi-Krum (Blanchard et al. 2017): score each model by the summed squared distance to its
     n - f - 2 nearest others; return the indices of the n_keep lowest scores (the most central)."""
@@ -1792,14 +1821,6 @@ def krum_select(states, n_malicious, n_keep=1):
     m = max(1, len(states) - n_malicious - 2)
     scores = d.sort(1).values[:, 1:m + 1].sum(1)      # column 0 is the distance to itself
     return scores.argsort()[:n_keep].tolist()
-
-
-def update_norms(states, center):
-    """||G_i - G||: the L2 norm of each client's update against the round's global model (list (n,))."""
-    keys = list(center) if isinstance(center, dict) else range(len(center))
-    sq = [sum(float((torch.as_tensor(s[k]).double() - torch.as_tensor(center[k]).to(torch.as_tensor(s[k]).device)
-                     .double()).square().sum()) for k in keys) for s in states]
-    return [math.sqrt(v) for v in sq]
 
 
 def clip_updates(states, center, max_norm):
@@ -1828,26 +1849,21 @@ def krum_average(states, weights, n_keep):
     return fedavg([states[i] for i in keep], np.asarray(weights, dtype=np.float64)[keep]), keep
 
 
-def aggregator(name, trim=0.1):
+def aggregator(name):
     """The aggregation rule called `name`: (states, weights, center) -> (model, kept indices or None).
-    A new aggregator is one function above and one entry here (and its name in --aggregator's choices).
-    The median and the trimmed mean are unweighted (a detector's weights do not enter them)."""
+    A new aggregator is one function above and one entry here (and its name in --aggregator's choices)."""
     return {
         "fedavg": lambda s, w, c: (fedavg(s, w), None),
-        "median": lambda s, w, c: (coordinate_median(s), None),
-        "trimmed-mean": lambda s, w, c: (trimmed_mean(s, trim), None),
         "krum": lambda s, w, c: krum_average(s, w, 1),
         "multi-krum": lambda s, w, c: krum_average(s, w, len(s) - threat_bound(len(s))),
         "clip": lambda s, w, c: (fedavg(clip_updates(s, c, float(np.median(update_norms(s, c)))), w), None),
     }[name]
 
 
-def feddetect_paper(loss_history, seed=0):
-    """The paper's detector: isolation forest (contamination 'auto') on this round's N losses.
-    loss_history (t, N) -> boolean flags (N,). Only the last row is used. Needs IsolationForest."""
-    losses = np.asarray(loss_history, dtype=np.float64)[-1]
-    return IsolationForest(n_estimators=100, seed=seed).fit_predict(losses) == -1
-
+# ------------------------------------------------------------------------------------------------
+# More detectors: the calibrated rule (robust z-score + CUSUM), the probe of the generators, the probe
+# detector, and the shadow log of them all
+# ------------------------------------------------------------------------------------------------
 
 def robust_excess(loss_history, window=10):
     """Each client's excess loss over the round's median, in units of a robust spread (1.4826 * MAD of
@@ -2061,104 +2077,6 @@ def probe_flags(scores, level, ratio=1.5):
     return (scores > level) & (scores > ratio * np.median(scores))
 
 
-# ------------------------------------------------------------------------------------------------
-# Detectors: one definition each, called once a round with what the server has (a Round), returning
-# flags (N,); each keeps its own history (checkpointed through state_dict). A new detector is one
-# class below and one entry in DETECTORS (the edge, where Config builds it); server_round names none.
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Round:
-    """What the server has in round t, for a detector to read (lists by client id)."""
-    t: int
-    losses: np.ndarray         # (N,) reported generator losses (NaN or inf: the client sits this round out)
-    norms: np.ndarray          # (N,) ||G_i - G||, measured by the server
-    states: list               # (N,) every client's generator state (None for other ranks' under torchrun)
-    center: dict               # the round's global generator
-    act: bool                  # past warm-up with 3+ reporters: flags are acted on (Algorithm 1)
-    cache: dict = field(default_factory=dict)  # signals already computed this round, by name
-
-    @property
-    def ok(self):
-        return np.isfinite(self.losses)
-
-
-class Detector:
-    """Called once a round: Round -> flags (N,) bool. `whole`: it reads every generator, so it needs them
-    all in one process (refused under torchrun)."""
-    whole = False
-
-    def __call__(self, r):
-        raise NotImplementedError
-
-    def logged(self):  # this round's figures for metrics.jsonl
-        return {}
-
-    def state_dict(self):  # what it carries from round to round (plain lists and tensors)
-        return {}
-
-    def load_state_dict(self, d):
-        pass
-
-
-def rule_on_ok(rule, history, ok, seed):
-    """A rule (history (t, n), seed) -> flags (n,) on the columns of this round's reporters, over the rows
-    where every one of them is finite -> flags (N,), False for the others."""
-    h = np.asarray(history, dtype=np.float64)[:, ok]
-    flags = np.zeros(len(ok), bool)
-    flags[ok] = rule(h[np.isfinite(h).all(axis=1)], seed)
-    return flags
-
-
-SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
-           "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> the signals read
-HISTORY_KEY = {"loss": "history", "update-norm": "norm_history", "probe": "probe_history"}  # checkpoint keys
-
-
-def signal_of(r, name, probe):
-    """One signal of every client this round (N,), computed once per round whoever asks: the reported
-    loss, the update's norm, or the log of the fixed probe's score (rendered by the server)."""
-    if name not in r.cache:
-        r.cache[name] = (r.losses if name == "loss" else r.norms if name == "update-norm" else
-                         np.log(probe_signal(probe, r.states) + 1e-12))
-    return r.cache[name]
-
-
-def loss_rule(name, fpr=0.001):
-    """The rule called `name` (paper: the isolation forest; calibrated: CUSUM at false-alarm rate fpr) as
-    (history (t, n), seed) -> flags (n,)."""
-    return dict(paper=lambda history, seed: feddetect_paper(history, seed),
-                calibrated=lambda history, seed: feddetect_calibrated(history, fpr))[name]
-
-
-class RuleDetector(Detector):
-    """A rule on the history of each signal it reads (FedDetect: the isolation forest on the reported
-    losses); a client is flagged when any signal flags it."""
-
-    def __init__(self, rule, signals=("loss",), probe=None, seed=0):
-        self.rule, self.probe, self.seed = rule, probe, seed
-        self.history = {s: [] for s in signals}  # signal -> (t, N)
-        self.whole = probe is not None
-
-    def __call__(self, r):
-        for s, h in self.history.items():
-            h.append(np.asarray(signal_of(r, s, self.probe), dtype=np.float64).tolist())
-        flags = np.zeros(len(r.losses), bool)
-        for h in self.history.values() if r.act else ():
-            flags |= rule_on_ok(self.rule, h, r.ok, self.seed * 100003 + r.t)
-        return flags
-
-    def logged(self):
-        return {"probe_score": self.history["probe"][-1]} if "probe" in self.history else {}
-
-    def state_dict(self):
-        return {HISTORY_KEY[s]: h for s, h in self.history.items()}
-
-    def load_state_dict(self, d):
-        self.history = {s: list(d.get(HISTORY_KEY[s], [])) for s in self.history}
-
-
 class ProbeDetector(Detector):
     """The probe detector: every generator rendered on fresh secret latents each round; each client's
     local departures from the others folded into a moving average (probe_watch); flagged when its score
@@ -2172,11 +2090,9 @@ class ProbeDetector(Detector):
     def __call__(self, r):
         self.avg, self.n, scores = watch_round(self.probe, r.states, self.avg, self.n, r.t)
         self.history.append(scores.tolist())
+        self.logged = {"watch_score": self.history[-1]}
         return rule_on_ok(lambda h, seed: probe_flags(h[-1], self.level), self.history, r.ok, 0) if r.act else \
             np.zeros(len(r.losses), bool)
-
-    def logged(self):
-        return {"watch_score": self.history[-1]}
 
     def state_dict(self):
         return dict(watch=None if self.avg is None else self.avg.cpu(), watch_n=self.n, watch_history=self.history)
@@ -2202,12 +2118,10 @@ class Shadow(Detector):
                 flags = f
         if not r.act:
             self.last = {}
-        return flags if self.acting else np.zeros(len(r.losses), bool)
-
-    def logged(self):
-        out = {k: v for d in self.detectors.values() for k, v in d.logged().items()}
+        out = {k: v for d in self.detectors.values() for k, v in d.logged.items()}
         shadow = {k: v.astype(int).tolist() for k, v in self.last.items() if k != self.acting}
-        return dict(out, shadow=shadow) if shadow else out
+        self.logged = dict(out, shadow=shadow) if shadow else out
+        return flags if self.acting else np.zeros(len(r.losses), bool)
 
     def state_dict(self):
         return {"shadow": {name: d.state_dict() for name, d in self.detectors.items()}}
@@ -2218,669 +2132,8 @@ class Shadow(Detector):
 
 
 # ------------------------------------------------------------------------------------------------
-# The server round (Algorithm 1, procedure B): record -> detect -> reweight -> aggregate
+# The round's log, checkpoints (atomic, resumable after a kill), samples and the end of a run
 # ------------------------------------------------------------------------------------------------
-
-
-def feddetect_update(flags, counts, weights, decay, recover=False):
-    """Algorithm 1, lines 16-24: act only when 0 < |O| < N/2; each flagged client gets c_i += 1 and
-    w_i *= d ** c_i; weights are renormalised. Returns (flags acted on, counts, weights).
-    recover (not in the paper, whose c_i only grows): a client with c_i > 0 that is not flagged gets its
-    last decay back (w_i /= d ** c_i, then c_i -= 1), so weight lost to false alarms returns once they stop."""
-    flags, counts, weights = np.asarray(flags, bool), np.array(counts), np.array(weights, dtype=np.float64)
-    n_out = int(flags.sum())
-    if not 0 < n_out < len(flags) / 2:
-        flags = np.zeros_like(flags)
-    counts = counts + flags
-    weights = np.where(flags, weights * decay ** counts, weights)
-    if recover:
-        back = ~flags & (counts > 0)
-        weights = np.where(back, weights / decay ** counts, weights)
-        counts = counts - back
-    return flags, counts, weights / weights.sum()
-
-
-@dataclass
-class Defense:
-    """A defense, composed once before the first round from four orthogonal parts."""
-    augment: str = "none"                   # client side: flip | rotate the real batches
-    detect: Optional[Detector] = None       # Round -> flags (N,); see DETECTORS
-    warmup: int = 10                        # detection acts in rounds t > warmup
-    decay: float = 0.8                      # Algorithm 1's d
-    aggregate: Callable = aggregator("fedavg")  # (states, weights, center) -> (model, kept or None)
-    posthoc: Optional[Callable] = None      # g -> None, after the last round (reconstruct)
-    recover: bool = False                   # feddetect_update's way back for clients no longer flagged
-
-
-@dataclass
-class ServerState:
-    """What the server carries from round to round (a detector carries its own history)."""
-    counts: np.ndarray                                  # (N,) c_i: times each client was flagged
-    weights: np.ndarray                                 # (N,) w_i, summing to 1
-
-    @staticmethod
-    def fresh(n):
-        return ServerState(np.zeros(n, dtype=np.int64), np.full(n, 1.0 / n))
-
-
-@dataclass
-class Decision:
-    """One round's outcome, per client (N,)."""
-    flags: np.ndarray       # flagged and acted on (Algorithm 1)
-    ok: np.ndarray          # reported a finite loss (the others sit this round out)
-    used: np.ndarray        # averaging weights of this round: weights renormalised over ok, 0 elsewhere
-    norms: list = None      # ||G_i - G||
-    selected: Optional[np.ndarray] = None  # the aggregator's choice (1 kept, 0 left out), when it chooses
-    logged: dict = field(default_factory=dict)  # the detector's figures of the round
-
-
-def reweight(server, flags, decay, recover, ok):
-    """Algorithm 1's weight update on this round's flags (None: no detection this round), then the
-    averaging weights renormalised over the clients with a finite loss -> Decision."""
-    if flags is not None:
-        flags, server.counts, server.weights = feddetect_update(flags, server.counts, server.weights, decay, recover)
-    server.weights = server.weights / server.weights.sum()
-    used = np.where(ok, server.weights, 0.0)
-    return Decision(np.zeros(len(ok), bool) if flags is None else flags, ok, used / used.sum() if ok.any() else used)
-
-
-def server_round(server, defense, g_states, losses, center, t, distributed=False):
-    """Procedure B: record the reports, detect, reweight, aggregate. g_states {id: generator state}
-    holds every client in one process, and this rank's clients under torchrun (where rank 0's decision
-    is broadcast and FedAvg is one all-reduce). -> (new global state or None if nobody is ok, Decision)."""
-    n, losses = len(losses), np.asarray(losses, dtype=np.float64)
-    norms = norms_of_all(g_states, center, n, distributed)
-    r = Round(t, losses, np.asarray(norms), [g_states.get(i) for i in range(n)], center,
-              act=t > defense.warmup and np.isfinite(losses).sum() >= 3)
-    flags = defense.detect(r) if defense.detect is not None else None   # every round: it keeps its history
-    decision = reweight(server, flags if r.act else None, defense.decay, defense.recover, r.ok)
-    decision.norms, decision.logged = norms, defense.detect.logged() if defense.detect is not None else {}
-    if distributed:
-        decision = dataclasses.replace(broadcast_decision(server, decision), norms=norms, logged=decision.logged)
-        return (fedavg_across_ranks(g_states, decision.used, center) if decision.ok.any() else None), decision
-    if not decision.ok.any():
-        return None, decision
-    ok = np.flatnonzero(decision.ok)
-    g_new, kept = defense.aggregate([g_states[i] for i in ok], decision.used[ok], center)
-    if kept is not None:
-        decision.selected = np.zeros(n, int)
-        decision.selected[ok[kept]] = 1
-    return g_new, decision
-
-
-# ------------------------------------------------------------------------------------------------
-# Across processes (torchrun): each rank hosts some clients; rank 0 is also the server
-# ------------------------------------------------------------------------------------------------
-
-
-def dist_rank_world():
-    """(rank, world size): from torchrun's environment, (0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def owned_clients(n_clients, rank, world):
-    """Contiguous blocks of client ids per rank: rank 0 of 2 hosts clients 0-1 of 4."""
-    return np.array_split(np.arange(n_clients), world)[rank].tolist()
-
-
-def collective(op, *args, **kw):
-    """A torch.distributed call whose failure (a rank that died) becomes one clear error."""
-    try:
-        return op(*args, **kw)
-    except RuntimeError as e:
-        raise FedGANError(f"lost contact with another rank during {op.__name__} ({str(e).splitlines()[0][:120]}); "
-                          "a rank died: the last checkpoint is intact, restart with --resume OUT")
-
-
-def comm_device():
-    """Where a collective's tensors must live: nccl moves GPU tensors only, gloo CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def reduced(buf, op=dist.all_reduce, **kw):
-    """buf (a CPU tensor) after the collective op, done on the backend's device; back on the CPU."""
-    moved = buf.to(comm_device())
-    collective(op, moved, **kw)
-    return moved.cpu()
-
-
-def gather_losses(results, n_clients, distributed):
-    """Every client's (d_loss, g_loss) on every rank: each rank fills its own slots, then one all-reduce."""
-    buf = torch.zeros(2, n_clients, dtype=torch.float64)
-    for i, (dl, gl) in results.items():
-        buf[0, i], buf[1, i] = dl, gl
-    if distributed:
-        buf = reduced(buf)
-    return buf[0].tolist(), buf[1].tolist()
-
-
-def norms_of_all(g_states, center, n_clients, distributed):
-    """||G_i - G|| of every client on every rank: each rank measures its own clients, then one all-reduce."""
-    buf = torch.zeros(n_clients, dtype=torch.float64)
-    for i, s in g_states.items():
-        buf[i] = update_norms([s], center)[0]
-    if distributed:
-        buf = reduced(buf)
-    return buf.tolist()
-
-
-def broadcast_decision(server, decision):
-    """Rank 0's decision and server weights on every rank (one tensor), so all ranks stay identical."""
-    buf = torch.tensor(np.stack([decision.flags, server.counts, server.weights, decision.ok, decision.used]),
-                       dtype=torch.float64)
-    buf = reduced(buf, dist.broadcast, src=0)
-    b = buf.numpy()
-    server.counts, server.weights = b[1].astype(np.int64), b[2].copy()
-    return Decision(b[0] > 0.5, b[3] > 0.5, b[4].copy())
-
-
-def fedavg_across_ranks(own_states, used, template):
-    """FedAvg over ranks: sum_i used_i * G_i over this rank's clients in float64, one all-reduce of that
-    partial sum, then the cast back. `used` is already normalised over all clients."""
-    partial = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in template.items()}
-    for i, s in own_states.items():
-        for k in partial:
-            partial[k].add_(s[k].to(partial[k].device, torch.float64), alpha=float(used[i]))
-    flat = torch.cat([v.flatten() for v in partial.values()])
-    collective(dist.all_reduce, flat)
-    return {k: v.view(template[k].shape).to(template[k].dtype)
-            for k, v in zip(partial, flat.split([v.numel() for v in partial.values()]))}
-
-
-def client_states(fed):
-    """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
-    own = {i: private_state(c) for i, c in fed.clients.items()}
-    if not fed.distributed:
-        return own
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    collective(dist.gather_object, own, parts, dst=0)
-    return {k: v for p in parts for k, v in p.items()} if parts else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Run: set-up (the edge that reads Config), the loop, checkpoints, samples, the end of a run
-# ------------------------------------------------------------------------------------------------
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
-
-
-def amp_dtype_for(amp, amp_dtype, device):
-    """The autocast dtype, or None for fp32. auto: bf16 on CUDA where supported, else fp16; fp32 on
-    CPU (bf16 on CPU only when asked: --amp-dtype bf16)."""
-    if not amp:
-        return None
-    if amp_dtype == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dict(bf16=torch.bfloat16, fp16=torch.float16)[amp_dtype]
-
-
-def set_precision(cfg, device):
-    """TF32 for fp32 matmuls and convolutions on CUDA (--tf32); autocast (--amp) is separate."""
-    if amp_dtype_for(cfg.amp, cfg.amp_dtype, device) == torch.float16 and device.type != "cuda":
-        raise FedGANError("--amp-dtype fp16 needs CUDA (its GradScaler); on CPU use --amp-dtype bf16 or --no-amp")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
-
-
-def local_of(cfg, device):
-    """The clients' training settings from a Config (the edge)."""
-    return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
-                 cfg.channels_last and device.type == "cuda", cfg.compile, (cfg.beta1, cfg.beta2),
-                 JOINT_D[cfg.recipe])
-
-
-def activation_mb(arch, n_classes, device, amp_dtype):
-    """MB per image that autograd keeps for a G step (G and D forward), measured by a hook on every
-    saved tensor at batch 1 and 2 (the difference leaves out per-batch constants such as autocast's
-    weight copies): what stepping N clients side by side adds, N x batch times, to memory."""
-    saved = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        g, d = (m.to(device) for m in build_models(n_classes, **arch))
-        for batch in (1, 2):
-            saved[batch] = 0
-
-            def pack(t, b=batch):
-                saved[b] += t.numel() * t.element_size()
-                return t
-            z, y = torch.randn(batch, g.z_dim, device=device), torch.arange(batch, device=device) % n_classes
-            with autocast(device, amp_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                d(g(z, y), y).sum()
-    return (saved[2] - saved[1]) / 2**20
-
-
-def plan_clients(cfg, device, n_classes, steps, batches):
-    """Decide --parallel-clients and --offload for this process's clients (their steps and batch sizes
-    per round) -> (parallel, offload). auto: offload when the clients' state (16 bytes per parameter:
-    weights, gradients, Adam's two moments) would take over half the free GPU memory; side by side on
-    CUDA when that state plus N x batch images of activations fit in 60% of it, the activations counted
-    three times what autograd saves (activation_mb): the backward pass's transients and convolution
-    workspaces are not in that count. Which way is faster is then timed in the first rounds (see
-    client_updates), and an out-of-memory error falls back to clients in turn."""
-    n_owned, amp_dtype = len(steps), amp_dtype_for(cfg.amp, cfg.amp_dtype, device)
-    client_mb = 0.0  # only a GPU's memory is planned: a CPU run skips building the models on the meta device
-    if device.type == "cuda":
-        with torch.device("meta"):  # sizes only: no memory, no random draws
-            models = build_models(n_classes, **arch_of(cfg))
-            client_mb = sum(p.numel() for m in models for p in m.parameters()) * 16 / 2**20
-    cuda_auto = device.type == "cuda" and cfg.parallel_clients == "auto"
-    act_mb = activation_mb(arch_of(cfg), n_classes, device, amp_dtype) if cuda_auto else None
-    free_mb = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else float("inf")
-    offload = cfg.offload == "on" or (cfg.offload == "auto" and n_owned * client_mb > 0.5 * free_mb)
-    why_not = [reason for bad, reason in [
-        (n_owned < 2, "this process holds one client"),
-        (len(set(steps)) > 1 or len(set(batches)) > 1, "shards differ in size (steps or batch per round)"),
-        (amp_dtype == torch.float16, "fp16 needs a GradScaler per client"),
-        (offload, "clients are offloaded to host memory")] if bad]
-    if cfg.parallel_clients == "on" and why_not:
-        raise FedGANError(f"--parallel-clients on is not possible: {why_not[0]}; use --parallel-clients auto")
-    fits = act_mb is None or n_owned * (client_mb + 3 * max(batches) * act_mb) < 0.6 * free_mb
-    parallel = not why_not and (cfg.parallel_clients == "on" or (cuda_auto and fits))
-    return parallel, offload, cuda_auto and parallel and cfg.rounds >= 5
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Run:
-    """Everything one process needs for the rounds."""
-    out: Path
-    lead: bool                  # rank 0: writes the run folder
-    g: nn.Module                # the global generator
-    fed: Federation
-    server: ServerState
-    defense: Defense
-    data: Data
-    start: int = 0              # first round to run (after a resume)
-    seconds: float = 0.0        # training time before this session (after a resume)
-    summary: Optional[dict] = None
-    lock: object = None         # the open run-folder lock (rank 0)
-    checkpointed: int = 0       # the round the newest checkpoint holds
-
-    now: int = 0                # the round being trained (from 1)
-
-    def checkpointed_text(self):
-        return (f"last checkpoint: round {self.checkpointed}" if self.checkpointed else
-                "no checkpoint yet: a resume starts from round 0")
-
-
-def setup_run(cfg):
-    """Check the out folder, load data, build this process's clients and compose the defense; restore
-    a checkpoint when resuming. Nothing is written yet."""
-    out = Path(cfg.out)
-    rank, world = dist_rank_world()
-    check_out_folder(out, cfg.resume)
-    lock = lock_folder(out) if rank == 0 and cfg.resume else None  # a new folder is locked before it is written
-    try:
-        return build_run(cfg, out, rank, world, lock)
-    except BaseException:
-        unlock_folder(lock)  # refused or interrupted before the run began: the folder is free again
-        raise
-
-
-def build_run(cfg, out, rank, world, lock):
-    """setup_run's work once the folder is checked (and, for a resume, held)."""
-    device = pick_device(cfg.device)
-    set_precision(cfg, device)
-    check_world(cfg, world)
-    if cfg.resume and rank == 0 and (out / "checkpoint.pt").exists():
-        check_same_experiment(cfg, read_checkpoint(out / "checkpoint.pt")["config"], out)
-    seed_everything(cfg.seed)
-    data = data_of(cfg)
-    if cfg.resume:
-        check_fingerprint(out, data, cfg.data_root)
-    y = data.train[1]
-    shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
-              else split_clients(len(y), cfg.clients, cfg.seed))
-    if min(len(s) for s in shards) < 2:
-        raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
-                          f"use fewer --clients or more data (data: {data.report})")
-    n_classes = len(data.classes)
-    g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
-    owned = owned_clients(cfg.clients, rank, world)
-    steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
-    parallel, offload, timed = plan_clients(cfg, device, n_classes, [steps[i] for i in owned],
-                                            [min(cfg.batch, len(shards[i])) for i in owned])
-    defense = defense_of(cfg, data, device, g_global)
-    if world > 1 and defense.detect is not None and defense.detect.whole:
-        raise FedGANError("the probe, the probe detector and --shadow read every generator, so they need them all "
-                          "on one process; run them without torchrun")
-    clients = clients_of(cfg, data, shards, owned, g_global, device, parallel, offload)
-    fed = Federation(clients, steps, malicious_ids(cfg), device, parallel, offload, world > 1, cfg.adaptive,
-                     cfg.attack_start, cfg.seed, [len(s) for s in shards], cfg.scale_update,
-                     Timing() if timed else None)
-    if rank == 0:
-        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients))
-    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
-    if cfg.resume and (out / "checkpoint.pt").exists():
-        load_checkpoint(run, cfg.rounds)
-    elif cfg.resume and rank == 0:
-        print(f"no checkpoint in {out}: starting from round 0")
-    return run
-
-
-def check_world(cfg, world):
-    """Under torchrun: what needs every generator on one process is refused, and every rank needs a client."""
-    if world > 1 and cfg.scale_update:
-        raise FedGANError("--scale-update needs every generator on one process; run it without torchrun")
-    if world > 1 and cfg.aggregator != "fedavg":
-        raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
-                          "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
-    if world > cfg.clients:
-        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
-                          "use --nproc-per-node <= --clients")
-
-
-def clients_of(cfg, data, shards, owned, g_global, device, parallel, offload):
-    """{id: Client} for the clients this process holds, the malicious ones with their attack (the edge)."""
-    (x, y), n_classes, bad = data.train, len(data.classes), malicious_ids(cfg)
-    local = local_of(cfg, device)
-    trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
-    clients = {}
-    for i in owned:
-        xi, yi = x[shards[i]], y[shards[i]]
-        d = new_discriminator(i, cfg.seed, n_classes, arch_of(cfg))
-        if i in bad:  # the attack: every training image of a malicious client
-            xp, yp = dilute((xi, yi), poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size),
-                                             cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
-            attacker = Attacker((xi, yi) if cfg.attack_start > 0 else None, cfg.attack_start,  # late: clean first
-                                Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent"
-                                else None)
-            clients[i] = make_client(i, (xp, yp), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     parallel, attacker)
-        else:
-            clients[i] = make_client(i, (xi, yi), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
-                                     parallel)
-    return clients
-
-
-def fixed_probe(cfg, g):
-    """--detect-on probe|loss+probe: the same latents every round (a window a quarter of the image side)."""
-    return make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
-
-
-def secret_probe(cfg, g):
-    """The probe detector's: fresh latents each round from the server's secret, never sent to a client."""
-    return make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, max(2, cfg.img_size // 4), fresh=True)
-
-
-def rule_detector(rule, signals, cfg, g):
-    return RuleDetector(loss_rule(rule, cfg.detect_fpr), signals, fixed_probe(cfg, g) if "probe" in signals else None,
-                        cfg.seed)
-
-
-DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
-    "none": lambda cfg, g: None,
-    "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
-    "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
-    "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
-}
-
-
-def shadow_of(cfg, g, acting):
-    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on update-norm, probe and
-    loss+probe, and the probe detector, each logged every round beside the acting detector."""
-    shadows = {"paper": rule_detector("paper", ("loss",), cfg, g),
-               **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
-                  (("calibrated", "loss"), ("update-norm", "update-norm"), ("probe", "probe"),
-                   ("loss+probe", "loss+probe"))},
-               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level)}
-    return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
-
-
-def defense_of(cfg, data, device, g):
-    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here."""
-    detect = DETECTORS[cfg.detector](cfg, g)
-    if cfg.shadow:
-        detect = shadow_of(cfg, g, detect)
-    posthoc = None
-    if cfg.posthoc == "reconstruct":
-        local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
-        posthoc = functools.partial(reconstruct, x=data.train[0], y=data.train[1], n_classes=len(data.classes),
-                                    per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
-                                    seed=cfg.seed, arch=arch_of(cfg), device=device)
-    return Defense(cfg.augment, detect, cfg.warmup, cfg.decay, aggregator(cfg.aggregator, cfg.trim), posthoc,
-                   cfg.recover)
-
-
-def check_out_folder(out, resume, held=False):
-    """A new run needs a new or empty folder it can write (a lock file left there does not count) that no
-    other process holds (held: this process holds it); a resumed one, its own folder."""
-    if dist_rank_world()[0] != 0 or resume:
-        return
-    if out.exists() and not out.is_dir():
-        raise FedGANError(f"--out {out} is a file; choose a folder path")
-    holder = folder_in_use(out) if out.exists() and not held else None
-    if holder:
-        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
-        raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
-                          "or choose another --out")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise FedGANError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
-
-
-def lock_folder(out):
-    """Hold out/.lock for this process's life, so a run folder has one writer. flock is released by the OS
-    however the process ends; the holder's pid and host are written inside for the message a second process
-    gets, and cleared at a clean end, so a lock found with a name in it was left by a process that is gone
-    (it is taken over, with a line). Returns the open file (None where flock does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
-    except OSError as e:
-        raise FedGANError(f"cannot create {out} ({e.strerror}); choose another --out")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
-    f.seek(0)
-    previous = f.read().strip()
-    if previous:
-        print(f"{out}: taking over the lock left by {previous}, which is no longer running")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    return f
-
-
-def unlock_folder(f):
-    """A clean end: the holder's name cleared, the lock released."""
-    if f is not None and not f.closed:
-        f.seek(0)
-        f.truncate()
-        f.close()
-
-
-def folder_in_use(out):
-    """The holder ('pid N on HOST') when another process holds out/.lock, else None."""
-    try:
-        import fcntl
-        with open(Path(out) / ".lock") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return f.read().strip() or "another process"
-    except (ImportError, OSError):
-        pass
-    return None
-
-
-def data_fingerprint(data):
-    """sha256 (first 16 hex digits) of each split's uint8 images and labels, as loaded: what a run trained
-    and is scored on, whatever path it was read from."""
-    def digest(*tensors):
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-    return dict(train=digest(*data.train), test=digest(*data.test))
-
-
-def check_fingerprint(out, data, root):
-    """On --resume: the data loaded now must be the data the run trained on (a moved root is fine)."""
-    try:
-        saved = json.loads((out / "config.json").read_text()).get("data", {}).get("fingerprint")
-    except (OSError, ValueError):
-        return
-    now = data_fingerprint(data) if saved else None
-    if saved and saved != now:
-        where = f"the data at {root}" if root else "the synthetic data made from config.json's settings"
-        raise FedGANError(f"{where} differs from the data {out} trained on (fingerprints {saved} against {now}); "
-                          + ("pass --data-root to the run's own data" if root else
-                             "restore config.json's synthetic settings"))
-
-
-class Stopped(BaseException):
-    """SIGTERM, raised in the main thread so the run ends through the same path as Ctrl-C. A BaseException,
-    as KeyboardInterrupt is: code that catches Exception (torch's load_state_dict does) must not swallow it."""
-
-
-def on_sigterm(signum, frame):
-    raise Stopped()
-
-
-def stop_of(e):
-    """(what stopped the run, its exit code) for Stopped (SIGTERM) or KeyboardInterrupt (Ctrl-C)."""
-    return ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a run: main prints the message as one line and exits with `code`."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
-def train(cfg):
-    """The federated run (Algorithm 1). Under torchrun every rank calls it for its own clients and
-    rank 0 alone writes the run folder."""
-    run = setup_run(cfg)
-    log = print if run.lead else (lambda *a, **k: None)
-    try:
-        if run.lead:
-            if run.lock is None and not cfg.resume:  # a new folder: lock, then look again (another may have won)
-                run.lock = lock_folder(run.out)
-                check_out_folder(run.out, None, held=True)
-            start_folder(run, cfg)
-        log(describe(run, cfg))
-        log(f"data: {run.data.report}")
-        if run.lead and cfg.detector != "none" and cfg.warmup >= cfg.rounds - 1:
-            sys.stderr.write(f"fedgan.py: warning: --warmup {cfg.warmup} >= --rounds {cfg.rounds} - 1: the detector "
-                             "never runs (it acts in rounds t > warmup, t from 0)\n")
-        rounds(run, cfg, log)
-    except (KeyboardInterrupt, Stopped) as e:
-        what, code = stop_of(e)
-        raise Interrupted(f"stopped by {what} in round {run.now} ({run.checkpointed_text()}); continue with: "
-                          f"python fedgan.py --resume {run.out}", code) from None
-    except OSError as e:  # a full or read-only disk: the last checkpoint stays good
-        raise FedGANError(f"cannot write in {run.out} ({e.strerror or e}); free some space or fix its permissions, "
-                          f"then continue with: python fedgan.py --resume {run.out} (last checkpoint: round "
-                          f"{run.checkpointed})") from None
-    finally:
-        unlock_folder(run.lock)
-    return run
-
-
-def rounds(run, cfg, log):
-    """Rounds run.start .. cfg.rounds - 1, checkpoints, and the end of the run."""
-    t0, t_session = time.time() - run.seconds, time.time()
-    for t in range(run.start, cfg.rounds):
-        tr, run.now = time.time(), t + 1
-        center = {k: v.detach().clone() for k, v in run.g.state_dict().items()}           # this round's G
-        g_states, reports = client_updates(run.fed, center, t, log)                        # procedure A
-        g_new, decision = server_round(run.server, run.defense, g_states, reports.g_loss, center, t,
-                                       run.fed.distributed)                                # procedure B
-        if g_new is not None:
-            run.g.load_state_dict(g_new)
-        last = t + 1 == cfg.rounds
-        if run.lead:
-            left = (time.time() - t_session) / (t + 1 - run.start) * (cfg.rounds - t - 1)  # this session's pace
-            log_round(run, t, cfg.rounds, reports, decision, time.time() - tr, left)
-            if (t + 1) % cfg.sample_every == 0 or last:
-                save_samples(run.g, run.out / "samples" / f"round_{t + 1:04d}.png", cfg.seed)
-        if (t + 1) % cfg.ckpt_every == 0 or last:
-            save_checkpoint(run, t + 1, cfg, time.time() - t0)  # gathers client state: every rank calls it
-    if run.lead and (run.start < cfg.rounds or not (run.out / "summary.json").exists()):
-        run.summary = finish(run, cfg, time.time() - t0)
-    elif run.lead:
-        log(f"{run.out} already finished its {cfg.rounds} rounds; pass --rounds N (> {cfg.rounds}) to extend it")
-
-
-def hours_on(device, cfg, images, arch):
-    """A rough estimate of the hours networks of `arch` would take for `images` training images on this
-    device: their forward FLOPs per image (counted on the meta device), x 6 for G and x 9 for D (a D step
-    sees real and fake images, a G step goes through D, a backward pass costs two forwards), at this
-    device's fp32 matmul speed."""
-    with torch.device("meta"):
-        g, d = build_models(2, **dict(arch_of(cfg), arch=arch))
-        z, y = torch.randn(1, g.z_dim), torch.zeros(1, dtype=torch.long)
-        g_fl = count_forward_flops(g, z, y)
-        d_fl = count_forward_flops(d, torch.randn(1, cfg.channels, cfg.img_size, cfg.img_size), y)
-    return images * (6 * g_fl + 9 * d_fl) / (matmul_gflops(device, n=1024, reps=3) * 1e9) / 3600
-
-
-def describe(run, cfg):
-    """The run's first log line."""
-    fed, amp = run.fed, amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
-    note = ""
-    if fed.device.type == "cpu" and cfg.arch == "small" and cfg.img_size >= 128:  # the card's command on a CPU
-        images = (cfg.rounds - run.start) * sum(fed.steps) * cfg.batch
-        paper, small = (hours_on(fed.device, cfg, images, arch) for arch in ("paper", "small"))
-        note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: this run should "
-                f"take roughly {small:,.1f} h here, the paper's networks (--arch paper, for a GPU) {paper:,.0f} h")
-    parts = [cfg.augment != "none" and f"augment {cfg.augment}",
-             cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
-             cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]
-    return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, "
-            f"{'1 client: the centralized reference' if cfg.clients == 1 else f'{cfg.clients} clients'} "
-            f"(shards {fed.sizes}, {fed.steps[0]} steps/round), malicious {fed.malicious}, "
-            f"attack {cfg.attack if fed.malicious else 'none'}, defense: {', '.join(p for p in parts if p)}, "
-            f"device {fed.device}{' (' + str(amp).replace('torch.', '') + ' autocast)' if amp else ''}, "
-            f"clients {'side by side' if fed.parallel else 'in turn'}{', offloaded to host' if fed.offload else ''}, "
-            f"{dist_rank_world()[1]} process(es), out {run.out}"
-            + (f", resuming at round {run.start}/{cfg.rounds}" if run.start else "") + note)
-
-
-def fmt(xs, nd=3):
-    return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
-
-
-def json_safe(v):
-    """NaN and inf are not JSON: they become null."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return [json_safe(x) for x in v] if isinstance(v, list) else v
-
-
-def hms(seconds):
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
 
 def log_round(run, t, rounds, reports, decision, secs, left):
     """The round's line on stdout (with the time left for the run) and in metrics.jsonl (lists by client id)."""
@@ -2904,119 +2157,20 @@ def log_round(run, t, rounds, reports, decision, secs, left):
         f.write(json.dumps({k: json_safe(v) for k, v in rec.items()}) + "\n")
 
 
-def start_folder(run, cfg):
-    """config.json (what runs: every setting, and the device, precision and versions it ran with) and,
-    for a fresh run, an empty metrics.jsonl; after a resume, metrics.jsonl keeps the rounds before it."""
-    try:
-        (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FedGANError(f"cannot create {run.out} ({e.strerror}); choose another --out")
-    if not run.start:
-        save_real(run.data, run.out / "samples" / "real.png", cfg.seed)
-    record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg),
-                  data=dict(path=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
-                            fingerprint=data_fingerprint(run.data)))
-    atomic_write_text(run.out / "config.json", json.dumps(record, indent=2))
-    metrics = run.out / "metrics.jsonl"
-    keep = []
-    if run.start and metrics.exists():
-        for ln in metrics.read_text().splitlines():
-            try:
-                if json.loads(ln)["round"] <= run.start:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):  # a line cut by a kill: it is past the checkpoint anyway
-                pass
-    atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+def hms(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def environment(run, cfg):
-    import importlib.metadata
-    import subprocess
-    amp = amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        tv = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        tv = None
-    return dict(device=device_name(run.fed.device), precision=str(amp).replace("torch.", "") if amp else "fp32",
-                parallel_clients=run.fed.parallel, offload=run.fed.offload, processes=dist_rank_world()[1],
-                torch=torch.__version__, torchvision=tv, numpy=np.__version__, git_commit=commit)
+def fmt(xs, nd=3):
+    return "[" + " ".join(f"{x:.{nd}f}" for x in xs) + "]"
 
 
-def atomic_write_text(path, text):
-    atomic_save(text, path, write=lambda obj, p: p.write_text(obj))
-
-
-def atomic_save(obj, path, write=None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file, and a failed or
-    interrupted write (a full disk, a signal) leaves no .tmp behind."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        (write or torch.save)(obj, tmp)  # torch.save looked up now, not bound at import
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def rng_state():
-    """The global random streams, as what torch.load(weights_only=True) accepts (tensors, ints, tuples)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(),
-             numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, cached=cached))
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def to_cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def private_state(client):
-    """A client's private state for the checkpoint (CPU tensors): what it keeps between rounds."""
-    return to_cpu(dict(d=client.d.state_dict(), opt_d=client.opt_d.state_dict(), opt_g=client.opt_g.state_dict(),
-                       scaler=client.scaler.state_dict(), rng=client.rng.get_state()))
-
-
-def load_private_state(client, state, reseed):
-    """Restore what a client keeps between rounds. Resumed on another device type, its noise stream's
-    state does not fit (a CPU generator's is 5,056 bytes, a CUDA one's 16): the stream is then re-seeded
-    from `reseed` (the seed, client id and round: deterministic). A GradScaler switched on (fp16) after a
-    run without one starts fresh. Returns what was not restored exactly, for one line in the log."""
-    client.d.load_state_dict(state["d"])
-    client.opt_d.load_state_dict(state["opt_d"])
-    client.opt_g.load_state_dict(state["opt_g"])
-    changed = []
-    if client.scaler.is_enabled() and not state["scaler"]:
-        changed.append("fp16 loss scaling starts fresh")
-    else:
-        client.scaler.load_state_dict(state["scaler"])
-    if state["rng"].numel() == client.rng.get_state().numel():
-        client.rng.set_state(state["rng"])
-    else:
-        client.rng.manual_seed(reseed)
-        changed.append(f"noise streams re-seeded for {client.rng.device.type}")
-    return changed
+def json_safe(v):
+    """NaN and inf are not JSON: they become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return [json_safe(x) for x in v] if isinstance(v, list) else v
 
 
 def save_checkpoint(run, rounds_done, cfg, seconds):
@@ -3082,34 +2236,55 @@ def write_clients(states, folder):
         torch.save(state, folder / f"{i:05d}.pt")
 
 
-def read_clients(out, ck, ids):
-    """The private states of clients `ids` named by checkpoint ck: {id: state}. Checkpoints written before
-    the per-client files hold them in a list."""
-    if not isinstance(ck["clients"], str):
-        return {i: ck["clients"][i] for i in ids}
-    missing = [out / ck["clients"] / f"{i:05d}.pt" for i in ids if not (out / ck["clients"] / f"{i:05d}.pt").exists()]
-    if missing:
-        raise FedGANError(f"{missing[0]} is gone (a client's discriminator and optimizers at round {ck['round']}), so "
-                          f"--resume cannot continue {out} exactly; start a new run with --out")
-    return {i: read_checkpoint(out / ck["clients"] / f"{i:05d}.pt") for i in ids}
+def private_state(client):
+    """A client's private state for the checkpoint (CPU tensors): what it keeps between rounds."""
+    return to_cpu(dict(d=client.d.state_dict(), opt_d=client.opt_d.state_dict(), opt_g=client.opt_g.state_dict(),
+                       scaler=client.scaler.state_dict(), rng=client.rng.get_state()))
 
 
-def checkpoint_bytes(g, d, n_clients):
-    """What one checkpoint set holds, in bytes: the global generator, and per client its
-    discriminator with both Adam moments and the two moments of its generator's Adam (fp32 each)."""
-    count = lambda m: sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())  # noqa: E731
-    return 4 * count(g) + n_clients * (12 * count(d) + 8 * count(g))
+def to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
-def check_disk(out, need):
-    """Refuse before round 1 a run whose checkpoints cannot fit: a new set is written before the old one
-    goes, so twice `need` bytes must be free where they go."""
-    where = next(p for p in [Path(out), *Path(out).absolute().parents] if p.exists())  # out may not exist yet
-    free = shutil.disk_usage(where).free
-    if 2 * need > free:
-        raise FedGANError(f"checkpoints need {2 * need / 1e9:.1f} GB in {out} (two sets of {need / 1e9:.2f} GB while "
-                          f"one replaces the other) but {free / 1e9:.1f} GB are free; free some space or give --out "
-                          "on a larger disk (fewer --clients also shrink it)")
+def rng_state():
+    """The global random streams, as what torch.load(weights_only=True) accepts (tensors, ints, tuples)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(),
+             numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, cached=cached))
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path, write=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file, and a failed or
+    interrupted write (a full disk, a signal) leaves no .tmp behind."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        (write or torch.save)(obj, tmp)  # torch.save looked up now, not bound at import
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_save(text, path, write=lambda obj, p: p.write_text(obj))
 
 
 def read_checkpoint(path):
@@ -3121,16 +2296,16 @@ def read_checkpoint(path):
                           "it to restart the run from round 0")
 
 
-def check_same_experiment(cfg, ck_config, out):
-    """A config.json edited by hand must still describe the run its checkpoint holds: any setting outside
-    what --resume may change that differs is refused, naming it."""
-    trained = config_from_json(ck_config, out / "checkpoint.pt")
-    for f in dataclasses.fields(Config):
-        k = f.name
-        if k not in RESUMABLE | {"out"} and getattr(cfg, k) != getattr(trained, k):
-            raise FedGANError(f"{out / 'config.json'} says {k}={getattr(cfg, k)!r}, but its checkpoint was trained "
-                              f"with {k}={getattr(trained, k)!r}; put that value back in config.json, or start a new "
-                              "run with --out for another experiment")
+def read_clients(out, ck, ids):
+    """The private states of clients `ids` named by checkpoint ck: {id: state}. Checkpoints written before
+    the per-client files hold them in a list."""
+    if not isinstance(ck["clients"], str):
+        return {i: ck["clients"][i] for i in ids}
+    missing = [out / ck["clients"] / f"{i:05d}.pt" for i in ids if not (out / ck["clients"] / f"{i:05d}.pt").exists()]
+    if missing:
+        raise FedGANError(f"{missing[0]} is gone (a client's discriminator and optimizers at round {ck['round']}), so "
+                          f"--resume cannot continue {out} exactly; start a new run with --out")
+    return {i: read_checkpoint(out / ck["clients"] / f"{i:05d}.pt") for i in ids}
 
 
 def load_checkpoint(run, rounds):
@@ -3157,6 +2332,57 @@ def load_checkpoint(run, rounds):
     set_rng_state(ck["rng"])
     run.start, run.seconds = ck["round"], ck.get("seconds", 0.0)
     run.checkpointed = ck["round"]
+
+
+def load_private_state(client, state, reseed):
+    """Restore what a client keeps between rounds. Resumed on another device type, its noise stream's
+    state does not fit (a CPU generator's is 5,056 bytes, a CUDA one's 16): the stream is then re-seeded
+    from `reseed` (the seed, client id and round: deterministic). A GradScaler switched on (fp16) after a
+    run without one starts fresh. Returns what was not restored exactly, for one line in the log."""
+    client.d.load_state_dict(state["d"])
+    client.opt_d.load_state_dict(state["opt_d"])
+    client.opt_g.load_state_dict(state["opt_g"])
+    changed = []
+    if client.scaler.is_enabled() and not state["scaler"]:
+        changed.append("fp16 loss scaling starts fresh")
+    else:
+        client.scaler.load_state_dict(state["scaler"])
+    if state["rng"].numel() == client.rng.get_state().numel():
+        client.rng.set_state(state["rng"])
+    else:
+        client.rng.manual_seed(reseed)
+        changed.append(f"noise streams re-seeded for {client.rng.device.type}")
+    return changed
+
+
+def check_same_experiment(cfg, ck_config, out):
+    """A config.json edited by hand must still describe the run its checkpoint holds: any setting outside
+    what --resume may change that differs is refused, naming it."""
+    trained = config_from_json(ck_config, out / "checkpoint.pt")
+    for f in dataclasses.fields(Config):
+        k = f.name
+        if k not in RESUMABLE | {"out"} and getattr(cfg, k) != getattr(trained, k):
+            raise FedGANError(f"{out / 'config.json'} says {k}={getattr(cfg, k)!r}, but its checkpoint was trained "
+                              f"with {k}={getattr(trained, k)!r}; put that value back in config.json, or start a new "
+                              "run with --out for another experiment")
+
+
+def checkpoint_bytes(g, d, n_clients):
+    """What one checkpoint set holds, in bytes: the global generator, and per client its
+    discriminator with both Adam moments and the two moments of its generator's Adam (fp32 each)."""
+    count = lambda m: sum(t.numel() for t in m.state_dict().values() if t.is_floating_point())  # noqa: E731
+    return 4 * count(g) + n_clients * (12 * count(d) + 8 * count(g))
+
+
+def check_disk(out, need):
+    """Refuse before round 1 a run whose checkpoints cannot fit: a new set is written before the old one
+    goes, so twice `need` bytes must be free where they go."""
+    where = next(p for p in [Path(out), *Path(out).absolute().parents] if p.exists())  # out may not exist yet
+    free = shutil.disk_usage(where).free
+    if 2 * need > free:
+        raise FedGANError(f"checkpoints need {2 * need / 1e9:.1f} GB in {out} (two sets of {need / 1e9:.2f} GB while "
+                          f"one replaces the other) but {free / 1e9:.1f} GB are free; free some space or give --out "
+                          "on a larger disk (fewer --clients also shrink it)")
 
 
 @torch.no_grad()
@@ -3326,9 +2552,514 @@ def say_summary(s, out, seconds, detecting, aggregator_name):
 
 
 # ------------------------------------------------------------------------------------------------
-# Benchmark
+# Across processes (torchrun): each rank hosts some clients; rank 0 is also the server
 # ------------------------------------------------------------------------------------------------
 
+def dist_rank_world():
+    """(rank, world size): from torchrun's environment, (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def owned_clients(n_clients, rank, world):
+    """Contiguous blocks of client ids per rank: rank 0 of 2 hosts clients 0-1 of 4."""
+    return np.array_split(np.arange(n_clients), world)[rank].tolist()
+
+
+def collective(op, *args, **kw):
+    """A torch.distributed call whose failure (a rank that died) becomes one clear error."""
+    try:
+        return op(*args, **kw)
+    except RuntimeError as e:
+        raise FedGANError(f"lost contact with another rank during {op.__name__} ({str(e).splitlines()[0][:120]}); "
+                          "a rank died: the last checkpoint is intact, restart with --resume OUT")
+
+
+def comm_device():
+    """Where a collective's tensors must live: nccl moves GPU tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def reduced(buf, op=dist.all_reduce, **kw):
+    """buf (a CPU tensor) after the collective op, done on the backend's device; back on the CPU."""
+    moved = buf.to(comm_device())
+    collective(op, moved, **kw)
+    return moved.cpu()
+
+
+def gather_losses(results, n_clients):
+    """Every client's (d_loss, g_loss) on every rank: each rank fills its own slots, then one all-reduce."""
+    buf = torch.zeros(2, n_clients, dtype=torch.float64)
+    for i, (dl, gl) in results.items():
+        buf[0, i], buf[1, i] = dl, gl
+    buf = reduced(buf)
+    return buf[0].tolist(), buf[1].tolist()
+
+
+def norms_of_all(g_states, center, n_clients):
+    """||G_i - G|| of every client on every rank: each rank measures its own clients, then one all-reduce."""
+    buf = torch.zeros(n_clients, dtype=torch.float64)
+    for i, s in g_states.items():
+        buf[i] = update_norms([s], center)[0]
+    return reduced(buf).tolist()
+
+
+def broadcast_decision(server, decision):
+    """Rank 0's decision and server weights on every rank (one tensor), so all ranks stay identical."""
+    buf = torch.tensor(np.stack([decision.flags, server.counts, server.weights, decision.ok, decision.used]),
+                       dtype=torch.float64)
+    buf = reduced(buf, dist.broadcast, src=0)
+    b = buf.numpy()
+    server.counts, server.weights = b[1].astype(np.int64), b[2].copy()
+    return Decision(b[0] > 0.5, b[3] > 0.5, b[4].copy())
+
+
+def fedavg_across_ranks(own_states, used, template):
+    """FedAvg over ranks: sum_i used_i * G_i over this rank's clients in float64, one all-reduce of that
+    partial sum, then the cast back. `used` is already normalised over all clients."""
+    partial = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in template.items()}
+    for i, s in own_states.items():
+        for k in partial:
+            partial[k].add_(s[k].to(partial[k].device, torch.float64), alpha=float(used[i]))
+    flat = torch.cat([v.flatten() for v in partial.values()])
+    collective(dist.all_reduce, flat)
+    return {k: v.view(template[k].shape).to(template[k].dtype)
+            for k, v in zip(partial, flat.split([v.numel() for v in partial.values()]))}
+
+
+def client_states(fed):
+    """{id: private state} of every client, on rank 0 (None elsewhere): for the checkpoint."""
+    own = {i: private_state(c) for i, c in fed.clients.items()}
+    if not fed.distributed:
+        return own
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    collective(dist.gather_object, own, parts, dst=0)
+    return {k: v for p in parts for k, v in p.items()} if parts else None
+
+
+def init_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, nccl on CUDA."""
+    if dist_rank_world()[1] == 1 or dist.is_initialized():
+        return
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    import datetime
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up: the edge that reads Config, builds the run and holds its folder
+# ------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedGANError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank under torchrun
+
+
+def amp_dtype_for(amp, amp_dtype, device):
+    """The autocast dtype, or None for fp32. auto: bf16 on CUDA where supported, else fp16; fp32 on
+    CPU (bf16 on CPU only when asked: --amp-dtype bf16)."""
+    if not amp:
+        return None
+    if amp_dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dict(bf16=torch.bfloat16, fp16=torch.float16)[amp_dtype]
+
+
+def set_precision(cfg, device):
+    """TF32 for fp32 matmuls and convolutions on CUDA (--tf32); autocast (--amp) is separate."""
+    if amp_dtype_for(cfg.amp, cfg.amp_dtype, device) == torch.float16 and device.type != "cuda":
+        raise FedGANError("--amp-dtype fp16 needs CUDA (its GradScaler); on CPU use --amp-dtype bf16 or --no-amp")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
+
+
+def local_of(cfg, device):
+    """The clients' training settings from a Config (the edge)."""
+    return Local(cfg.batch, cfg.lr, cfg.augment, amp_dtype_for(cfg.amp, cfg.amp_dtype, device),
+                 cfg.channels_last and device.type == "cuda", cfg.compile, (cfg.beta1, cfg.beta2),
+                 JOINT_D[cfg.recipe])
+
+
+def offload_of(cfg, device, n_classes, n_owned):
+    """--offload auto: keep the clients' state in host memory between turns when it (16 bytes per
+    parameter: weights, gradients, Adam's two moments) would take over half the free GPU memory."""
+    if cfg.offload != "auto" or device.type != "cuda":
+        return cfg.offload == "on"
+    with torch.device("meta"):  # sizes only: no memory, no random draws
+        client_mb = sum(p.numel() for m in build_models(n_classes, **arch_of(cfg)) for p in m.parameters()) * 16 / 2**20
+    return n_owned * client_mb > 0.5 * torch.cuda.mem_get_info(device)[0] / 2**20
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """Everything one process needs for the rounds."""
+    out: Path
+    lead: bool                  # rank 0: writes the run folder
+    g: nn.Module                # the global generator
+    fed: Federation
+    server: ServerState
+    defense: Defense
+    data: Data
+    start: int = 0              # first round to run (after a resume)
+    seconds: float = 0.0        # training time before this session (after a resume)
+    summary: Optional[dict] = None
+    lock: object = None         # the open run-folder lock (rank 0)
+    checkpointed: int = 0       # the round the newest checkpoint holds
+
+    now: int = 0                # the round being trained (from 1)
+
+    def checkpointed_text(self):
+        return (f"last checkpoint: round {self.checkpointed}" if self.checkpointed else
+                "no checkpoint yet: a resume starts from round 0")
+
+
+def setup_run(cfg):
+    """Check the out folder, load data, build this process's clients and compose the defense; restore
+    a checkpoint when resuming. Nothing is written yet."""
+    out = Path(cfg.out)
+    rank, world = dist_rank_world()
+    check_out_folder(out, cfg.resume)
+    lock = lock_folder(out) if rank == 0 and cfg.resume else None  # a new folder is locked before it is written
+    try:
+        return build_run(cfg, out, rank, world, lock)
+    except BaseException:
+        unlock_folder(lock)  # refused or interrupted before the run began: the folder is free again
+        raise
+
+
+def build_run(cfg, out, rank, world, lock):
+    """setup_run's work once the folder is checked (and, for a resume, held)."""
+    device = pick_device(cfg.device)
+    set_precision(cfg, device)
+    check_world(cfg, world)
+    if cfg.resume and rank == 0 and (out / "checkpoint.pt").exists():
+        check_same_experiment(cfg, read_checkpoint(out / "checkpoint.pt")["config"], out)
+    seed_everything(cfg.seed)
+    data = data_of(cfg)
+    if cfg.resume:
+        check_fingerprint(out, data, cfg.data_root)
+    y = data.train[1]
+    shards = (split_dirichlet(y, cfg.clients, cfg.dirichlet_alpha, cfg.seed) if cfg.partition == "dirichlet"
+              else split_clients(len(y), cfg.clients, cfg.seed))
+    if min(len(s) for s in shards) < 2:
+        raise FedGANError(f"{len(y)} training images cannot make {cfg.clients} shards of 2 or more; "
+                          f"use fewer --clients or more data (data: {data.report})")
+    n_classes = len(data.classes)
+    g_global = build_models(n_classes, **arch_of(cfg))[0].to(device)
+    owned = owned_clients(cfg.clients, rank, world)
+    steps = [steps_per_round(cfg.local_steps, cfg.batch, len(s)) for s in shards]
+    offload = offload_of(cfg, device, n_classes, len(owned))
+    defense = defense_of(cfg, data, device, g_global)
+    if world > 1 and defense.detect is not None and defense.detect.whole:
+        raise FedGANError("the probe, the probe detector and --shadow read every generator, so they need them all "
+                          "on one process; run them without torchrun")
+    clients = clients_of(cfg, data, shards, owned, g_global, device, offload)
+    fed = Federation(clients, steps, malicious_ids(cfg), device, offload, world > 1, cfg.adaptive, cfg.seed,
+                     [len(s) for s in shards], cfg.scale_update)
+    if rank == 0:
+        check_disk(out, checkpoint_bytes(g_global, next(iter(clients.values())).d, cfg.clients))
+    run = Run(out, rank == 0, g_global, fed, ServerState.fresh(cfg.clients), defense, data, lock=lock)
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        load_checkpoint(run, cfg.rounds)
+    elif cfg.resume and rank == 0:
+        print(f"no checkpoint in {out}: starting from round 0")
+    return run
+
+
+def check_world(cfg, world):
+    """Under torchrun: what needs every generator on one process is refused, and every rank needs a client."""
+    if world > 1 and cfg.scale_update:
+        raise FedGANError("--scale-update needs every generator on one process; run it without torchrun")
+    if world > 1 and cfg.aggregator != "fedavg":
+        raise FedGANError(f"--aggregator {cfg.aggregator} needs every generator on one process; run it without "
+                          "torchrun (or use --aggregator fedavg: detectors work under torchrun)")
+    if world > cfg.clients:
+        raise FedGANError(f"{world} ranks for {cfg.clients} clients: every rank needs a client; "
+                          "use --nproc-per-node <= --clients")
+
+
+def clients_of(cfg, data, shards, owned, g_global, device, offload):
+    """{id: Client} for the clients this process holds, the malicious ones with their attack (the edge)."""
+    (x, y), n_classes, bad = data.train, len(data.classes), malicious_ids(cfg)
+    local = local_of(cfg, device)
+    trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
+    latent = Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent" else None
+    clients = {}
+    for i in owned:
+        xi, yi = x[shards[i]], y[shards[i]]
+        d = new_discriminator(i, cfg.seed, n_classes, arch_of(cfg))
+        if i in bad:  # the attack: every training image of a malicious client
+            xi, yi = dilute((xi, yi), poison(xi, yi, cfg.attack, n_classes, trigger, trigger_margin(cfg.img_size),
+                                             cfg.blend_alpha, cfg.seed), cfg.poison_frac, cfg.seed + i)
+        clients[i] = make_client(i, (xi, yi), g_global, d, local, cfg.seed, device, "cpu" if offload else None,
+                                 latent if i in bad else None)
+    return clients
+
+
+def fixed_probe(cfg, g):
+    """--detect-on probe|loss+probe: the same latents every round (a window a quarter of the image side)."""
+    return make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
+
+
+def secret_probe(cfg, g):
+    """The probe detector's: fresh latents each round from the server's secret, never sent to a client."""
+    return make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, max(2, cfg.img_size // 4), fresh=True)
+
+
+def rule_detector(rule, signals, cfg, g):
+    return RuleDetector(loss_rule(rule, cfg.detect_fpr), signals, fixed_probe(cfg, g) if "probe" in signals else None,
+                        cfg.seed)
+
+
+DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
+    "none": lambda cfg, g: None,
+    "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
+    "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
+    "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
+}
+
+
+def shadow_of(cfg, g, acting):
+    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on update-norm, probe and
+    loss+probe, and the probe detector, each logged every round beside the acting detector."""
+    shadows = {"paper": rule_detector("paper", ("loss",), cfg, g),
+               **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
+                  (("calibrated", "loss"), ("update-norm", "update-norm"), ("probe", "probe"),
+                   ("loss+probe", "loss+probe"))},
+               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level)}
+    return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
+
+
+def defense_of(cfg, data, device, g):
+    """The defense's parts from a Config (the edge); reconstruct gets its benign set and settings here."""
+    detect = DETECTORS[cfg.detector](cfg, g)
+    if cfg.shadow:
+        detect = shadow_of(cfg, g, detect)
+    posthoc = None
+    if cfg.posthoc == "reconstruct":
+        local = dataclasses.replace(local_of(cfg, device), augment="none")  # the benign set gets no augmentation
+        posthoc = functools.partial(reconstruct, x=data.train[0], y=data.train[1], n_classes=len(data.classes),
+                                    per_class=cfg.reconstruct_per_class, epochs=cfg.reconstruct_epochs, local=local,
+                                    seed=cfg.seed, arch=arch_of(cfg), device=device)
+    return Defense(cfg.augment, detect, cfg.warmup, cfg.decay, aggregator(cfg.aggregator), posthoc,
+                   cfg.recover)
+
+
+def check_out_folder(out, resume, held=False):
+    """A new run needs a new or empty folder it can write (a lock file left there does not count) that no
+    other process holds (held: this process holds it); a resumed one, its own folder."""
+    if dist_rank_world()[0] != 0 or resume:
+        return
+    if out.exists() and not out.is_dir():
+        raise FedGANError(f"--out {out} is a file; choose a folder path")
+    holder = folder_in_use(out) if out.exists() and not held else None
+    if holder:
+        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+        raise FedGANError(f"{out} already holds files; pass --resume {out} to continue that run, "
+                          "or choose another --out")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise FedGANError(f"--out {out}: cannot write under {parent}; choose a folder you can write")
+
+
+def lock_folder(out):
+    """Hold out/.lock for this process's life, so a run folder has one writer. flock is released by the OS
+    however the process ends; the holder's pid and host are written inside for the message a second process
+    gets, and cleared at a clean end, so a lock found with a name in it was left by a process that is gone
+    (it is taken over, with a line). Returns the open file (None where flock does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise FedGANError(f"cannot create {out} ({e.strerror}); choose another --out")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FedGANError(f"{out} is in use by {holder}; wait for it to end, or choose another folder")
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        print(f"{out}: taking over the lock left by {previous}, which is no longer running")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+def unlock_folder(f):
+    """A clean end: the holder's name cleared, the lock released."""
+    if f is not None and not f.closed:
+        f.seek(0)
+        f.truncate()
+        f.close()
+
+
+def folder_in_use(out):
+    """The holder ('pid N on HOST') when another process holds out/.lock, else None."""
+    try:
+        import fcntl
+        with open(Path(out) / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "another process"
+    except (ImportError, OSError):
+        pass
+    return None
+
+
+def data_fingerprint(data):
+    """sha256 (first 16 hex digits) of each split's uint8 images and labels, as loaded: what a run trained
+    and is scored on, whatever path it was read from."""
+    def digest(*tensors):
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    return dict(train=digest(*data.train), test=digest(*data.test))
+
+
+def check_fingerprint(out, data, root):
+    """On --resume: the data loaded now must be the data the run trained on (a moved root is fine)."""
+    try:
+        saved = json.loads((out / "config.json").read_text()).get("data", {}).get("fingerprint")
+    except (OSError, ValueError):
+        return
+    now = data_fingerprint(data) if saved else None
+    if saved and saved != now:
+        where = f"the data at {root}" if root else "the synthetic data made from config.json's settings"
+        raise FedGANError(f"{where} differs from the data {out} trained on (fingerprints {saved} against {now}); "
+                          + ("pass --data-root to the run's own data" if root else
+                             "restore config.json's synthetic settings"))
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised in the main thread so the run ends through the same path as Ctrl-C. A BaseException,
+    as KeyboardInterrupt is: code that catches Exception (torch's load_state_dict does) must not swallow it."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def stop_of(e):
+    """(what stopped the run, its exit code) for Stopped (SIGTERM) or KeyboardInterrupt (Ctrl-C)."""
+    return ("SIGTERM", 143) if isinstance(e, Stopped) else ("Ctrl-C", 130)
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: main prints the message as one line and exits with `code`."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def describe(run, cfg):
+    """The run's first log line."""
+    fed, amp = run.fed, amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
+    note = ""
+    if fed.device.type == "cpu" and cfg.arch == "small" and cfg.img_size >= 128:  # the card's command on a CPU
+        images = (cfg.rounds - run.start) * sum(fed.steps) * cfg.batch
+        paper, small = (hours_on(fed.device, cfg, images, arch) for arch in ("paper", "small"))
+        note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: this run should "
+                f"take roughly {small:,.1f} h here, the paper's networks (--arch paper, for a GPU) {paper:,.0f} h")
+    parts = [cfg.augment != "none" and f"augment {cfg.augment}",
+             cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
+             cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]
+    return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, "
+            f"{'1 client: the centralized reference' if cfg.clients == 1 else f'{cfg.clients} clients'} "
+            f"(shards {fed.sizes}, {fed.steps[0]} steps/round), malicious {fed.malicious}, "
+            f"attack {cfg.attack if fed.malicious else 'none'}, defense: {', '.join(p for p in parts if p)}, "
+            f"device {fed.device}{' (' + str(amp).replace('torch.', '') + ' autocast)' if amp else ''}, "
+            f"{'clients offloaded to host, ' if fed.offload else ''}"
+            f"{dist_rank_world()[1]} process(es), out {run.out}"
+            + (f", resuming at round {run.start}/{cfg.rounds}" if run.start else "") + note)
+
+
+def hours_on(device, cfg, images, arch):
+    """A rough estimate of the hours networks of `arch` would take for `images` training images on this
+    device: their forward FLOPs per image (counted on the meta device), x 6 for G and x 9 for D (a D step
+    sees real and fake images, a G step goes through D, a backward pass costs two forwards), at this
+    device's fp32 matmul speed."""
+    with torch.device("meta"):
+        g, d = build_models(2, **dict(arch_of(cfg), arch=arch))
+        z, y = torch.randn(1, g.z_dim), torch.zeros(1, dtype=torch.long)
+        g_fl = count_forward_flops(g, z, y)
+        d_fl = count_forward_flops(d, torch.randn(1, cfg.channels, cfg.img_size, cfg.img_size), y)
+    return images * (6 * g_fl + 9 * d_fl) / (matmul_gflops(device, n=1024, reps=3) * 1e9) / 3600
+
+
+def start_folder(run, cfg):
+    """config.json (what runs: every setting, and the device, precision and versions it ran with) and,
+    for a fresh run, an empty metrics.jsonl; after a resume, metrics.jsonl keeps the rounds before it."""
+    try:
+        (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedGANError(f"cannot create {run.out} ({e.strerror}); choose another --out")
+    if not run.start:
+        save_real(run.data, run.out / "samples" / "real.png", cfg.seed)
+    record = dict(dataclasses.asdict(cfg), environment=environment(run, cfg),
+                  data=dict(path=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+                            fingerprint=data_fingerprint(run.data)))
+    atomic_write_text(run.out / "config.json", json.dumps(record, indent=2))
+    metrics = run.out / "metrics.jsonl"
+    keep = []
+    if run.start and metrics.exists():
+        for ln in metrics.read_text().splitlines():
+            try:
+                if json.loads(ln)["round"] <= run.start:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill: it is past the checkpoint anyway
+                pass
+    atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+
+
+def environment(run, cfg):
+    import importlib.metadata
+    import subprocess
+    amp = amp_dtype_for(cfg.amp, cfg.amp_dtype, run.fed.device)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        tv = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        tv = None
+    return dict(device=device_name(run.fed.device), precision=str(amp).replace("torch.", "") if amp else "fp32",
+                offload=run.fed.offload, processes=dist_rank_world()[1],
+                torch=torch.__version__, torchvision=tv, numpy=np.__version__, git_commit=commit)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------
 
 def count_forward_flops(model, *inputs):
     from torch.utils.flop_counter import FlopCounterMode
@@ -3361,34 +3092,32 @@ def bench(cfg):
     """Time client training steps, the server aggregation and a FedDetect call; print figures and a JSON line.
     FLOPs: forward passes counted with torch.utils.flop_counter, times 4 generator and 9 discriminator
     forward-equivalents per image-step (D step: G fwd, D fwd+bwd on real and fake; G step: G and D fwd+bwd).
-    The counter's own backward figures are not used: it overcounts grouped convolutions' backward.
-    With clients side by side (--parallel-clients), --clients clients are stepped together."""
+    The counter's own backward figures are not used: it overcounts grouped convolutions' backward."""
     device = pick_device(cfg.device)
     set_precision(cfg, device)
     seed_everything(cfg.seed)
     n = cfg.batch * (cfg.bench_steps + 2)
     x, y = synthetic_images((n + 1) // 2, cfg.img_size, cfg.channels, cfg.seed)
     g = build_models(2, **arch_of(cfg))[0].to(device)
-    parallel, _, _ = plan_clients(cfg, device, 2, [1] * cfg.clients, [cfg.batch] * cfg.clients)
     local = local_of(cfg, device)
     state = {k: v.clone() for k, v in g.state_dict().items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clients, warm_s, step_s = time_steps(x, y, g, local, cfg, device, parallel)
-    img_per_s = len(clients) * cfg.batch / step_s
+    client, warm_s, step_s = time_steps(x, y, g, local, cfg, device)
+    img_per_s = cfg.batch / step_s
     if cfg.compile:  # both, so that the start-up can be weighed against the speed-up
-        _, eager_warm_s, eager_s = time_steps(x, y, g, dataclasses.replace(local, compile=False), cfg, device, parallel)
+        _, eager_warm_s, eager_s = time_steps(x, y, g, dataclasses.replace(local, compile=False), cfg, device)
         saved = eager_s - step_s
         repaid = math.ceil((warm_s - eager_warm_s) / saved) if saved > 0 else None
     z, lab = torch.randn(cfg.batch, cfg.z_dim, device=device), y[:cfg.batch].to(device)
-    g_fl = count_forward_flops(clients[0].g, z, lab) / cfg.batch
-    d_fl = count_forward_flops(clients[0].d, to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
+    g_fl = count_forward_flops(client.g, z, lab) / cfg.batch
+    d_fl = count_forward_flops(client.d, to_unit(x[:cfg.batch]).to(device), lab) / cfg.batch
     step_flops = 4 * g_fl + 9 * d_fl
     gflops = step_flops * img_per_s / 1e9
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the machine's fast matmul
     mm = matmul_gflops(device, ref_dtype, n=8192 if device.type == "cuda" else 2048)
     states = [{k: v + 0.01 * i for k, v in state.items()} for i in range(cfg.clients)]
-    rule = aggregator(cfg.aggregator, cfg.trim)
+    rule = aggregator(cfg.aggregator)
     rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)  # warm: first calls allocate
     t = time.perf_counter()
     for _ in range(5):
@@ -3420,14 +3149,14 @@ def bench(cfg):
     amp = local.amp_dtype
     precision = str(amp).replace("torch.", "") if amp else ("tf32" if device.type == "cuda" and cfg.tf32 else "fp32")
     print(f"bench: {cfg.img_size}px x{cfg.channels}, batch {cfg.batch}, arch {cfg.arch}, {precision}, "
-          f"{len(clients)} client(s) {'side by side' if parallel else 'alone'}{', compiled' if cfg.compile else ''}, "
+          f"one client{', compiled' if cfg.compile else ''}, "
           f"device {device_name(device)}, threads {torch.get_num_threads()}, "
           f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f}M params, "
-          f"D {sum(p.numel() for p in clients[0].d.parameters()) / 1e6:.2f}M params")
-    print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {len(clients)} x "
-          f"{cfg.batch}; warm-up {warm_s:.1f} s)")
+          f"D {sum(p.numel() for p in client.d.parameters()) / 1e6:.2f}M params")
+    print(f"  training      {img_per_s:8.1f} images/s   ({step_s * 1000:.0f} ms per step of {cfg.batch}; "
+          f"warm-up {warm_s:.1f} s)")
     if cfg.compile:
-        print(f"  compile       eager {len(clients) * cfg.batch / eager_s:.1f} images/s "
+        print(f"  compile       eager {cfg.batch / eager_s:.1f} images/s "
               f"(warm-up {eager_warm_s:.1f} s), "
               f"compiled {img_per_s:.1f} ({eager_s / step_s:.2f}x): " +
               (f"the compile pays for itself after {repaid} steps" if repaid is not None else "compiling does not pay"))
@@ -3451,8 +3180,8 @@ def bench(cfg):
                ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
                round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),
                img_size=cfg.img_size, batch=cfg.batch, arch=cfg.arch, width=cfg.width, precision=precision,
-               parallel=parallel, clients_stepped=len(clients), compile=cfg.compile, device=device_name(device),
-               **(dict(eager_img_per_s=round(len(clients) * cfg.batch / eager_s, 3), compile_repaid_steps=repaid)
+               compile=cfg.compile, device=device_name(device),
+               **(dict(eager_img_per_s=round(cfg.batch / eager_s, 3), compile_repaid_steps=repaid)
                   if cfg.compile else {}))
     if cfg.bench_round:
         res.update(bench_round(cfg))
@@ -3460,20 +3189,17 @@ def bench(cfg):
     return res
 
 
-def time_steps(x, y, g, local, cfg, device, parallel):
-    """Fresh clients (the bench's one, or --clients side by side), two warm-up steps (allocator, kernels,
-    compilation), then cfg.bench_steps timed. -> (clients, warm-up s, s per step)."""
-    clients = [make_client(i, (x, y), g, new_discriminator(i, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device,
-                           parallel=parallel) for i in range(cfg.clients if parallel else 1)]
+def time_steps(x, y, g, local, cfg, device):
+    """A fresh client, two warm-up steps (allocator, kernels, compilation), then cfg.bench_steps timed.
+    -> (client, warm-up s, s per step)."""
+    client = make_client(0, (x, y), g, new_discriminator(0, cfg.seed, 2, arch_of(cfg)), local, cfg.seed, device)
     state = {k: v.clone() for k, v in g.state_dict().items()}
-    step = ((lambda k: client_update_parallel(clients, state, k)) if parallel
-            else (lambda k: client_update(clients[0], state, k)))
     t = time.perf_counter()
-    step(2)
+    client_update(client, state, 2)
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
-    step(cfg.bench_steps)
-    return clients, warm_s, (time.perf_counter() - t) / cfg.bench_steps  # client_update reads its losses: a sync
+    client_update(client, state, cfg.bench_steps)
+    return client, warm_s, (time.perf_counter() - t) / cfg.bench_steps  # client_update reads its losses: a sync
 
 
 def device_name(device):
@@ -3520,7 +3246,6 @@ def bench_round(cfg):
 # main
 # ------------------------------------------------------------------------------------------------
 
-
 def resume_config(flags):
     """The Config of the run in flags['resume'], with the flags that may change on a resume applied (more
     rounds, speed, output cadence); any other flag is refused, since it would change the experiment."""
@@ -3546,17 +3271,6 @@ def resume_config(flags):
         setattr(cfg, k, v)
     cfg.resume, cfg.out = str(folder), str(folder)
     return finalize(cfg)
-
-
-def init_distributed(cfg):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, nccl on CUDA."""
-    if dist_rank_world()[1] == 1 or dist.is_initialized():
-        return
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    import datetime
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
 
 
 def main(argv=None):
