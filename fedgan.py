@@ -2101,6 +2101,52 @@ class ProbeDetector(Detector):
         self.avg, self.n, self.history = d.get("watch"), d.get("watch_n", 0), list(d.get("watch_history", []))
 
 
+def update_matrix(states, center):
+    """Every client's update G_i - G, each float tensor flattened: {name: (n, P_name)} in float64."""
+    keys = [k for k in center if torch.as_tensor(center[k]).is_floating_point()]
+    return {k: torch.stack([torch.as_tensor(s[k]).detach().double().cpu().flatten() for s in states])
+            - torch.as_tensor(center[k]).detach().double().cpu().flatten() for k in keys}
+
+
+def dct_low(u, keep=0.25):
+    """The lowest `keep` share of each row's DCT-II (Makhoul: one FFT of the even-odd reordered row).
+    (n, P) -> (n, ceil(keep P)); unnormalised, which a cosine distance ignores."""
+    p = u.shape[1]
+    v = torch.cat([u[:, ::2], u[:, 1::2].flip(1)], 1)                        # (n, P)
+    k = torch.arange(p, dtype=torch.float64)
+    return (torch.fft.fft(v) * torch.exp(-0.5j * math.pi * k / p)).real[:, :math.ceil(keep * p)]
+
+
+def core_ratio(x):
+    """Density by cosine distance, HDBSCAN's core distance with min_samples = n//2: each client's distance
+    to its (n//2)-th nearest other; the n//2 + 1 densest clients are the majority. (n, F) -> (n,) each
+    core distance over the majority's largest: <= 1 inside the majority, large for a lone direction."""
+    x = torch.nn.functional.normalize(x, dim=1)
+    d = (1 - x @ x.T).clamp(min=0)                                           # (n, n)
+    core = d.sort(1).values[:, len(x) // 2]                                  # column 0: itself
+    return (core / core.sort().values[len(x) // 2].clamp(min=1e-12)).numpy()
+
+
+class ClusterDetector(Detector):
+    """Update-space detectors of the field, written with torch alone: FLAME (Nguyen et al. 2022) clusters
+    the updates by cosine distance, FreqFed (Fereidooni et al. 2024) the low frequencies of each layer's
+    DCT; a client is flagged when it lies outside the majority's density (core_ratio > ratio). FLAME's
+    clipping to the median norm is --aggregator clip. Reads nothing a client reports; keeps no history."""
+    whole = True
+
+    def __init__(self, name, ratio=2.0):
+        self.name, self.ratio = name, ratio
+
+    def __call__(self, r):
+        ok, score = np.flatnonzero(r.ok), np.full(len(r.ok), np.nan)
+        if len(ok) > 2:  # a majority needs three
+            u = update_matrix([r.states[i] for i in ok], r.center)
+            score[ok] = core_ratio(torch.cat([dct_low(v) for v in u.values()] if self.name == "freqfed" else
+                                             list(u.values()), 1))
+        self.logged = {f"{self.name}_score": score.tolist()}
+        return (score > self.ratio) & r.ok if r.act else np.zeros(len(r.ok), bool)
+
+
 class Shadow(Detector):
     """--shadow: several detectors run every round and each one's flags, after Algorithm 1's gate, are
     logged; only `acting`'s (None: nobody's) are returned."""
@@ -2830,6 +2876,8 @@ DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
     "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
     "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
     "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
+    "flame": lambda cfg, g: ClusterDetector("flame"),
+    "freqfed": lambda cfg, g: ClusterDetector("freqfed"),
 }
 
 
@@ -2840,7 +2888,8 @@ def shadow_of(cfg, g, acting):
                **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
                   (("calibrated", "loss"), ("update-norm", "update-norm"), ("probe", "probe"),
                    ("loss+probe", "loss+probe"))},
-               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level)}
+               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
+               "flame": ClusterDetector("flame"), "freqfed": ClusterDetector("freqfed")}
     return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
 
 
