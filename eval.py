@@ -662,7 +662,7 @@ def backdoor_metrics(g, cfg, specs, reference, seed, per_class):
 
 def aggregation_weights(record):
     """The share each client had in this round's aggregate: the detector's weights, restricted to the
-    clients Krum kept when it chose (None for median and trimmed mean, which have no per-client share)."""
+    clients Krum kept when it chose."""
     w = np.array(record["weights"], float)
     if "selected" in record:
         w = w * np.array(record["selected"], float)
@@ -683,13 +683,12 @@ def detection_metrics(folder, cfg, say=print):
         say(f"{folder}: metrics.jsonl or summary.json {why}; scored without detection figures")
         return {}
     mal = np.array(recs[-1]["malicious"], bool)
-    robust_only = cfg.aggregator in ("median", "trimmed-mean")
     out = dict(lowest_benign_weight=summary.get("lowest_benign_weight"))
     if mal.any():
-        share = [None if robust_only else float(aggregation_weights(r)[mal].sum()) for r in recs]
+        share = [float(aggregation_weights(r)[mal].sum()) for r in recs]
         # its part of the last aggregate (under Krum what it kept, not its weight w_i), read from the log itself
         out.update(attacker_final_weight=share[-1], attacker_share=share,
-                   attacker_mean_share=None if robust_only else float(np.mean(share)))
+                   attacker_mean_share=float(np.mean(share)))
     for k in ("tpr_after_warmup", "fpr_after_warmup"):
         out[k] = summary.get(k)
     out["shadow"] = summary.get("shadow")  # --shadow: what every detector would have flagged
