@@ -127,7 +127,9 @@ class Config:
     detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
                               "z-score + CUSUM, false alarms held to --detect-fpr) | probe (the server renders every "
                               "generator on fresh secret latents each round and flags a client whose moving average "
-                              "of local departures stands out; reads nothing the clients report) (default none; "
+                              "of local departures stands out; reads nothing the clients report) | flame | freqfed "
+                              "(updates, or their low DCT frequencies, outside the majority's cosine density; pair "
+                              "flame with --aggregator clip) (default none; "
                               "--detect-rule is the old name)", "defense: detector",
                         choices=lambda: list(DETECTORS),  # read when parsing: a new entry is a new choice
                         aliases=["--detect-rule"])
@@ -140,7 +142,8 @@ class Config:
                                      "(default 64 for --detector probe, 16 for the fixed probe of --detect-on probe)",
                                "defense: detector")
     shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
-                              "calibrated on update-norm, probe and loss+probe, and the probe detector as probe-watch) "
+                              "calibrated on update-norm, probe and loss+probe, the probe detector as probe-watch, "
+                              "flame and freqfed) "
                               "would flag; only the chosen defense acts", "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",

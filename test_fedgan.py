@@ -919,6 +919,37 @@ def test_train_script_runs_the_study_over_seeds_with_short_copies():
 
 
 @quick
+def test_paper_table_pairs_arms_applies_holm_and_reads_the_attackers_share():
+    arms = {"vanilla": None, "attack64": 1, "feddetect64": 0, "multikrum64": 1}  # arm -> the attacker's last flag
+    fid = "deep FID (class mean)"
+    iv = lambda m, lo, hi, p=None: dict(mean=m, lo=lo, hi=hi, p=p)  # noqa: E731
+    r = dict(reference_noise={"sd": {fid: 13.6}}, runs={}, summary={fid: {a: iv(150, 110, 190) for a in arms}},
+             differences={"vanilla": {fid: {"attack64": iv(470, 1e-9, 900, 1e-6), "feddetect64": iv(10, -30, 50, 0.5),
+                                           "multikrum64": iv(330, -400, 1080, 0.3)}},
+                          "attack64": {fid: {"feddetect64": iv(-460, -1050, 120, 0.04)}}})
+    with tempfile.TemporaryDirectory() as tmp:
+        for a, bad in arms.items():
+            (Path(tmp) / f"{a}_s0").mkdir()
+            rec = dict(weights=[0.25] * 4, malicious=[0, 1, 0, 0], selected=[1, 1 - (a == "multikrum64"), 1, 1])
+            if a == "feddetect64":
+                rec["weights"] = [1 / 3, 0.0, 1 / 3, 1 / 3]
+            (Path(tmp) / f"{a}_s0" / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+            r["runs"][f"{a}_s0"] = {"deep": {"fid": {"class mean": 150}}, "trigger": {}}
+        (Path(tmp) / "eval").mkdir()
+        (Path(tmp) / "eval" / "results.json").write_text(json.dumps(r))
+        out = subprocess.run([sys.executable, str(HERE / "docs" / "paper_table.py"), str(Path(tmp) / "eval" /
+                              "results.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in out.stdout.splitlines() if ln.startswith("| ")}
+    assert "Holm over the table's 4 paired differences" in out.stdout and "the reference noise is 14" in out.stdout
+    assert "vs vanilla +470 [+0, +900] **kept**" in out.stdout  # p = 1e-6 survives Holm over 4
+    assert "vs attack -460 [-1,050, +120] (\\|d\\| > 1,050 excluded)" in out.stdout  # p = 0.04 does not, nor is it raw
+    share = [ln for ln in out.stdout.split("final share")[1].splitlines() if ln.startswith("| ")]
+    assert any(ln.startswith("| multi-Krum |  |  | 0.000") for ln in share), share  # Krum left it out: 0, not 0.25
+    assert any(ln.startswith("| attack |  |  | 0.250") for ln in share) and "FedDetect" in rows
+
+
+@quick
 def test_train_script_lists_the_paper_grid_without_training():
     if not shutil.which("bash"):
         raise Skip("needs bash")
@@ -1963,9 +1994,9 @@ def test_shadow_detectors_are_logged_and_scored_but_do_not_act():
                                            "--local-steps", "2", "--warmup", "1", "--shadow", "--scale-update",
                                            "--probe-per-class", "4"))
         recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
-        names = {"paper", "calibrated", "update-norm", "probe", "loss+probe", "probe-watch"}
+        names = {"paper", "calibrated", "update-norm", "probe", "loss+probe", "probe-watch", "flame", "freqfed"}
         assert all(set(r["shadow"]) == names for r in recs[2:]) and "shadow" not in recs[0]
-        assert all(len(r["probe_score"]) == 4 for r in recs)
+        assert all(len(r[k]) == 4 for r in recs for k in ("probe_score", "flame_score", "freqfed_score"))
         assert all(r["weights"] == [0.25] * 4 for r in recs)  # nobody acted: no detector was chosen
         assert set(run.summary["shadow"]) == names and all(0 <= v["fpr"] <= 1 for v in run.summary["shadow"].values())
 
@@ -1990,6 +2021,30 @@ def test_a_new_detector_is_one_definition_and_one_entry_and_trains():
         resume_matches(args)  # its history went through the checkpoint: the resumed run equals the straight one
     finally:
         del fedgan.DETECTORS["farthest"]
+
+
+@quick
+def test_update_space_detectors_flag_a_lone_direction_and_not_a_clean_round():
+    p = torch.arange(7, dtype=torch.float64)
+    dct = torch.cos(math.pi * (p[None] + 0.5) * p[:, None] / 7)  # the DCT-II matrix, (k, n)
+    u = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.allclose(fedgan.dct_low(u, 1.0), u @ dct.T) and fedgan.dct_low(u).shape == (3, 2)
+    g = torch.Generator().manual_seed(0)
+    center = {"w": torch.zeros(8, 64), "steps": torch.tensor(3)}  # an integer buffer is not an update
+    common = torch.randn(8, 64, generator=g)
+
+    def round_of(lone, ok=(True,) * 5):
+        states = [{"w": common + 0.6 * torch.randn(8, 64, generator=g), "steps": torch.tensor(9)} for _ in range(5)]
+        if lone is not None:
+            states[lone]["w"] = torch.randn(8, 64, generator=g) * common.norm() / 22.6  # as long, another direction
+        return fedgan.Round(12, np.ones(5), np.ones(5), states, center, np.array(ok), act=True)
+    for name in ("flame", "freqfed"):
+        det = fedgan.DETECTORS[name](None, None)
+        assert det.whole and list(det(round_of(3))) == [False, False, False, True, False], name
+        assert max(det.logged[f"{name}_score"]) > 2 * sorted(det.logged[f"{name}_score"])[2]
+        assert not det(round_of(None)).any(), name  # five alike: nobody stands out
+        flags = det(round_of(3, ok=(True, True, True, True, False)))  # a client sitting out gets no score
+        assert flags[3] and not flags[4] and np.isnan(det.logged[f"{name}_score"][4])
 
 
 def test_probe_detector_refuses_torchrun_with_one_line():
