@@ -2104,11 +2104,17 @@ class ProbeDetector(Detector):
         self.avg, self.n, self.history = d.get("watch"), d.get("watch_n", 0), list(d.get("watch_history", []))
 
 
-def update_matrix(states, center):
-    """Every client's update G_i - G, each float tensor flattened: {name: (n, P_name)} in float64."""
-    keys = [k for k in center if torch.as_tensor(center[k]).is_floating_point()]
-    return {k: torch.stack([torch.as_tensor(s[k]).detach().double().cpu().flatten() for s in states])
-            - torch.as_tensor(center[k]).detach().double().cpu().flatten() for k in keys}
+def update_gram(states, center, low=False):
+    """The Gram matrix of the clients' updates G_i - G over every float tensor, one tensor at a time (no
+    copy of the whole model): (n, n) float64; low: of each tensor's low DCT frequencies (dct_low)."""
+    gram = torch.zeros(len(states), len(states), dtype=torch.float64)
+    for k in (k for k in center if torch.as_tensor(center[k]).is_floating_point()):
+        c = torch.as_tensor(center[k]).detach()
+        u = torch.stack([torch.as_tensor(s[k]).detach().to(c.device).flatten() for s in states]).double() \
+            - c.flatten().double()                                           # (n, P_k)
+        u = dct_low(u) if low else u
+        gram += (u @ u.T).cpu()
+    return gram
 
 
 def dct_low(u, keep=0.25):
@@ -2116,18 +2122,18 @@ def dct_low(u, keep=0.25):
     (n, P) -> (n, ceil(keep P)); unnormalised, which a cosine distance ignores."""
     p = u.shape[1]
     v = torch.cat([u[:, ::2], u[:, 1::2].flip(1)], 1)                        # (n, P)
-    k = torch.arange(p, dtype=torch.float64)
+    k = torch.arange(p, dtype=torch.float64, device=u.device)
     return (torch.fft.fft(v) * torch.exp(-0.5j * math.pi * k / p)).real[:, :math.ceil(keep * p)]
 
 
-def core_ratio(x):
+def core_ratio(gram):
     """Density by cosine distance, HDBSCAN's core distance with min_samples = n//2: each client's distance
-    to its (n//2)-th nearest other; the n//2 + 1 densest clients are the majority. (n, F) -> (n,) each
+    to its (n//2)-th nearest other; the n//2 + 1 densest clients are the majority. Gram (n, n) -> (n,) each
     core distance over the majority's largest: <= 1 inside the majority, large for a lone direction."""
-    x = torch.nn.functional.normalize(x, dim=1)
-    d = (1 - x @ x.T).clamp(min=0)                                           # (n, n)
-    core = d.sort(1).values[:, len(x) // 2]                                  # column 0: itself
-    return (core / core.sort().values[len(x) // 2].clamp(min=1e-12)).numpy()
+    norm = gram.diagonal().clamp(min=1e-30).sqrt()
+    d = (1 - gram / norm[:, None] / norm[None, :]).clamp(min=0)              # (n, n) cosine distances
+    core = d.sort(1).values[:, len(d) // 2]                                  # column 0: itself
+    return (core / core.sort().values[len(d) // 2].clamp(min=1e-12)).numpy()
 
 
 class ClusterDetector(Detector):
@@ -2143,9 +2149,7 @@ class ClusterDetector(Detector):
     def __call__(self, r):
         ok, score = np.flatnonzero(r.ok), np.full(len(r.ok), np.nan)
         if len(ok) > 2:  # a majority needs three
-            u = update_matrix([r.states[i] for i in ok], r.center)
-            score[ok] = core_ratio(torch.cat([dct_low(v) for v in u.values()] if self.name == "freqfed" else
-                                             list(u.values()), 1))
+            score[ok] = core_ratio(update_gram([r.states[i] for i in ok], r.center, self.name == "freqfed"))
         self.logged = {f"{self.name}_score": score.tolist()}
         return (score > self.ratio) & r.ok if r.act else np.zeros(len(r.ok), bool)
 

@@ -2029,6 +2029,7 @@ def test_update_space_detectors_flag_a_lone_direction_and_not_a_clean_round():
     dct = torch.cos(math.pi * (p[None] + 0.5) * p[:, None] / 7)  # the DCT-II matrix, (k, n)
     u = torch.randn(3, 7, dtype=torch.float64)
     assert torch.allclose(fedgan.dct_low(u, 1.0), u @ dct.T) and fedgan.dct_low(u).shape == (3, 2)
+    assert np.allclose(fedgan.core_ratio(u @ u.T), fedgan.core_ratio((2 * u) @ (2 * u).T))  # scale-free
     g = torch.Generator().manual_seed(0)
     center = {"w": torch.zeros(8, 64), "steps": torch.tensor(3)}  # an integer buffer is not an update
     common = torch.randn(8, 64, generator=g)
