@@ -64,7 +64,8 @@ def main():
             continue
         decay = json.loads((d / "config.json").read_text())["decay"]
         det = [r for r in recs if r["round"] - 1 > a.warmup]
-        flags = {name: [gate(r["shadow"][name]) for r in det] for name in det[0]["shadow"]}
+        flags = {name: [gate(r["shadow"][name]) for r in det] for name in det[0]["shadow"]
+                 if name not in ("flame", "freqfed")}  # these two from their scores, at each ratio
         for key in ("flame", "freqfed"):
             for q in RATIOS:
                 flags[f"{key} at {q}"] = [gate(np.nan_to_num(r[f"{key}_score"]) > q) for r in det]
