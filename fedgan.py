@@ -2149,7 +2149,10 @@ class ClusterDetector(Detector):
     def __call__(self, r):
         ok, score = np.flatnonzero(r.ok), np.full(len(r.ok), np.nan)
         if len(ok) > 2:  # a majority needs three
-            score[ok] = core_ratio(update_gram([r.states[i] for i in ok], r.center, self.name == "freqfed"))
+            key = ("gram", self.name)  # computed once a round when it both acts and shadows
+            if key not in r.cache:
+                r.cache[key] = update_gram([r.states[i] for i in ok], r.center, self.name == "freqfed")
+            score[ok] = core_ratio(r.cache[key])
         self.logged = {f"{self.name}_score": score.tolist()}
         return (score > self.ratio) & r.ok if r.act else np.zeros(len(r.ok), bool)
 
@@ -3181,9 +3184,11 @@ def bench(cfg):
     sync(device)
     server_ms = (time.perf_counter() - t) / 5 * 1000
     rule_name = cfg.detector if cfg.detector in ("calibrated", "flame", "freqfed") else "paper"
-    detect = loss_rule(rule_name, cfg.detect_fpr) if rule_name in ("calibrated", "paper") else functools.partial(
-        lambda hist, seed, det, r: det(r), det=DETECTORS[rule_name](cfg, g),  # it reads the generators' updates
-        r=Round(1, np.ones(cfg.clients), np.ones(cfg.clients), states, state, np.ones(cfg.clients, bool), True))
+    if rule_name in ("flame", "freqfed"):  # it reads the clients' updates, not a loss history
+        det, ones = DETECTORS[rule_name](cfg, g), np.ones(cfg.clients)
+        detect = lambda hist, seed: det(Round(1, ones, ones, states, state, ones > 0, True))  # noqa: E731
+    else:
+        detect = loss_rule(rule_name, cfg.detect_fpr)
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
     detect(hist, 1)  # warm every cache (the calibrated rule simulates its threshold once per N)
     t = time.perf_counter()

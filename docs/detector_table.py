@@ -19,13 +19,8 @@ from fedgan import feddetect_update  # noqa: E402
 RATIOS = (1.2, 1.3, 1.5, 2.0)
 
 
-def gate(f):
-    f = np.asarray(f, bool)
-    return f if 0 < f.sum() < len(f) / 2 else np.zeros_like(f)
-
-
 def replayed(flags, mal, decay, recover):
-    """Algorithm 1 on a list of (N,) gated flags -> first attacker flag, attackers' final weight, false
+    """Algorithm 1 (its 0 < |O| < N/2 gate too) on a list of (N,) flags -> first attacker flag, attackers' final weight, false
     alarms per benign client-round, lowest benign final weight."""
     c, w, first, alarms = np.zeros(len(mal), int), np.full(len(mal), 1 / len(mal)), None, 0
     for k, f in enumerate(flags, 1):
@@ -64,11 +59,11 @@ def main():
             continue
         decay = json.loads((d / "config.json").read_text())["decay"]
         det = [r for r in recs if r["round"] - 1 > a.warmup]
-        flags = {name: [gate(r["shadow"][name]) for r in det] for name in det[0]["shadow"]
+        flags = {name: [np.asarray(r["shadow"][name], bool) for r in det] for name in det[0]["shadow"]
                  if name not in ("flame", "freqfed")}  # these two from their scores, at each ratio
         for key in ("flame", "freqfed"):
             for q in RATIOS:
-                flags[f"{key} at {q}"] = [gate(np.nan_to_num(r[f"{key}_score"]) > q) for r in det]
+                flags[f"{key} at {q}"] = [np.nan_to_num(r[f"{key}_score"]) > q for r in det]
         for name, f in flags.items():
             table.setdefault(name, {}).setdefault(case, []).append(replayed(f, mal, decay, a.recover))
     cases = sorted({c for t in table.values() for c in t}, key=lambda c: ("clean" not in c and "dir" not in c, c))

@@ -1,8 +1,7 @@
 """The paper-layout table of docs/results.md, section 2 (rows: arms; columns: the three trigger sizes),
 from one eval.py results.json of the grid (`GRID=paper QUICK=1 bash train_chestx.sh`): per figure, each
 arm's mean [95% interval] over seeds and its paired differences from vanilla and from the attack at the
-same trigger size, Holm over every difference of the table; the attacker's final share read from each
-run's metrics.jsonl (the run folders sit beside the eval folder).
+same trigger size, Holm over every difference of the table; the attacker's final share per seed.
 usage: python docs/paper_table.py RUNS/eval_all/results.json [_r20]"""
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -76,25 +75,14 @@ for label, _ in figs(8):
 print("*attacker's final share of the aggregate* (its weight, or under multi-Krum its part of what was kept; mean (per seed)):\n")
 print("| arm | " + " | ".join(f"{px} px" for s, px in SIZES) + " |")
 print("|---|---|---|---|")
-import numpy as np, os
-def shares(run_dir):
-    """The attacker's share of the aggregate per round, from metrics.jsonl: weight x kept, renormalised."""
-    out = []
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        r = json.loads(line)
-        w = np.asarray(r["weights"]) * np.asarray(r.get("selected") or [1] * len(r["weights"]))
-        w = w * (1 - np.asarray(r.get("excluded") or [0] * len(w)))
-        out.append(float(w[np.asarray(r["malicious"], bool)].sum() / w.sum()))
-    return out
-root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[1])))
 for name, tmpl in ROWS[1:]:
     row = [name]
     for size, px in SIZES:
         seeds = sorted(k for k in runs if k.rsplit("_s", 1)[0] == arm(tmpl, size))
         if not seeds:
             row.append(""); continue
-        fin = [shares(os.path.join(root, k))[-1] for k in seeds]
-        row.append(f"{np.mean(fin):.3f} (" + ", ".join(f"{v:.2f}" for v in fin) + ")")
+        fin = [runs[k]["detection"]["attacker_final_weight"] for k in seeds]  # eval's: under Krum, what it kept
+        row.append(f"{sum(fin) / len(fin):.3f} (" + ", ".join(f"{v:.2f}" for v in fin) + ")")
     print("| " + " | ".join(row) + " |")
 print()
 print("Per seed (deep FID / trigger strength / trigger rate), seeds in order:\n")
