@@ -150,8 +150,8 @@ class Config:
                             "defense: detector")
     warmup: int = opt(None, "warm-up m: detection runs in rounds t > m (t counted from 0) (default 10; 0 for "
                             "--detector probe, which needs no loss history)", "defense: detector")
-    probe_level: float = opt(5.0, "--detector probe: a client is flagged when its score (the largest standardized "
-                                  "moving-average departure) exceeds this and 1.5x the round's median score",
+    probe_level: float = opt(6.0, "--detector probe: a client is flagged when its score (the peak of its moving-average "
+                                  "local departure) exceeds this many times the clients' median score",
                              "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
@@ -2024,84 +2024,67 @@ def probe_signal(probe, g_states):
     return np.max([probe_scores(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], axis=0)
 
 
-def departure_tstats(renders, per_class, window, chunk=16):
-    """How surely each client departs, locally, from the others on each class's renders.
+def departure_energy(renders, per_class, window, chunk=16):
+    """Where each client's renders depart from the others' consistently, per class, in the images' units.
 
     renders (N, P, C, H, W), P = K classes x per_class samples in class blocks. Per sample: the departure
-    from the clients' median render, less its own mean (a global brightness offset is not a trigger), as
-    a window x window patch against its surround (center_surround); then for all classes together and
-    for each, per place, the mean over samples in units of its standard error. A trigger drawn on a
-    tenth of the latents still gives a t of ~3 at 64 samples, and a departure that changes sign from
-    sample to sample gives ~0. Samples are taken `chunk` per class at a time, so the float64 work space
-    stays (N, K x chunk, C, H, W) whatever P. -> (N, 1 + K, C, H', W') float64."""
+    from the clients' median render, less its own mean (a global brightness offset is not a trigger),
+    averaged over the class's samples: a trigger departs alike in every sample and stays; a departure
+    that changes from sample to sample averages away. Then that mean departure as a window x window
+    patch against its surround (center_surround: a shift spread over a region cancels), squared and
+    summed over channels: a random-colour patch departs in each channel with its own sign. An effect
+    size, not a t: 64 samples make any small systematic difference between hospitals "significant".
+    Samples are taken `chunk` per class at a time, so the float64 work space stays (N, K x chunk, C, H, W).
+    -> (N, K, H', W') float64."""
     N, P, C, H, W = renders.shape
     K = P // per_class
-    s1 = s2 = None  # (N, K, C, H', W'): sums over samples of the local departures and of their squares
+    total = 0
     for start in range(0, per_class, chunk):
         pick = (torch.arange(K)[:, None] * per_class + torch.arange(start, min(start + chunk, per_class))).flatten()
         d = departures(renders[:, pick.to(renders.device)])                       # (N, K*m, C, H, W)
-        local = center_surround(d.reshape(-1, C, H, W), window)                   # (N*K*m, C, H', W')
-        local = local.reshape(N, K, -1, *local.shape[1:])                         # (N, K, m, C, H', W')
-        s1 = local.sum(2) if s1 is None else s1 + local.sum(2)
-        s2 = local.square().sum(2) if s2 is None else s2 + local.square().sum(2)
-
-    def t(a, b, n):  # the mean in units of its standard error, from the sums of n samples
-        mean = a / n
-        return mean / (((b - n * mean.square()).clamp_min(0) / (n - 1) / n).sqrt() + 1e-12)
-    return torch.cat([t(s1.sum(1, keepdim=True), s2.sum(1, keepdim=True), P), t(s1, s2, per_class)], 1)
+        total = total + d.reshape(N, K, -1, C, H, W).sum(2)                       # (N, K, C, H, W)
+    local = center_surround((total / per_class).reshape(N * K, C, H, W), window)  # (N*K, C, H', W')
+    return local.square().sum(1).reshape(N, K, *local.shape[-2:])
 
 
-def probe_watch(avg, n, tstats, rate=0.1):
-    """One round of the probe detector's memory. tstats (N, K, C, H', W') are put in units of the round's
-    robust spread (1.4826 x median |t| over all clients and places: the round's own scale, whatever the
-    data) and folded into each client's signed moving average avg (None before the first round) at `rate`.
-    A benign client's departures wander from round to round and average away; an attacker departs in the
-    same place every round and its average grows. The score is a client's largest |average| in units of
-    the average's own spread after n + 1 rounds (about N(0, 1) per place if rounds were independent).
-    -> (avg, n + 1, scores (N,) numpy)."""
-    z = tstats / (1.4826 * tstats.abs().median() + 1e-12)
-    avg = rate * z if avg is None else (1 - rate) * avg.to(z.device) + rate * z  # a resumed avg comes from the CPU
-    sd = rate * math.sqrt((1 - (1 - rate) ** (2 * (n + 1))) / (1 - (1 - rate) ** 2))
-    return avg, n + 1, (avg.flatten(1).abs().amax(1) / sd).cpu().numpy()
-
-
-def watch_round(probe, g_states, avg, n, t):
-    """The probe detector's work in round t: render every generator on the round's fresh latents, score
-    the departures, fold them into the moving averages. -> (avg, n + 1, scores (N,))."""
-    renders = render_probe(probe, g_states, t)
-    return probe_watch(avg, n, departure_tstats(renders, probe.per_class, probe.window))
-
-
-def probe_flags(scores, level, ratio=1.5):
-    """The probe detector's rule: scores (N,) -> flags (N,), above `level` and `ratio` x their median (the
-    median keeps a round where every score is high, as in non-IID or colour data, quiet). Level 5 and
-    ratio 1.5 were set on clean runs held out from every figure reported (docs/results.md)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return (scores > level) & (scores > ratio * np.median(scores))
+def probe_watch(avg, energy, rate=0.3):
+    """One round of the probe detector's memory. energy (N, K, H', W') is put in units of the round's
+    median (over clients, classes and places: the round's own scale, whatever the data) and folded into
+    each client's moving average avg (None before the first round) at `rate`: a benign client's departure
+    that wanders from place to place averages down; a trigger sits in the same place every round. The
+    score: the average's peak over places of its geometric mean over classes (a trigger departs in every
+    class; a hospital that sees few images of one class departs in that class alone), over the clients'
+    median peak. -> (avg, scores (N,) numpy; about 1 for a client like the others)."""
+    e = energy / (energy.median() + 1e-30)
+    avg = e if avg is None else (1 - rate) * avg.to(e.device) + rate * e  # a resumed avg comes from the CPU
+    peak = avg.clamp_min(1e-30).log().mean(1).exp().flatten(1).amax(1).cpu().numpy()  # (N,)
+    return avg, peak / max(float(np.median(peak)), 1e-30)
 
 
 class ProbeDetector(Detector):
     """The probe detector: every generator rendered on fresh secret latents each round; each client's
-    local departures from the others folded into a moving average (probe_watch); flagged when its score
-    stands out (probe_flags). Reads nothing a client reports."""
+    consistent local departure from the others (departure_energy) folded into a moving average
+    (probe_watch); flagged when its score exceeds `level` times the clients' median. Reads nothing a
+    client reports."""
     whole = True
 
-    def __init__(self, probe, level=5.0):
+    def __init__(self, probe, level=6.0):
         self.probe, self.level = probe, level
-        self.avg, self.n, self.history = None, 0, []  # (N, K, C, H', W') moving averages, rounds, (t, N) scores
+        self.avg, self.history = None, []  # (N, K, H', W') moving averages, (t, N) scores
 
     def __call__(self, r):
-        self.avg, self.n, scores = watch_round(self.probe, r.states, self.avg, self.n, r.t)
+        renders = render_probe(self.probe, r.states, r.t)                     # (N, P, C, H, W)
+        self.avg, scores = probe_watch(self.avg, departure_energy(renders, self.probe.per_class, self.probe.window))
         self.history.append(scores.tolist())
         self.logged = {"watch_score": self.history[-1]}
-        return rule_on_ok(lambda h, seed: probe_flags(h[-1], self.level), self.history, r.ok, 0) if r.act else \
+        return rule_on_ok(lambda h, seed: h[-1] > self.level, self.history, r.ok, 0) if r.act else \
             np.zeros(len(r.losses), bool)
 
     def state_dict(self):
-        return dict(watch=None if self.avg is None else self.avg.cpu(), watch_n=self.n, watch_history=self.history)
+        return dict(watch=None if self.avg is None else self.avg.cpu(), watch_history=self.history)
 
     def load_state_dict(self, d):
-        self.avg, self.n, self.history = d.get("watch"), d.get("watch_n", 0), list(d.get("watch_history", []))
+        self.avg, self.history = d.get("watch"), list(d.get("watch_history", []))
 
 
 def update_gram(states, center, low=False):
@@ -3197,9 +3180,10 @@ def bench(cfg):
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
     probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
-    watch_round(probe, states[:2], None, 0, 1)  # warm
+    ones = np.ones(len(states))
+    ProbeDetector(probe)(Round(1, ones[:2], ones[:2], states[:2], state, ones[:2] > 0, False))  # warm
     t = time.perf_counter()
-    watch_round(probe, states, None, 0, 1)  # every client's generator on fresh latents, then the scores
+    ProbeDetector(probe)(Round(1, ones, ones, states, state, ones > 0, True))  # render, score, fold in
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
