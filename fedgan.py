@@ -127,23 +127,21 @@ class Config:
     detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
                               "z-score + CUSUM, false alarms held to --detect-fpr) | probe (the server renders every "
                               "generator on fresh secret latents each round and flags a client whose moving average "
-                              "of local departures stands out; reads nothing the clients report) | flame | freqfed "
-                              "(updates, or their low DCT frequencies, outside the majority's cosine density; pair "
-                              "flame with --aggregator clip) (default none; "
+                              "of local departures stands out; reads nothing the clients report) | flame "
+                              "(updates outside the majority's cosine density; pair it with --aggregator clip) "
+                              "(default none; "
                               "--detect-rule is the old name)", "defense: detector",
                         choices=lambda: list(DETECTORS),  # read when parsing: a new entry is a new choice
                         aliases=["--detect-rule"])
-    detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | update-norm (||G_i - G||, "
-                                 "seen by the server) | both (loss and update-norm) | probe (the server renders "
+    detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | probe (the server renders "
                                  "every generator on a fixed probe and scores local, consistent departures; reads "
                                  "nothing the client reports) | loss+probe", "defense: detector",
-                         choices=["loss", "update-norm", "both", "probe", "loss+probe"])
+                         choices=["loss", "probe", "loss+probe"])
     probe_per_class: int = opt(None, "probe images per class rendered by every client's generator each round "
                                      "(default 64 for --detector probe, 16 for the fixed probe of --detect-on probe)",
                                "defense: detector")
     shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
-                              "calibrated on update-norm, probe and loss+probe, the probe detector as probe-watch, "
-                              "flame and freqfed) "
+                              "calibrated on probe and loss+probe, the probe detector as probe-watch, flame) "
                               "would flag; only the chosen defense acts", "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
@@ -223,12 +221,13 @@ RECIPES = {  # flags given on the command line win over these; runs written befo
     "fedgan": dict(lr=2e-3, beta1=0.0, beta2=0.99),
 }
 JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake images as one batch?
-# Measured and removed (docs/results.md has their tables; commit 97daaf9 has the code): a run written
-# with one of these on cannot be resumed or rebuilt here.
-REMOVED = dict(ema=0.0, r1=0.0, class_loss=0.0, rollback=0)
-# Never measured, so removed (commit 2f12077 has them): the late attacker, the median and the trimmed mean.
-UNMEASURED = dict(attack_start=lambda v: v != 0, aggregator=lambda v: v in ("median", "trimmed-mean"),
-                  defense=lambda v: v in ("median", "trimmed-mean"))
+# Removed, each with the commit that has its code (docs/results.md keeps the tables of what was measured): a
+# run written with one of them on cannot be resumed or rebuilt here. field: (on?, commit, why it went)
+GONE = dict(**{k: (bool, "97daaf9", "it measured no gain") for k in ("ema", "r1", "class_loss", "rollback")},
+            attack_start=(bool, "2f12077", "never measured"),
+            **{k: (lambda v: v in ("median", "trimmed-mean"), "2f12077", "never measured") for k in ("aggregator", "defense")},
+            detect_on=(lambda v: v in ("update-norm", "both"), "c4e5e03", "it measured no gain"),
+            detector=(lambda v: v == "freqfed", "c4e5e03", "it measured no gain over flame"))
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
                      reconstruct=("posthoc", "reconstruct"))  # every other --defense value is an aggregator
@@ -454,15 +453,11 @@ def config_from_json(d, where):
     for k, v in RECIPES["paper"].items():
         d.setdefault(k, v)
     d.setdefault("tanh", False)  # written before --tanh: the linear output ran
-    for k, off in REMOVED.items():
-        if d.pop(k, off) != off:
-            raise FedGANError(f"{where} was written with --{k.replace('_', '-')} on, which this fedgan.py no longer "
-                              "has (it measured no gain; commit 97daaf9 has it): continue the run with that version")
-    for k, gone in UNMEASURED.items():
-        if k in d and gone(d[k]):
-            raise FedGANError(f"{where} was written with --{k.replace('_', '-')} {d[k]}, which this fedgan.py no longer "
-                              "has (never measured; commit 2f12077 has it): continue the run with that version")
-    for k in ("attack_start", "trim", "parallel_clients"):  # at their only value now; side by side: speed only
+    for k, (on, commit, why) in GONE.items():
+        if k in d and on(d[k]):
+            raise FedGANError(f"{where} was written with --{k.replace('_', '-')} {d[k]}, which this fedgan.py no "
+                              f"longer has ({why}; commit {commit} has it): continue the run with that version")
+    for k in ("ema", "r1", "class_loss", "rollback", "attack_start", "trim", "parallel_clients"):  # off, or speed only
         d.pop(k, None)
     if d.pop("d_batch", None) not in (None, "joint" if JOINT_D[d["recipe"]] else "separate"):
         raise FedGANError(f"{where} was written with a --d-batch that differs from its --recipe's, which this "
@@ -1726,10 +1721,9 @@ class RuleDetector(Detector):
 
     def signal(self, r, name):
         """One signal of every client this round (N,), computed once per round whoever asks: the reported
-        loss, the update's norm, or the log of the fixed probe's score (rendered by the server)."""
+        loss, or the log of the fixed probe's score (rendered by the server)."""
         if name not in r.cache:
-            r.cache[name] = (r.losses if name == "loss" else r.norms if name == "update-norm" else
-                             np.log(probe_signal(self.probe, r.states) + 1e-12))
+            r.cache[name] = r.losses if name == "loss" else np.log(probe_signal(self.probe, r.states) + 1e-12)
         return r.cache[name]
 
     def state_dict(self):
@@ -1739,9 +1733,8 @@ class RuleDetector(Detector):
         self.history = {s: list(d.get(HISTORY_KEY[s], [])) for s in self.history}
 
 
-SIGNALS = {"loss": ("loss",), "update-norm": ("update-norm",), "both": ("loss", "update-norm"),
-           "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> the signals read
-HISTORY_KEY = {"loss": "history", "update-norm": "norm_history", "probe": "probe_history"}  # checkpoint keys
+SIGNALS = {"loss": ("loss",), "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> signals read
+HISTORY_KEY = {"loss": "history", "probe": "probe_history"}  # checkpoint keys
 
 
 def rule_on_ok(rule, history, ok, seed):
@@ -2087,26 +2080,16 @@ class ProbeDetector(Detector):
         self.avg, self.history = d.get("watch"), list(d.get("watch_history", []))
 
 
-def update_gram(states, center, low=False):
+def update_gram(states, center):
     """The Gram matrix of the clients' updates G_i - G over every float tensor, one tensor at a time (no
-    copy of the whole model): (n, n) float64; low: of each tensor's low DCT frequencies (dct_low)."""
+    copy of the whole model): (n, n) float64."""
     gram = torch.zeros(len(states), len(states), dtype=torch.float64)
     for k in (k for k in center if torch.as_tensor(center[k]).is_floating_point()):
         c = torch.as_tensor(center[k]).detach()
         u = torch.stack([torch.as_tensor(s[k]).detach().to(c.device).flatten() for s in states]).double() \
             - c.flatten().double()                                           # (n, P_k)
-        u = dct_low(u) if low else u
         gram += (u @ u.T).cpu()
     return gram
-
-
-def dct_low(u, keep=0.25):
-    """The lowest `keep` share of each row's DCT-II (Makhoul: one FFT of the even-odd reordered row).
-    (n, P) -> (n, ceil(keep P)); unnormalised, which a cosine distance ignores."""
-    p = u.shape[1]
-    v = torch.cat([u[:, ::2], u[:, 1::2].flip(1)], 1)                        # (n, P)
-    k = torch.arange(p, dtype=torch.float64, device=u.device)
-    return (torch.fft.fft(v) * torch.exp(-0.5j * math.pi * k / p)).real[:, :math.ceil(keep * p)]
 
 
 def core_ratio(gram):
@@ -2120,23 +2103,21 @@ def core_ratio(gram):
 
 
 class ClusterDetector(Detector):
-    """Update-space detectors of the field, written with torch alone: FLAME (Nguyen et al. 2022) clusters
-    the updates by cosine distance, FreqFed (Fereidooni et al. 2024) the low frequencies of each layer's
-    DCT; a client is flagged when it lies outside the majority's density (core_ratio > ratio). FLAME's
+    """FLAME's filter (Nguyen et al. 2022), written with torch alone: the updates clustered by cosine
+    distance; a client is flagged when it lies outside the majority's density (core_ratio > ratio). FLAME's
     clipping to the median norm is --aggregator clip. Reads nothing a client reports; keeps no history."""
     whole = True
 
-    def __init__(self, name, ratio=1.3):  # the loosest ratio without a false alarm on gray clean recordings
-        self.name, self.ratio = name, ratio
+    def __init__(self, ratio=1.3):  # the loosest ratio without a false alarm on gray clean recordings
+        self.ratio = ratio
 
     def __call__(self, r):
         ok, score = np.flatnonzero(r.ok), np.full(len(r.ok), np.nan)
         if len(ok) > 2:  # a majority needs three
-            key = ("gram", self.name)  # computed once a round when it both acts and shadows
-            if key not in r.cache:
-                r.cache[key] = update_gram([r.states[i] for i in ok], r.center, self.name == "freqfed")
-            score[ok] = core_ratio(r.cache[key])
-        self.logged = {f"{self.name}_score": score.tolist()}
+            if "gram" not in r.cache:  # computed once a round when it both acts and shadows
+                r.cache["gram"] = update_gram([r.states[i] for i in ok], r.center)
+            score[ok] = core_ratio(r.cache["gram"])
+        self.logged = {"flame_score": score.tolist()}
         return (score > self.ratio) & r.ok if r.act else np.zeros(len(r.ok), bool)
 
 
@@ -2869,20 +2850,18 @@ DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
     "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
     "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
     "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
-    "flame": lambda cfg, g: ClusterDetector("flame"),
-    "freqfed": lambda cfg, g: ClusterDetector("freqfed"),
+    "flame": lambda cfg, g: ClusterDetector(),
 }
 
 
 def shadow_of(cfg, g, acting):
-    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on update-norm, probe and
-    loss+probe, and the probe detector, each logged every round beside the acting detector."""
+    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on probe and loss+probe,
+    the probe detector and flame, each logged every round beside the acting detector."""
     shadows = {"paper": rule_detector("paper", ("loss",), cfg, g),
                **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
-                  (("calibrated", "loss"), ("update-norm", "update-norm"), ("probe", "probe"),
-                   ("loss+probe", "loss+probe"))},
+                  (("calibrated", "loss"), ("probe", "probe"), ("loss+probe", "loss+probe"))},
                "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
-               "flame": ClusterDetector("flame"), "freqfed": ClusterDetector("freqfed")}
+               "flame": ClusterDetector()}
     return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
 
 
@@ -3166,8 +3145,8 @@ def bench(cfg):
         rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)
     sync(device)
     server_ms = (time.perf_counter() - t) / 5 * 1000
-    rule_name = cfg.detector if cfg.detector in ("calibrated", "flame", "freqfed") else "paper"
-    if rule_name in ("flame", "freqfed"):  # it reads the clients' updates, not a loss history
+    rule_name = cfg.detector if cfg.detector in ("calibrated", "flame") else "paper"
+    if rule_name == "flame":  # it reads the clients' updates, not a loss history
         det, ones = DETECTORS[rule_name](cfg, g), np.ones(cfg.clients)
         detect = lambda hist, seed: det(Round(1, ones, ones, states, state, ones > 0, True))  # noqa: E731
     else:
