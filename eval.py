@@ -996,74 +996,83 @@ def brief(results):
 
 def markdown(results):
     lines = ["# FedGAN evaluation", "", "Protocol: " + results["protocol_text"], ""]
-    arms, summary, diffs = results["arms"], results.get("summary", {}), results.get("differences", {})
-    lengths = results.get("lengths", {})
+    arms, summary = results["arms"], results.get("summary", {})
     if arms:
         base = results["baselines"][0] if results["baselines"] else next(iter(arms))
         lines += ["## Arms (runs that differ only by training seed)", "",
                   f"| arm | seeds | differs from {base} in |", "|---|---|---|"]
         lines += [f"| {a} | {', '.join(map(str, v['seeds']))} | {v['differs']} |" for a, v in arms.items()] + [""]
-    floor = results.get("real_floor", {})
-    lad = results.get("ladder")
     for family, belongs in FAMILIES:
         metrics = [m for m in summary if belongs(m)]
-        if not metrics:
-            continue
-        if " in shadow: " in metrics[0]:  # one column per detector; no differences (TPR is the attack's)
-            lines += [f"## {family}: mean [95% interval] over training seeds", ""]
-            names = list(dict.fromkeys(m.split(" in shadow: ")[0] for m in metrics))
-            lines += table(arms, names, lambda d, a: "; ".join(
-                f"{k} {cell(summary[f'{d} in shadow: {k}'][a])}" for k in ("TPR", "FPR", "first flag")
-                if f"{d} in shadow: {k}" in summary and summary[f"{d} in shadow: {k}"][a]["mean"] is not None))
-            continue
-        lines += [f"## {family}: mean [95% interval] over training seeds", ""]
-        if direction_line(metrics):
-            lines += [direction_line(metrics), ""]
-        lines += table(arms, metrics, lambda m, a: cell(summary[m][a]))
-        if lad and any(m in lad["verdict"] for m in metrics):
-            blind = [f"{m}: {', '.join(k for k, v in lad['verdict'][m].items() if v != 'sees')}" for m in metrics
-                     if m in lad["verdict"] and not ladder_passes(lad["verdict"], m)]
-            lines += ["Metric ladder: " + ("every figure here sees every damage of the ladder." if not blind else
-                                           "figures that do not see every damage (see the ladder table): " +
-                                           "; ".join(blind) + "."), ""]
-        if any(m in floor for m in metrics):
-            lines += ["Real training images in place of synthetic ones (the floor at this reference size): " +
-                      ", ".join(f"{m} {num(floor[m])}" for m in metrics if m in floor) + ".", ""]
-        noise = results.get("reference_noise")
-        if noise and any(m in noise["sd"] for m in metrics):
-            lines += [f"Noise from the reference set alone (sd over {noise['bootstrap']} redraws of the held-out "
-                      f"images, run {noise['run']}): " + ", ".join(f"{m} {num(noise['sd'][m])}" for m in metrics
-                                                                 if m in noise["sd"]) + ".", ""]
-        for b, d in diffs.items():
-            rows = [a for a in arms if a in d[metrics[0]]]
-            lines += holm_table(f"Paired difference from **{b}** (arm minus {b} trained as many rounds, per training "
-                                "seed; raw 95% interval):", rows, metrics, lambda m, a: d[m][a])
-        if lengths:
-            lines += holm_table("Longer minus shorter training of the same arm (paired by seed; raw 95% interval):",
-                                list(lengths), metrics, lambda m, a: lengths[a][m])
+        if metrics:
+            lines += family_markdown(results, family, metrics)
+    lad = results.get("ladder")
     if lad:
         figs = [m for m in lad["real"] if figure_of(m)[2] in ("overall", "class mean")]
         lines += ladder_markdown(lad, figs)
-    u = results.get("utility")
-    if u:
-        lines += [f"## Utility: test accuracy of a {u['classifier']} classifier, mean [95% interval] "
-                  f"(real only, or + {u['n_synth']} synthetic images per class)", "",
-                  u["interval_text"], ""]
-        cols = [(str(n) if used == [n] * len(used) else f"{n} (used {'/'.join(map(str, used))})")
-                for n, used in zip(u["n_real"], u["n_real_used"])]
-        head = ["| | " + " | ".join(f"n real = {c}" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += head + [f"| {name} | " + " | ".join(cell(iv) for iv in c) + " |" for name, c in u["curves"].items()]
-        lines.append("")
-        for b, d in u["differences"].items():
-            rows = list(d)
-            kept = holm([iv["p"] for name in rows for iv in d[name]])
-            flat = {(name, i): k for (name, i), k in zip([(n, i) for n in rows for i in range(len(cols))], kept)}
-            lines += [f"Paired difference in accuracy from **{b}** (raw 95% interval; * = Holm keeps it within this "
-                      "table):", ""] + head
-            lines += [f"| {name} | " + " | ".join(diff_cell(iv, flat[(name, i)]) for i, iv in enumerate(c)) + " |"
-                      for name, c in d.items()]
-            lines.append("")
+    if results.get("utility"):
+        lines += utility_markdown(results["utility"])
     return "\n".join(lines)
+
+
+def family_markdown(results, family, metrics):
+    """One family's section: the arms' means, what the ladder says each figure sees, the real floor, the
+    reference's own noise, and the paired differences (Holm within each table)."""
+    arms, summary, lad = results["arms"], results["summary"], results.get("ladder")
+    lines = [f"## {family}: mean [95% interval] over training seeds", ""]
+    if " in shadow: " in metrics[0]:  # one column per detector; no differences (TPR is the attack's)
+        names = list(dict.fromkeys(m.split(" in shadow: ")[0] for m in metrics))
+        return lines + table(arms, names, lambda d, a: "; ".join(
+            f"{k} {cell(summary[f'{d} in shadow: {k}'][a])}" for k in ("TPR", "FPR", "first flag")
+            if f"{d} in shadow: {k}" in summary and summary[f"{d} in shadow: {k}"][a]["mean"] is not None))
+    if direction_line(metrics):
+        lines += [direction_line(metrics), ""]
+    lines += table(arms, metrics, lambda m, a: cell(summary[m][a]))
+    if lad and any(m in lad["verdict"] for m in metrics):
+        blind = [f"{m}: {', '.join(k for k, v in lad['verdict'][m].items() if v != 'sees')}" for m in metrics
+                 if m in lad["verdict"] and not ladder_passes(lad["verdict"], m)]
+        lines += ["Metric ladder: " + ("every figure here sees every damage of the ladder." if not blind else
+                                       "figures that do not see every damage (see the ladder table): " +
+                                       "; ".join(blind) + "."), ""]
+    floor = results.get("real_floor", {})
+    if any(m in floor for m in metrics):
+        lines += ["Real training images in place of synthetic ones (the floor at this reference size): " +
+                  ", ".join(f"{m} {num(floor[m])}" for m in metrics if m in floor) + ".", ""]
+    noise = results.get("reference_noise")
+    if noise and any(m in noise["sd"] for m in metrics):
+        lines += [f"Noise from the reference set alone (sd over {noise['bootstrap']} redraws of the held-out "
+                  f"images, run {noise['run']}): " + ", ".join(f"{m} {num(noise['sd'][m])}" for m in metrics
+                                                             if m in noise["sd"]) + ".", ""]
+    for b, d in results.get("differences", {}).items():
+        rows = [a for a in arms if a in d[metrics[0]]]
+        lines += holm_table(f"Paired difference from **{b}** (arm minus {b} trained as many rounds, per training "
+                            "seed; raw 95% interval):", rows, metrics, lambda m, a: d[m][a])
+    lengths = results.get("lengths", {})
+    if lengths:
+        lines += holm_table("Longer minus shorter training of the same arm (paired by seed; raw 95% interval):",
+                            list(lengths), metrics, lambda m, a: lengths[a][m])
+    return lines
+
+
+def utility_markdown(u):
+    """The utility study's section: accuracy with and without synthetic images, and the paired differences."""
+    lines = [f"## Utility: test accuracy of a {u['classifier']} classifier, mean [95% interval] "
+             f"(real only, or + {u['n_synth']} synthetic images per class)", "", u["interval_text"], ""]
+    cols = [(str(n) if used == [n] * len(used) else f"{n} (used {'/'.join(map(str, used))})")
+            for n, used in zip(u["n_real"], u["n_real_used"])]
+    head = ["| | " + " | ".join(f"n real = {c}" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += head + [f"| {name} | " + " | ".join(cell(iv) for iv in c) + " |" for name, c in u["curves"].items()]
+    lines.append("")
+    for b, d in u["differences"].items():
+        rows = list(d)
+        kept = holm([iv["p"] for name in rows for iv in d[name]])
+        flat = {(name, i): k for (name, i), k in zip([(n, i) for n in rows for i in range(len(cols))], kept)}
+        lines += [f"Paired difference in accuracy from **{b}** (raw 95% interval; * = Holm keeps it within this "
+                  "table):", ""] + head
+        lines += [f"| {name} | " + " | ".join(diff_cell(iv, flat[(name, i)]) for i, iv in enumerate(c)) + " |"
+                  for name, c in d.items()]
+        lines.append("")
+    return lines
 
 
 COLOURS = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
@@ -1479,27 +1488,11 @@ def evaluate(a):
         raise EvalError(f"--baseline {','.join(missing)} is not an arm here; the arms are {', '.join(arms)}")
     seed_of = {n: r["cfg"].seed for n, r in runs.items()}
     first = next(iter(runs.values()))
-    data = first["data"]
-    classes, n_classes = data.classes, len(data.classes)
-    tx, ty = data.test
-    test_counts = ", ".join(f"{int((ty == c).sum())} {cn}" for c, cn in enumerate(classes))
-    fewest = min(int((ty == c).sum()) for c in range(n_classes))
-    if fewest < SMALL_REFERENCE and {"fid", "kid", "pr"} & set(a.metrics):
-        test_counts += (f"; WARNING: {fewest} images in its smallest class, too few for per-class FID, KID and "
-                        f"precision/recall (their noise dwarfs differences; {SMALL_REFERENCE}+ per class is a floor)")
-        say(f"WARNING: the reference holds {fewest} images in its smallest class: per-class FID, KID and "
-            "precision/recall are mostly noise at that size")
-    n_synth = a.n_synth
-    sets = [r["g"] for r in runs.values() if isinstance(r["g"], ImageSet)]
-    if sets:  # an image file gives what it holds: every set is scored on as many images per class
-        n_synth = min(a.n_synth, *(int((s.y == c).sum()) for s in sets for c in range(n_classes)))
-        if n_synth < 2:
-            raise EvalError("an .npz holds fewer than 2 images of some class; give at least 2 per class")
-        if n_synth < a.n_synth:
-            say(f"the .npz inputs hold {n_synth} images of their smallest class: {n_synth} per class for every input")
-    a.n_synth = n_synth
+    data, n_classes = first["data"], len(first["data"].classes)
+    test_counts = reference_counts(data, a.metrics, say)
+    a.n_synth = synthetic_count(a.n_synth, runs, n_classes, say)
     ref_cfg = runs[arms[a.baseline[0]][0]]["config"] if a.baseline else first["config"]
-    results = dict(classes=classes, runs={}, baselines=a.baseline, protocol_text=protocol_text(a, test_counts),
+    results = dict(classes=data.classes, runs={}, baselines=a.baseline, protocol_text=protocol_text(a, test_counts),
                    arms={label: dict(runs=names, seeds=[seed_of[n] for n in names],
                                      differs=config_difference(runs[names[0]]["config"], ref_cfg))
                          for label, names in arms.items()})
@@ -1507,55 +1500,22 @@ def evaluate(a):
     if "trigger" in a.metrics and not specs:
         say("no trigger table: none of these runs trained with the patch attack (--poison SIZE), so there is no "
             "trigger to look for")
+    refs, floors = domain_references(a, runs, n_classes, results, device, say)
     noise_run = arms[a.baseline[0]][0] if a.baseline else next(iter(runs))
-    domain, floors, refs = bool({"fid", "kid", "pr"} & set(a.metrics)), {}, {}
-    for key in dict.fromkeys(data_key(r["cfg"]) for r in runs.values()) if domain else []:
-        d = next(r["data"] for r in runs.values() if data_key(r["cfg"]) == key)
-        refs[key] = domain_reference(d, n_classes, a, device, say)
-        # the floor: as many real training images as synthetic ones, in place of the generator's
-        fx, fy = sample_per_class(*d.train, n_synth, n_classes, a.seed)
-        fl = fidelity(refs[key], fx, fy, a.seed)
-        floors[key] = {m: v for m, v in fl.items() if m in SPACES or wanted(m, a.metrics)}
-        for sp in ("pixel", "deep"):
-            floors[key][sp] = {m: v for m, v in fl[sp].items() if wanted(m, a.metrics)}
-        if "ladder" not in results:
-            say("the metric ladder: the floor's real images under known damage")
-            results["ladder"] = ladder(refs[key], fx, fy, a.seed, classes, say)
     t_runs = time.time()
     for i, (name, r) in enumerate(runs.items()):
         if i:  # this phase's pace so far: the time left for the rest of the runs
             say(f"scored {i}/{len(runs)} runs, ~{(time.time() - t_runs) / i * (len(runs) - i) / 60:.1f} min left")
         res = results["runs"].setdefault(name, {})
-        tx, ty = r["data"].test
-        if "lpips" in a.metrics:
-            say(f"{name}: LPIPS, {a.pairs} pairs per class")
-            res["lpips"] = {str(c): v for c, v in lpips_per_class(r["g"], tx, ty, n_classes, features, lin, a.pairs,
-                                                                   a.seed, device).items()}
-        if domain:
-            say(f"{name}: fidelity in three feature spaces")
-            dm = domain_scores(refs[data_key(r["cfg"])], r["g"], n_synth, a.seed,
-                               bootstrap=30 if name == noise_run else 0)
-            if "reference_sd" in dm:  # what the reference set's size alone does to each figure, for one run
-                sd = dm.pop("reference_sd")
-                sd = dict({m: v for m, v in sd.items() if wanted(m, a.metrics)},
-                          **{sp: {m: v for m, v in sd[sp].items() if wanted(m, a.metrics)} for sp in ("pixel", "deep")})
-                results["reference_noise"] = dict(run=name, bootstrap=30, sd=scalar_metrics(sd, classes))
-            res.update({m: dm[m] for m in dm if wanted(m, a.metrics)})
-            for sp in ("pixel", "deep"):
-                res[sp] = {m: v for m, v in dm[sp].items() if wanted(m, a.metrics)}
-        if "trigger" in a.metrics and (specs or r["cfg"].poison > 0):
-            res["trigger"] = backdoor_metrics(r["g"], r["cfg"], specs, tx, a.seed + 12345, per_class=256)
-        if isinstance(r["g"], ImageSet):
-            continue
-        res["detection"] = detection_metrics(r["folder"], r["cfg"], say)
+        res.update(score_run(a, name, r, refs, specs, (features, lin), name == noise_run, results, device, say))
     if len(floors) == 1:  # one dataset: its real floor, under the same metric names
-        floor_res, tx = next(iter(floors.values())), data.test[0]
+        floor_res = next(iter(floors.values()))
         if "trigger" in a.metrics and specs:
             (size, kind) = specs[0]
             trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
             margin = fedgan.trigger_margin(first["cfg"].img_size)
-            floor_res["trigger"] = {str(size): trigger_figures(data.train[0], trig, margin, tx)}
-        results["real_floor"] = scalar_metrics(floor_res, classes)
+            floor_res["trigger"] = {str(size): trigger_figures(data.train[0], trig, margin, data.test[0])}
+        results["real_floor"] = scalar_metrics(floor_res, data.classes)
     configs = {label: runs[names[0]]["config"] for label, names in arms.items()}
     results["summary"], results["differences"], results["lengths"] = summarize_arms(results, arms, configs, seed_of,
                                                                                     a.baseline)
@@ -1565,14 +1525,92 @@ def evaluate(a):
                                         None not in results["runs"][n]["detection"]["attacker_share"] for n in names)}
     if "utility" in a.metrics:
         results["utility"] = utility_study(a, runs, arms, configs, seed_of, n_classes, device, say)
-    # samples.png: real held-out images, then each arm's first run, the same latents for every arm
+    results["sheet"] = contact_sheet(data, runs, arms, n_classes, a.seed)
+    return results
+
+
+def reference_counts(data, metrics, say):
+    """The held-out set's images per class, for the protocol line, with a warning where a class is too small
+    for the per-class distribution figures."""
+    ty, classes = data.test[1], data.classes
+    counts = ", ".join(f"{int((ty == c).sum())} {cn}" for c, cn in enumerate(classes))
+    fewest = min(int((ty == c).sum()) for c in range(len(classes)))
+    if fewest < SMALL_REFERENCE and {"fid", "kid", "pr"} & set(metrics):
+        counts += (f"; WARNING: {fewest} images in its smallest class, too few for per-class FID, KID and "
+                   f"precision/recall (their noise dwarfs differences; {SMALL_REFERENCE}+ per class is a floor)")
+        say(f"WARNING: the reference holds {fewest} images in its smallest class: per-class FID, KID and "
+            "precision/recall are mostly noise at that size")
+    return counts
+
+
+def synthetic_count(n_synth, runs, n_classes, say):
+    """Synthetic images per class: --n-synth, or fewer when an .npz input holds fewer (an image file gives
+    what it holds, and every input is scored on as many images per class)."""
+    sets = [r["g"] for r in runs.values() if isinstance(r["g"], ImageSet)]
+    if not sets:
+        return n_synth
+    least = min(n_synth, *(int((s.y == c).sum()) for s in sets for c in range(n_classes)))
+    if least < 2:
+        raise EvalError("an .npz holds fewer than 2 images of some class; give at least 2 per class")
+    if least < n_synth:
+        say(f"the .npz inputs hold {least} images of their smallest class: {least} per class for every input")
+    return least
+
+
+def domain_references(a, runs, n_classes, results, device, say):
+    """Per data set the runs trained on: the reference features of its held-out images and its real floor
+    (as many real training images as synthetic ones, scored in the generator's place); the metric ladder
+    once, in results. -> ({data key: reference}, {data key: floor figures}); empty without fid, kid, pr."""
+    refs, floors = {}, {}
+    for key in dict.fromkeys(data_key(r["cfg"]) for r in runs.values()) if {"fid", "kid", "pr"} & set(a.metrics) \
+            else []:
+        d = next(r["data"] for r in runs.values() if data_key(r["cfg"]) == key)
+        refs[key] = domain_reference(d, n_classes, a, device, say)
+        fx, fy = sample_per_class(*d.train, a.n_synth, n_classes, a.seed)
+        fl = fidelity(refs[key], fx, fy, a.seed)
+        floors[key] = {m: v for m, v in fl.items() if m in SPACES or wanted(m, a.metrics)}
+        for sp in ("pixel", "deep"):
+            floors[key][sp] = {m: v for m, v in fl[sp].items() if wanted(m, a.metrics)}
+        if "ladder" not in results:
+            say("the metric ladder: the floor's real images under known damage")
+            results["ladder"] = ladder(refs[key], fx, fy, a.seed, d.classes, say)
+    return refs, floors
+
+
+def score_run(a, name, r, refs, specs, lpips_net, noise_run, results, device, say):
+    """One run's figures: LPIPS per class, fidelity in the three feature spaces, the trigger, detection
+    (not for an image file). noise_run: also bootstrap the reference's own noise into results."""
+    res, (tx, ty), n_classes = {}, r["data"].test, len(r["data"].classes)
+    if "lpips" in a.metrics:
+        say(f"{name}: LPIPS, {a.pairs} pairs per class")
+        res["lpips"] = {str(c): v for c, v in lpips_per_class(r["g"], tx, ty, n_classes, *lpips_net, a.pairs,
+                                                               a.seed, device).items()}
+    if refs:
+        say(f"{name}: fidelity in three feature spaces")
+        dm = domain_scores(refs[data_key(r["cfg"])], r["g"], a.n_synth, a.seed, bootstrap=30 if noise_run else 0)
+        if "reference_sd" in dm:  # what the reference set's size alone does to each figure, for one run
+            sd = dm.pop("reference_sd")
+            sd = dict({m: v for m, v in sd.items() if wanted(m, a.metrics)},
+                      **{sp: {m: v for m, v in sd[sp].items() if wanted(m, a.metrics)} for sp in ("pixel", "deep")})
+            results["reference_noise"] = dict(run=name, bootstrap=30, sd=scalar_metrics(sd, r["data"].classes))
+        res.update({m: dm[m] for m in dm if wanted(m, a.metrics)})
+        for sp in ("pixel", "deep"):
+            res[sp] = {m: v for m, v in dm[sp].items() if wanted(m, a.metrics)}
+    if "trigger" in a.metrics and (specs or r["cfg"].poison > 0):
+        res["trigger"] = backdoor_metrics(r["g"], r["cfg"], specs, tx, a.seed + 12345, per_class=256)
+    if not isinstance(r["g"], ImageSet):
+        res["detection"] = detection_metrics(r["folder"], r["cfg"], say)
+    return res
+
+
+def contact_sheet(data, runs, arms, n_classes, seed):
+    """samples.png's rows: real held-out images, then each arm's first run, the same latents for every arm."""
     labels = torch.arange(n_classes).repeat_interleave(8)
     hx, hy = data.test
-    real = sample_per_class(hx, hy, 8, n_classes, a.seed)[0] if all((hy == c).sum() >= 8 for c in range(n_classes)) \
+    real = sample_per_class(hx, hy, 8, n_classes, seed)[0] if all((hy == c).sum() >= 8 for c in range(n_classes)) \
         else None
-    results["sheet"] = ([("real (held out)", real)] if real is not None else []) + [
-        (arm, draw(runs[names[0]]["g"], labels, a.seed + 777)) for arm, names in arms.items()]
-    return results
+    return ([("real (held out)", real)] if real is not None else []) + [
+        (arm, draw(runs[names[0]]["g"], labels, seed + 777)) for arm, names in arms.items()]
 
 
 def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
@@ -1584,42 +1622,12 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
     for n, r in runs.items():
         datas.setdefault(data_key(r["cfg"]), r["data"])
     key_of = {n: data_key(r["cfg"]) for n, r in runs.items()}
-    tests = {}
-    for key, data in datas.items():
-        tests[key] = balanced(*data.test, n_classes)
-        if len(tests[key][1]) == 0:
-            missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
-            raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests "
-                            "on every class: give data whose test split holds them all")
-    size = next(iter(datas.values())).train[0].shape[-1]
-    if a.classifier == "densenet121" and size < 32:  # its five poolings leave nothing of a smaller image
-        raise EvalError(f"--classifier densenet121 needs images of 32 px or more, these are {size} px; use "
-                        "--classifier small")
+    tests = utility_tests(datas, n_classes, a.classifier)
+    real, acc = utility_accuracies(a, runs, datas, key_of, tests, n_classes, device, say)
     S, N = a.seeds, len(a.n_real)
-    real = {key: np.zeros((N, S)) for key in datas}
-    acc = {n: np.zeros((N, S)) for n in runs}
     # what each n means in fact: a class with fewer real training images gives all it has
     ry0 = next(iter(datas.values())).train[1]
     used = [[min(n, int((ry0 == c).sum())) for c in range(n_classes)] for n in a.n_real]
-    total, done, t_start = N * S * (len(runs) + len(datas)), 0, time.time()
-    for k in range(S):
-        synth = {n: synthesize(r["g"], a.n_synth, n_classes, 1000 + k) for n, r in runs.items()}
-        for i, n_real in enumerate(a.n_real):
-            for key, data in datas.items():
-                xr, yr = sample_per_class(*data.train, n_real, n_classes, k)
-                for name in [None, *[n for n in runs if key_of[n] == key]]:
-                    x, y = (xr, yr) if name is None else (torch.cat([xr, synth[name][0]]),
-                                                          torch.cat([yr, synth[name][1]]))
-                    epochs = a.epochs
-                    if name is None and a.match_steps:  # as many optimizer steps as with the synthetic images
-                        epochs = a.epochs * steps_per_epoch(len(xr) + n_classes * a.n_synth) // steps_per_epoch(len(xr))
-                    net = train_classifier(x, y, n_classes, a.classifier, epochs, k, device)
-                    row = real[key][i] if name is None else acc[name][i]
-                    row[k] = accuracy(net, *tests[key], device)
-                    done += 1
-                    left = (time.time() - t_start) / done * (total - done)
-                    say(f"utility {done}/{total}: n_real {n_real}, seed {k}, {name or 'real only'}: acc {row[k]:.3f} "
-                        f"(~{left / 60:.1f} min left)")
 
     def over(per):  # per: one (N, S) array per run; interval over runs, or over k for a single run
         if len(per) > 1:
@@ -1649,6 +1657,51 @@ def utility_study(a, runs, arms, configs, seed_of, n_classes, device, say):
                 test_images=len(next(iter(tests.values()))[1]), interval_text=text, curves=curves, differences=diffs,
                 accuracy={**{f"real only {i}": v.tolist() for i, v in enumerate(real.values())},
                           **{n: v.tolist() for n, v in acc.items()}})
+
+
+def utility_tests(datas, n_classes, classifier):
+    """The balanced test set of each data set ({key: (x, y)}), refused where a class is missing from it or
+    the images are too small for the classifier."""
+    tests = {}
+    for key, data in datas.items():
+        tests[key] = balanced(*data.test, n_classes)
+        if len(tests[key][1]) == 0:
+            missing = [data.classes[c] for c in range(n_classes) if not (data.test[1] == c).any()]
+            raise EvalError(f"the held-out split has no image of class {', '.join(missing)}; the utility study tests "
+                            "on every class: give data whose test split holds them all")
+    size = next(iter(datas.values())).train[0].shape[-1]
+    if classifier == "densenet121" and size < 32:  # its five poolings leave nothing of a smaller image
+        raise EvalError(f"--classifier densenet121 needs images of 32 px or more, these are {size} px; use "
+                        "--classifier small")
+    return tests
+
+
+def utility_accuracies(a, runs, datas, key_of, tests, n_classes, device, say):
+    """Every classifier trained and tested: ({data key: (N, S) real-only accuracies}, {run: (N, S)
+    accuracies with its synthetic images}), N sizes of the real subset, S classifier seeds."""
+    S, N = a.seeds, len(a.n_real)
+    real = {key: np.zeros((N, S)) for key in datas}
+    acc = {n: np.zeros((N, S)) for n in runs}
+    total, done, t_start = N * S * (len(runs) + len(datas)), 0, time.time()
+    for k in range(S):
+        synth = {n: synthesize(r["g"], a.n_synth, n_classes, 1000 + k) for n, r in runs.items()}
+        for i, n_real in enumerate(a.n_real):
+            for key, data in datas.items():
+                xr, yr = sample_per_class(*data.train, n_real, n_classes, k)
+                for name in [None, *[n for n in runs if key_of[n] == key]]:
+                    x, y = (xr, yr) if name is None else (torch.cat([xr, synth[name][0]]),
+                                                          torch.cat([yr, synth[name][1]]))
+                    epochs = a.epochs
+                    if name is None and a.match_steps:  # as many optimizer steps as with the synthetic images
+                        epochs = a.epochs * steps_per_epoch(len(xr) + n_classes * a.n_synth) // steps_per_epoch(len(xr))
+                    net = train_classifier(x, y, n_classes, a.classifier, epochs, k, device)
+                    row = real[key][i] if name is None else acc[name][i]
+                    row[k] = accuracy(net, *tests[key], device)
+                    done += 1
+                    left = (time.time() - t_start) / done * (total - done)
+                    say(f"utility {done}/{total}: n_real {n_real}, seed {k}, {name or 'real only'}: acc {row[k]:.3f} "
+                        f"(~{left / 60:.1f} min left)")
+    return real, acc
 
 
 def sample_sheet(rows, n_classes, per_class=8, scale=2):
