@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -911,6 +912,25 @@ def test_train_script_runs_the_study_over_seeds_with_short_copies():
 
 
 @quick
+def test_detector_table_records_every_generator_and_replays_them_through_the_probe_detector():
+    with tempfile.TemporaryDirectory() as tmp:
+        run, script = Path(tmp) / "patch_s0", str(HERE / "docs" / "detector_table.py")
+        rec = subprocess.run([sys.executable, script, "record", str(run), "--", *TINY, "--poison", "4",
+                              "--malicious-ids", "1", "--rounds", "4", "--local-steps", "2", "--warmup", "1"],
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert rec.returncode == 0, rec.stderr[-2000:]
+        assert len(list((run / "states").glob("r*.pt"))) == 4  # every round's generators, one file a round
+        ck = torch.load(run / "states" / "r003.pt", weights_only=True)
+        assert len(ck["states"]) == 4 and all(torch.equal(ck["center"][k], ck["center"][k]) for k in ck["center"])
+        out = subprocess.run([sys.executable, script, "probe", tmp, "--seeds", "0", "--levels", "0,1e9"],
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = {ln.split(" | ")[0].strip("| "): ln for ln in out.stdout.splitlines()}
+        assert "0 of 1: -:0.25" in rows["probe detector at 1e9"]  # a level nobody reaches flags nobody
+        scores = runpy.run_path(script)["probe_scores"](run)  # detection rounds t = 2, 3 (warm-up 1)
+        assert scores.shape == (2, 4) and np.allclose(np.median(scores, axis=1), 1.0)  # over the clients' median
+
+
 def test_paper_table_pairs_arms_applies_holm_and_reads_the_attackers_share():
     arms = ["vanilla", "attack64", "feddetect64", "multikrum64"]
     fid = "deep FID (class mean)"
