@@ -146,8 +146,7 @@ class Config:
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
-    warmup: int = opt(None, "warm-up m: detection runs in rounds t > m (t counted from 0) (default 10; 0 for "
-                            "--detector probe, which needs no loss history)", "defense: detector")
+    warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
     probe_level: float = opt(6.0, "--detector probe: a client is flagged when its score (the peak of its moving-average "
                                   "local departure) exceeds this many times the clients' median score",
                              "defense: detector")
@@ -284,8 +283,6 @@ def finalize(cfg):
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     resolve_defense(cfg)
-    if cfg.warmup is None:
-        cfg.warmup = 0 if cfg.detector == "probe" else 10
     if cfg.probe_per_class is None:
         cfg.probe_per_class = 64 if cfg.detector == "probe" else 16
     if cfg.arch == "auto":  # the paper's networks where they can train, and a line saying so where they cannot
@@ -3203,7 +3200,7 @@ def bench(cfg):
                probe_share=round(probe_ms / (local_round_ms + probe_ms), 4), peak_mb=round(peak, 1),
                gflops=round(gflops, 4),  # 4 decimals: the test recomputes it from the parts to 1%
                matmul_gflops=round(mm, 2), matmul_dtype=str(ref_dtype).replace("torch.", ""),
-               ratio=round(gflops / mm, 3), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
+               ratio=float(f"{gflops / mm:.3g}"), g_fwd_gflop=g_fl / 1e9, d_fwd_gflop=d_fl / 1e9,
                round_s=round(round_ms / 1000, 3), run_min=round(rounds * round_ms / 60000, 2),
                img_size=cfg.img_size, batch=cfg.batch, arch=cfg.arch, width=cfg.width, precision=precision,
                compile=cfg.compile, device=device_name(device),
