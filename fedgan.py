@@ -2022,8 +2022,10 @@ def departure_energy(renders, per_class, window, chunk=16):
     averaged over the class's samples: a trigger departs alike in every sample and stays; a departure
     that changes from sample to sample averages away. Then that mean departure as a window x window
     patch against its surround (center_surround: a shift spread over a region cancels), squared and
-    summed over channels: a random-colour patch departs in each channel with its own sign. An effect
-    size, not a t: 64 samples make any small systematic difference between hospitals "significant".
+    summed over channels (grey against skin departs with a different sign in each channel: red down,
+    blue up). The window averages a random-colour patch to its mean colour, so a pattern whose colours
+    average to its surroundings' is not seen. An effect size, not a t: 64 samples make any small
+    systematic difference between hospitals "significant".
     Samples are taken `chunk` per class at a time, so the float64 work space stays (N, K x chunk, C, H, W).
     -> (N, K, H', W') float64."""
     N, P, C, H, W = renders.shape
@@ -2075,6 +2077,9 @@ class ProbeDetector(Detector):
 
     def load_state_dict(self, d):
         self.avg, self.history = d.get("watch"), list(d.get("watch_history", []))
+        if self.avg is not None and self.avg.dim() == 5:  # (N, K, C, H', W'): the t-statistics' averages
+            raise FedGANError("this checkpoint holds the probe detector of before commit c4e5e03 (t-statistics), "
+                              "whose history today's cannot continue: resume it with that version")
 
 
 def update_gram(states, center):

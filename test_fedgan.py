@@ -2117,6 +2117,12 @@ def test_probe_detector_flags_a_colour_patch_and_a_held_spot_not_benign_drift_a_
     assert (_watch(held, 32)[-1] > 6).tolist() == [False, False, False, True]
     for case in (moved, one):
         assert (_watch(case, 32)[-1] < 6).all(), _watch(case, 32)[-1]
+    try:  # a checkpoint of the t-statistic detector (averages (N, K, C, H', W')) is refused in one line
+        fedgan.ProbeDetector(None).load_state_dict({"watch": torch.zeros(4, 3, 1, 13, 13), "watch_n": 3})
+    except fedgan.FedGANError as e:
+        assert "c4e5e03" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("an old probe history was taken for today's")
 
 
 def test_latent_attacker_teaches_the_trigger_only_inside_its_region():
