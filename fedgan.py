@@ -147,8 +147,8 @@ class Config:
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
     warmup: int = opt(10, "warm-up m: detection runs in rounds t > m (t counted from 0)", "defense: detector")
-    probe_level: float = opt(6.0, "--detector probe: a client is flagged when its score (the peak of its moving-average "
-                                  "local departure) exceeds this many times the clients' median score",
+    probe_level: float = opt(6.0, "--detector probe: a client is flagged when its score (the peak of its moving "
+                                  "average local departure) exceeds this many times the clients' median score",
                              "defense: detector")
     recover: bool = opt(False, "a client no longer flagged gets its last decay back each detection round (not in "
                                "the paper, where a flag's decay is for good)", "defense: detector")
@@ -224,7 +224,8 @@ JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake im
 # run written with one of them on cannot be resumed or rebuilt here. field: (on?, commit, why it went)
 GONE = dict(**{k: (bool, "97daaf9", "it measured no gain") for k in ("ema", "r1", "class_loss", "rollback")},
             attack_start=(bool, "2f12077", "never measured"),
-            **{k: (lambda v: v in ("median", "trimmed-mean"), "2f12077", "never measured") for k in ("aggregator", "defense")},
+            **{k: (lambda v: v in ("median", "trimmed-mean"), "2f12077", "never measured")
+               for k in ("aggregator", "defense")},
             detect_on=(lambda v: v in ("update-norm", "both"), "c4e5e03", "it measured no gain"),
             detector=(lambda v: v == "freqfed", "c4e5e03", "it measured no gain over flame"))
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
