@@ -119,17 +119,15 @@ class Config:
                                     "distance-based defenses", "attack")
     # defense: a shortcut, then the four parts it stands for
     defense: str = opt("none", "the paper-facing shortcut for one part below: feddetect (= --detector paper) | flip | "
-                               "rotate (= --augment) | reconstruct (= --posthoc) | krum | multi-krum | clip "
-                               "(= --aggregator) | none", "defense",
-                       choices=["none", "feddetect", "flip", "rotate", "reconstruct", "krum", "multi-krum", "clip"])
+                               "rotate (= --augment) | reconstruct (= --posthoc) | multi-krum (= --aggregator) | none",
+                       "defense", choices=["none", "feddetect", "flip", "rotate", "reconstruct", "multi-krum"])
     augment: str = opt(None, "augmentation of every client's real batches: none | flip | rotate (default none)",
                        "defense: augmentation", choices=["none", "flip", "rotate"])
     detector: str = opt(None, "FedDetect's rule: none | paper (Algorithm 1, isolation forest) | calibrated (robust "
                               "z-score + CUSUM, false alarms held to --detect-fpr) | probe (the server renders every "
                               "generator on fresh secret latents each round and flags a client whose moving average "
                               "of local departures stands out; reads nothing the clients report) | flame "
-                              "(updates outside the majority's cosine density; pair it with --aggregator clip) "
-                              "(default none; "
+                              "(updates outside the majority's cosine density) (default none; "
                               "--detect-rule is the old name)", "defense: detector",
                         choices=lambda: list(DETECTORS),  # read when parsing: a new entry is a new choice
                         aliases=["--detect-rule"])
@@ -155,10 +153,8 @@ class Config:
     decay: float = opt(None, "Algorithm 1's d in (0, 1): a flagged client's aggregation weight is multiplied by "
                              "d^c_i, c_i its flag count (not the optimizer's weight decay) " + preset("decay"),
                       "defense: detector")
-    aggregator: str = opt(None, "how the server combines generators: fedavg | krum | multi-krum | clip (updates "
-                                "clipped to the median norm) (default fedavg)",
-                          "defense: aggregator",
-                          choices=["fedavg", "krum", "multi-krum", "clip"])
+    aggregator: str = opt(None, "how the server combines generators: fedavg | multi-krum (default fedavg)",
+                          "defense: aggregator", choices=["fedavg", "multi-krum"])
     posthoc: str = opt(None, "after the last round: none | reconstruct (fine-tune the server generator on benign "
                              "real images) (default none)", "defense: post-hoc", choices=["none", "reconstruct"])
     reconstruct_per_class: int = opt(500, "reconstruct: benign real images per class for fine-tuning",
@@ -224,7 +220,8 @@ JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake im
 # run written with one of them on cannot be resumed or rebuilt here. field: (on?, commit, why it went)
 GONE = dict(**{k: (bool, "97daaf9", "it measured no gain") for k in ("ema", "r1", "class_loss", "rollback")},
             attack_start=(bool, "2f12077", "never measured"),
-            **{k: (lambda v: v in ("median", "trimmed-mean"), "2f12077", "never measured")
+            **{k: (lambda v: v in ("median", "trimmed-mean", "krum", "clip"),
+                   "2f12077 (median, trimmed mean) or 58fc84b (krum, clip)", "never measured")
                for k in ("aggregator", "defense")},
             detect_on=(lambda v: v in ("update-norm", "both"), "c4e5e03", "it measured no gain"),
             detector=(lambda v: v == "freqfed", "c4e5e03", "it measured no gain over flame"))
@@ -306,7 +303,7 @@ def finalize(cfg):
     if cfg.poison < 0 or cfg.poison + trigger_margin(s) > s:
         raise FedGANError(f"--poison {cfg.poison} px does not fit a {s} px image with its {trigger_margin(s)} px "
                           f"margin; use at most {s - trigger_margin(s)} or a larger --img-size")
-    if cfg.aggregator in ("krum", "multi-krum") and cfg.clients < 4:
+    if cfg.aggregator == "multi-krum" and cfg.clients < 4:
         raise FedGANError(f"--aggregator {cfg.aggregator} scores each client by its n - f - 2 nearest others, none "
                           f"with {cfg.clients} clients (f = {threat_bound(cfg.clients)}); use --clients 4 or more")
     check_attackers(cfg)
@@ -1817,20 +1814,6 @@ def krum_select(states, n_malicious, n_keep=1):
     return scores.argsort()[:n_keep].tolist()
 
 
-def clip_updates(states, center, max_norm):
-    """Scale each update G_i - G down to at most max_norm (norm-clipped FedAvg's first step)."""
-    keys = list(center) if isinstance(center, dict) else range(len(center))
-    out = []
-    for s in states:
-        c = [torch.as_tensor(center[k]).double() for k in keys]
-        u = [torch.as_tensor(s[k]).double() - ck.to(torch.as_tensor(s[k]).device) for k, ck in zip(keys, c)]
-        f = min(1.0, max_norm / max(math.sqrt(sum(float(x.square().sum()) for x in u)), 1e-12))
-        new = [(ck.to(x.device) + f * x).to(torch.as_tensor(s[k]).dtype) for k, ck, x in zip(keys, c, u)]
-        out.append(dict(zip(keys, new)) if isinstance(s, dict) else
-                   [n.numpy() if isinstance(s[k], np.ndarray) else n for k, n in zip(keys, new)])
-    return out
-
-
 def threat_bound(n):
     """f, the most attackers the threat model allows among n clients (a minority): ceil(n/2) - 1."""
     return math.ceil(n / 2) - 1
@@ -1848,9 +1831,7 @@ def aggregator(name):
     A new aggregator is one function above and one entry here (and its name in --aggregator's choices)."""
     return {
         "fedavg": lambda s, w, c: (fedavg(s, w), None),
-        "krum": lambda s, w, c: krum_average(s, w, 1),
         "multi-krum": lambda s, w, c: krum_average(s, w, len(s) - threat_bound(len(s))),
-        "clip": lambda s, w, c: (fedavg(clip_updates(s, c, float(np.median(update_norms(s, c)))), w), None),
     }[name]
 
 
@@ -2107,8 +2088,8 @@ def core_ratio(gram):
 
 class ClusterDetector(Detector):
     """FLAME's filter (Nguyen et al. 2022), written with torch alone: the updates clustered by cosine
-    distance; a client is flagged when it lies outside the majority's density (core_ratio > ratio). FLAME's
-    clipping to the median norm is --aggregator clip. Reads nothing a client reports; keeps no history."""
+    distance; a client is flagged when it lies outside the majority's density (core_ratio > ratio); FLAME's
+    clipping and noise are not here. Reads nothing a client reports; keeps no history."""
     whole = True
 
     def __init__(self, ratio=1.3):  # the loosest ratio without a false alarm on gray clean recordings
