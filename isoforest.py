@@ -130,13 +130,9 @@ class IsolationForest:
             self.size_[level] = np.bincount(node_of - n_nodes, minlength=len(level))
             n_nodes += len(level)
 
-        self.roots_ = np.arange(T)
-        self.n_features_ = d
-        train_scores = self.score_samples(X)
-        if self.contamination == "auto":
-            self.offset_ = -0.5
-        else:
-            self.offset_ = float(np.quantile(train_scores, float(self.contamination)))
+        self.roots_, self.n_features_ = np.arange(T), d
+        self.offset_ = -0.5 if self.contamination == "auto" else \
+            float(np.quantile(self.score_samples(X), float(self.contamination)))  # the training points' quantile
         return self
 
     # -- scoring ---------------------------------------------------------------------------------
