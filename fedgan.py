@@ -452,12 +452,13 @@ def config_from_json(d, where):
         if k in d and on(d[k]):
             raise FedGANError(f"{where} was written with --{k.replace('_', '-')} {d[k]}, which this fedgan.py no "
                               f"longer has ({why}; commit {commit} has it): continue the run with that version")
-    for k in ("ema", "r1", "class_loss", "rollback", "attack_start", "trim", "parallel_clients"):  # off, or speed only
-        d.pop(k, None)
+    names = {f.name for f in dataclasses.fields(Config)}
+    for k in (*GONE, "trim", "parallel_clients"):  # gone and off here; side by side: speed only
+        if k not in names:
+            d.pop(k, None)
     if d.pop("d_batch", None) not in (None, "joint" if JOINT_D[d["recipe"]] else "separate"):
         raise FedGANError(f"{where} was written with a --d-batch that differs from its --recipe's, which this "
                           "fedgan.py no longer offers (commit 97daaf9 has it): continue the run with that version")
-    names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise FedGANError(f"{where} holds settings this fedgan.py does not know ({', '.join(unknown)}); "
@@ -3122,6 +3123,8 @@ def bench(cfg):
     ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the machine's fast matmul
     mm = matmul_gflops(device, ref_dtype, n=8192 if device.type == "cuda" else 2048)
     states = [{k: v + 0.01 * i for k, v in state.items()} for i in range(cfg.clients)]
+    ones = np.ones(cfg.clients)  # a Round of the first n of these clients, every one reporting:
+    round_of = lambda n, act: Round(1, ones[:n], ones[:n], states[:n], state, ones[:n] > 0, act)  # noqa: E731
     rule = aggregator(cfg.aggregator)
     rule(states, np.full(cfg.clients, 1.0 / cfg.clients), state)  # warm: first calls allocate
     t = time.perf_counter()
@@ -3131,8 +3134,8 @@ def bench(cfg):
     server_ms = (time.perf_counter() - t) / 5 * 1000
     rule_name = cfg.detector if cfg.detector in ("calibrated", "flame") else "paper"
     if rule_name == "flame":  # it reads the clients' updates, not a loss history
-        det, ones = DETECTORS[rule_name](cfg, g), np.ones(cfg.clients)
-        detect = lambda hist, seed: det(Round(1, ones, ones, states, state, ones > 0, True))  # noqa: E731
+        det = DETECTORS[rule_name](cfg, g)
+        detect = lambda hist, seed: det(round_of(cfg.clients, True))  # noqa: E731
     else:
         detect = loss_rule(rule_name, cfg.detect_fpr)
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
@@ -3143,10 +3146,9 @@ def bench(cfg):
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
     probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
-    ones = np.ones(len(states))
-    ProbeDetector(probe)(Round(1, ones[:2], ones[:2], states[:2], state, ones[:2] > 0, False))  # warm
+    ProbeDetector(probe)(round_of(2, False))  # warm
     t = time.perf_counter()
-    ProbeDetector(probe)(Round(1, ones, ones, states, state, ones > 0, True))  # render, score, fold in
+    ProbeDetector(probe)(round_of(cfg.clients, True))  # render, score, fold in
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
