@@ -131,16 +131,11 @@ class Config:
                               "--detect-rule is the old name)", "defense: detector",
                         choices=lambda: list(DETECTORS),  # read when parsing: a new entry is a new choice
                         aliases=["--detect-rule"])
-    detect_on: str = opt("loss", "the detector's signal: loss (reported, the paper) | probe (the server renders "
-                                 "every generator on a fixed probe and scores local, consistent departures; reads "
-                                 "nothing the client reports) | loss+probe", "defense: detector",
-                         choices=["loss", "probe", "loss+probe"])
-    probe_per_class: int = opt(None, "probe images per class rendered by every client's generator each round "
-                                     "(default 64 for --detector probe, 16 for the fixed probe of --detect-on probe)",
-                               "defense: detector")
-    shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, "
-                              "calibrated on probe and loss+probe, the probe detector as probe-watch, flame) "
-                              "would flag; only the chosen defense acts", "defense: detector")
+    probe_per_class: int = opt(64, "--detector probe: images per class rendered by every client's generator each "
+                                   "round", "defense: detector")
+    shadow: bool = opt(False, "also log, every round, what each detector (paper and calibrated on the loss, the "
+                              "probe detector as probe-watch, flame) would flag; only the chosen defense acts",
+                       "defense: detector")
     detect_fpr: float = opt(0.001, "calibrated rule: false-alarm rate per client-round on i.i.d. losses that sets "
                                    "its threshold (0.01 would mean ~8 false flags per 200 rounds of 4 clients)",
                             "defense: detector")
@@ -223,7 +218,8 @@ GONE = dict(**{k: (bool, "97daaf9", "it measured no gain") for k in ("ema", "r1"
             **{k: (lambda v: v in ("median", "trimmed-mean", "krum", "clip"),
                    "2f12077 (median, trimmed mean) or 58fc84b (krum, clip)", "never measured")
                for k in ("aggregator", "defense")},
-            detect_on=(lambda v: v in ("update-norm", "both"), "c4e5e03", "it measured no gain"),
+            detect_on=(lambda v: v != "loss", "c4e5e03 (update-norm, both) or 67a8ed1 (probe, loss+probe)",
+                       "it did not earn its place in docs/results.md's tables, sections 9 and 5"),
             detector=(lambda v: v == "freqfed", "c4e5e03", "it measured no gain over flame"))
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
@@ -281,8 +277,6 @@ def finalize(cfg):
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     resolve_defense(cfg)
-    if cfg.probe_per_class is None:
-        cfg.probe_per_class = 64 if cfg.detector == "probe" else 16
     if cfg.arch == "auto":  # the paper's networks where they can train, and a line saying so where they cannot
         cfg.arch = "paper" if pick_device(cfg.device).type == "cuda" else "small"
     s = cfg.img_size
@@ -384,12 +378,10 @@ def check_ranges(cfg):
 
 # flag -> (when it means something, the flag that makes it so): a flag given without it does nothing
 NEEDS = dict(
-    detect_on=(lambda c: c.detector in ("paper", "calibrated"), "--detector paper|calibrated (or --defense feddetect)"),
     probe_level=(lambda c: c.detector == "probe", "--detector probe"),
     recover=(lambda c: c.detector != "none", "--detector paper|calibrated|probe (or --defense feddetect)"),
     detect_fpr=(lambda c: c.detector == "calibrated" or c.shadow, "--detector calibrated (or --shadow)"),
-    probe_per_class=(lambda c: "probe" in c.detect_on or c.shadow or c.detector == "probe",
-                     "--detector probe, --detect-on probe|loss+probe or --shadow"),
+    probe_per_class=(lambda c: c.shadow or c.detector == "probe", "--detector probe (or --shadow)"),
     dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
     blend_alpha=(lambda c: c.attack == "blend", "--attack blend"),
     poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
@@ -1698,39 +1690,21 @@ class Detector:
 
 
 class RuleDetector(Detector):
-    """A rule on the history of each signal it reads (FedDetect: the isolation forest on the reported
-    losses); a client is flagged when any signal flags it."""
+    """A rule on the history of the reported losses (FedDetect: the isolation forest on this round's)."""
 
-    def __init__(self, rule, signals=("loss",), probe=None, seed=0):
-        self.rule, self.probe, self.seed = rule, probe, seed
-        self.history = {s: [] for s in signals}  # signal -> (t, N)
-        self.whole = probe is not None
+    def __init__(self, rule, seed=0):
+        self.rule, self.seed, self.history = rule, seed, []  # history: (t, N) reported losses
 
     def __call__(self, r):
-        for s, h in self.history.items():
-            h.append(np.asarray(self.signal(r, s), dtype=np.float64).tolist())
-        self.logged = {"probe_score": self.history["probe"][-1]} if "probe" in self.history else {}
-        flags = np.zeros(len(r.losses), bool)
-        for h in self.history.values() if r.act else ():
-            flags |= rule_on_ok(self.rule, h, r.ok, self.seed * 100003 + r.t)
-        return flags
-
-    def signal(self, r, name):
-        """One signal of every client this round (N,), computed once per round whoever asks: the reported
-        loss, or the log of the fixed probe's score (rendered by the server)."""
-        if name not in r.cache:
-            r.cache[name] = r.losses if name == "loss" else np.log(probe_signal(self.probe, r.states) + 1e-12)
-        return r.cache[name]
+        self.history.append(np.asarray(r.losses, dtype=np.float64).tolist())
+        return rule_on_ok(self.rule, self.history, r.ok, self.seed * 100003 + r.t) if r.act else \
+            np.zeros(len(r.losses), bool)
 
     def state_dict(self):
-        return {HISTORY_KEY[s]: h for s, h in self.history.items()}
+        return {"history": self.history}
 
     def load_state_dict(self, d):
-        self.history = {s: list(d.get(HISTORY_KEY[s], [])) for s in self.history}
-
-
-SIGNALS = {"loss": ("loss",), "probe": ("probe",), "loss+probe": ("loss", "probe")}  # --detect-on -> signals read
-HISTORY_KEY = {"loss": "history", "probe": "probe_history"}  # checkpoint keys
+        self.history = list(d.get("history", []))
 
 
 def rule_on_ok(rule, history, ok, seed):
@@ -1837,8 +1811,8 @@ def aggregator(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# More detectors: the calibrated rule (robust z-score + CUSUM), the probe of the generators, the probe
-# detector, and the shadow log of them all
+# More detectors: the calibrated rule (robust z-score + CUSUM), the probe detector, flame, and the shadow
+# log of them all
 # ------------------------------------------------------------------------------------------------
 
 def robust_excess(loss_history, window=10):
@@ -1922,38 +1896,6 @@ def departures(renders):
     return d - d.mean((-2, -1), keepdim=True)
 
 
-def probe_maps(renders, window):
-    """Where each client's renders depart from the others' *locally and consistently*.
-
-    renders (N, P, C, H, W): every client's generator on the same probe (latents, labels, noise), P
-    samples of one class. Per client, the departure from the clients' coordinate-wise median render is
-    taken, each sample's own mean departure is removed (a global brightness offset is not a trigger),
-    and the departure is averaged over window x window patches and over the P samples: a trigger
-    departs in the same place in every sample and survives the average; a departure that changes from
-    sample to sample averages away. -> (N, C, H', W') float64, signed."""
-    N, P, C, H, W = renders.shape
-    local = box_mean(departures(renders).reshape(N * P, C, H, W), window)         # (N*P, C, H', W')
-    return local.reshape(N, P, *local.shape[1:]).mean(1)                          # consistent over samples
-
-
-def probe_scores(renders, window):
-    """Each client's largest |local consistent departure| over patches and channels: (N,) numpy."""
-    return probe_maps(renders, window).flatten(1).abs().amax(1).cpu().numpy()
-
-
-@dataclass
-class Probe:
-    """The server's probe: latents, labels and noise every client's generator is rendered on. Fixed for
-    every round, or (secret set) drawn afresh each round from the server's secret."""
-    z: Optional[torch.Tensor]  # (P, z_dim); None for a fresh probe (probe_inputs draws each round's)
-    y: Optional[torch.Tensor]  # (P,) class ids, P // n_classes of each
-    noise: Optional[list]      # Generator.draw_noise(P)
-    g: nn.Module               # a generator to load each client's state into (eval mode)
-    window: int                # patch size of the local departure (a quarter of the image side)
-    per_class: int
-    secret: Optional[int] = None  # fresh latents per round from this seed and the round
-
-
 def probe_draw(g, per_class, seed):
     """per_class latents per class (class blocks in order), labels and noise from `seed`, on g's device."""
     gen = torch.Generator().manual_seed(seed)
@@ -1963,38 +1905,16 @@ def probe_draw(g, per_class, seed):
     return z, y, [n.to(device) for n in g.draw_noise(len(z), gen)]
 
 
-def make_probe(g, per_class, seed, window, fresh=False):
-    """A probe of per_class samples per class for generators shaped like g (a copy is kept); fresh: new
-    latents each round, drawn from `seed` (the server's secret) and the round."""
-    fixed = (None, None, None) if fresh else probe_draw(g, per_class, seed)
-    return Probe(*fixed, copy.deepcopy(g).eval(), window, per_class, seed if fresh else None)
-
-
-def probe_inputs(probe, t):
-    """Round t's (z, y, noise): the fixed probe's, or fresh ones an attacker cannot have tuned to (they are
-    a function of the secret and t, so a resumed run draws the same)."""
-    if probe.secret is None:
-        return probe.z, probe.y, probe.noise
-    return probe_draw(probe.g, probe.per_class, probe.secret * 1_000_003 + t)
-
-
 @torch.no_grad()
-def render_probe(probe, g_states, t=0):
-    """Every client's generator on round t's probe: (N, P, C, H, W) in [-1, 1], float32, on the probe's
-    device (where the scoring runs too: at 256 px a CPU would spend seconds a round on it)."""
-    z, y, noise = probe_inputs(probe, t)
+def render(g, g_states, z, y, noise):
+    """Every client's generator (its state loaded into g) on the same latents, labels and noise:
+    (N, P, C, H, W) in [-1, 1], float32, on g's device (where the scoring runs too: at 256 px a CPU would
+    spend seconds a round on it)."""
     out = []
     for s in g_states:
-        probe.g.load_state_dict(s)
-        out.append(probe.g(z, y, noise=noise).float().clamp(-1, 1))
+        g.load_state_dict(s)
+        out.append(g(z, y, noise=noise).float().clamp(-1, 1))
     return torch.stack(out)
-
-
-def probe_signal(probe, g_states):
-    """The probe score of every client (N,), per class then the largest: a class-conditional departure
-    (a label flip) counts in the class it touches."""
-    r = render_probe(probe, g_states)                                             # (N, P, C, H, W)
-    return np.max([probe_scores(rc, probe.window) for rc in r.split(probe.per_class, dim=1)], axis=0)
 
 
 def departure_energy(renders, per_class, window, chunk=16):
@@ -2037,19 +1957,26 @@ def probe_watch(avg, energy, rate=0.3):
 
 
 class ProbeDetector(Detector):
-    """The probe detector: every generator rendered on fresh secret latents each round; each client's
-    consistent local departure from the others (departure_energy) folded into a moving average
-    (probe_watch); flagged when its score exceeds `level` times the clients' median. Reads nothing a
-    client reports."""
+    """The probe detector: every generator rendered on per_class fresh latents per class each round, drawn
+    from the server's `secret` (never sent to a client) and the round; each client's consistent local
+    departure from the others (departure_energy, in patches a quarter of the image side) folded into a
+    moving average (probe_watch); flagged when its score exceeds `level` times the clients' median. Reads
+    nothing a client reports."""
     whole = True
 
-    def __init__(self, probe, level=6.0):
-        self.probe, self.level = probe, level
+    def __init__(self, g, per_class=64, secret=0, level=6.0):
+        self.g, self.per_class, self.secret, self.level = copy.deepcopy(g).eval(), per_class, secret, level
+        self.window = max(2, g.kwargs["img_size"] // 4)
         self.avg, self.history = None, []  # (N, K, H', W') moving averages, (t, N) scores
 
+    def inputs(self, t):
+        """Round t's latents, labels and noise: none an attacker could have tuned to, and a function of the
+        secret and t alone (a resumed run draws the same)."""
+        return probe_draw(self.g, self.per_class, self.secret * 1_000_003 + t)
+
     def __call__(self, r):
-        renders = render_probe(self.probe, r.states, r.t)                     # (N, P, C, H, W)
-        self.avg, scores = probe_watch(self.avg, departure_energy(renders, self.probe.per_class, self.probe.window))
+        renders = render(self.g, r.states, *self.inputs(r.t))                    # (N, P, C, H, W)
+        self.avg, scores = probe_watch(self.avg, departure_energy(renders, self.per_class, self.window))
         self.history.append(scores.tolist())
         self.logged = {"watch_score": self.history[-1]}
         return rule_on_ok(lambda h, seed: h[-1] > self.level, self.history, r.ok, 0) if r.act else \
@@ -2770,7 +2697,7 @@ def build_run(cfg, out, rank, world, lock):
     offload = offload_of(cfg, device, n_classes, len(owned))
     defense = defense_of(cfg, data, device, g_global)
     if world > 1 and defense.detect is not None and defense.detect.whole:
-        raise FedGANError("the probe, the probe detector and --shadow read every generator, so they need them all "
+        raise FedGANError("the probe detector, flame and --shadow read every generator, so they need them all "
                           "on one process; run them without torchrun")
     clients = clients_of(cfg, data, shards, owned, g_global, device, offload)
     fed = Federation(clients, steps, malicious_ids(cfg), device, offload, world > 1, cfg.adaptive, cfg.seed,
@@ -2815,38 +2742,20 @@ def clients_of(cfg, data, shards, owned, g_global, device, offload):
     return clients
 
 
-def fixed_probe(cfg, g):
-    """--detect-on probe|loss+probe: the same latents every round (a window a quarter of the image side)."""
-    return make_probe(g, cfg.probe_per_class, cfg.seed + 99991, max(2, cfg.img_size // 4))
-
-
-def secret_probe(cfg, g):
-    """The probe detector's: fresh latents each round from the server's secret, never sent to a client."""
-    return make_probe(g, cfg.probe_per_class, cfg.seed * 7 + 424242, max(2, cfg.img_size // 4), fresh=True)
-
-
-def rule_detector(rule, signals, cfg, g):
-    return RuleDetector(loss_rule(rule, cfg.detect_fpr), signals, fixed_probe(cfg, g) if "probe" in signals else None,
-                        cfg.seed)
-
-
 DETECTORS = {  # --detector NAME: (Config, global generator) -> Detector or None
     "none": lambda cfg, g: None,
-    "paper": lambda cfg, g: rule_detector("paper", SIGNALS[cfg.detect_on], cfg, g),
-    "calibrated": lambda cfg, g: rule_detector("calibrated", SIGNALS[cfg.detect_on], cfg, g),
-    "probe": lambda cfg, g: ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
+    "paper": lambda cfg, g: RuleDetector(loss_rule("paper"), cfg.seed),
+    "calibrated": lambda cfg, g: RuleDetector(loss_rule("calibrated", cfg.detect_fpr), cfg.seed),
+    "probe": lambda cfg, g: ProbeDetector(g, cfg.probe_per_class, cfg.seed * 7 + 424242, cfg.probe_level),
     "flame": lambda cfg, g: ClusterDetector(),
 }
 
 
 def shadow_of(cfg, g, acting):
-    """--shadow: the paper and calibrated rules on the loss, the calibrated rule on probe and loss+probe,
-    the probe detector and flame, each logged every round beside the acting detector."""
-    shadows = {"paper": rule_detector("paper", ("loss",), cfg, g),
-               **{name: rule_detector("calibrated", SIGNALS[on], cfg, g) for name, on in
-                  (("calibrated", "loss"), ("probe", "probe"), ("loss+probe", "loss+probe"))},
-               "probe-watch": ProbeDetector(secret_probe(cfg, g), cfg.probe_level),
-               "flame": ClusterDetector()}
+    """--shadow: the paper and calibrated rules on the loss, the probe detector and flame, each logged every
+    round beside the acting detector."""
+    shadows = {name: DETECTORS[name.replace("-watch", "")](cfg, g) for name in
+               ("paper", "calibrated", "probe-watch", "flame")}
     return Shadow(shadows if acting is None else dict(shadows, acting=acting), None if acting is None else "acting")
 
 
@@ -2995,7 +2904,7 @@ def describe(run, cfg):
         note = (f"; NOTE: on a CPU these are the small networks (--arch small), not the paper's: this run should "
                 f"take roughly {small:,.1f} h here, the paper's networks (--arch paper, for a GPU) {paper:,.0f} h")
     parts = [cfg.augment != "none" and f"augment {cfg.augment}",
-             cfg.detector != "none" and f"detector {cfg.detector} on {cfg.detect_on}", f"aggregator {cfg.aggregator}",
+             cfg.detector != "none" and f"detector {cfg.detector}", f"aggregator {cfg.aggregator}",
              cfg.posthoc != "none" and f"post-hoc {cfg.posthoc}"]
     return (f"fedgan: {cfg.dataset} {cfg.img_size}px x{cfg.channels}, "
             f"{'1 client: the centralized reference' if cfg.clients == 1 else f'{cfg.clients} clients'} "
@@ -3144,11 +3053,11 @@ def bench(cfg):
     for _ in range(5):
         detect(hist, 1)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
-    per_class = cfg.probe_per_class if cfg.detector == "probe" else 64  # the probe detector's round
-    probe = make_probe(g, per_class, 1, max(2, cfg.img_size // 4), fresh=True)
-    ProbeDetector(probe)(round_of(2, False))  # warm
+    per_class = cfg.probe_per_class
+    warm, det = ProbeDetector(g, per_class), ProbeDetector(g, per_class)
+    warm(round_of(2, False))
     t = time.perf_counter()
-    ProbeDetector(probe)(round_of(cfg.clients, True))  # render, score, fold in
+    det(round_of(cfg.clients, True))  # the probe detector's round: render, score, fold in
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10

@@ -409,7 +409,7 @@ def test_paper_rule_follows_algorithm_1_over_a_loss_sequence():
         c, w = server.counts, server.weights
         log.append((d.flags.copy(), c.copy(), w.copy()))
         assert torch.allclose(g["p"], torch.full((2,), float((w * np.arange(4)).sum())))
-    assert len(defense.detect.history["loss"]) == 6  # recorded every round, warm-up included
+    assert len(defense.detect.history) == 6  # recorded every round, warm-up included
     # t <= m = 2: no detection; t = 3, 4, 5: client 3 flagged, c = 1, 2, 3, w *= d^c each time
     for t in range(3):
         assert not log[t][0].any() and np.allclose(log[t][2], 0.25)
@@ -510,9 +510,6 @@ def test_feddetect_flags_the_poisoned_client_and_decays_its_weight():
 
 def test_resume_matches_an_uninterrupted_run():
     for args in (["--local-steps", "2", "--poison", "4", "--defense", "feddetect", "--warmup", "1"],
-                 # the probe's score history is server state too: it must survive the checkpoint
-                 ["--local-steps", "2", "--poison", "4", "--detector", "calibrated", "--detect-on", "probe",
-                  "--warmup", "1", "--probe-per-class", "4"],
                  # the probe detector's moving averages and fresh latents, likewise
                  ["--local-steps", "2", "--poison", "4", "--detector", "probe", "--probe-level", "0",
                   "--probe-per-class", "4"]):
@@ -1411,7 +1408,8 @@ def test_recipes_fill_what_is_not_given_and_old_runs_read_as_the_papers():
     assert fedgan.config_from_json(dict(old, attack_start=0, trim=0.1, parallel_clients="auto"), "c").recipe == "paper"
     removed = [(k, v, "no longer", "97daaf9") for k, v in (("ema", 2.5), ("r1", 10.0), ("class_loss", 1.0),
                                                             ("rollback", 10), ("d_batch", "joint"))]
-    removed += [("detect_on", "update-norm", "no gain", "c4e5e03"), ("detector", "freqfed", "no gain", "c4e5e03")]
+    removed += [("detect_on", "update-norm", "its place", "c4e5e03"), ("detector", "freqfed", "no gain", "c4e5e03"),
+                ("detect_on", "loss+probe", "its place", "67a8ed1")]
     for k, v, why, commit in removed + [(k, v, "never measured", "2f12077") for k, v in
                                         (("attack_start", 5), ("aggregator", "median"), ("defense", "trimmed-mean"))]:
         try:
@@ -1742,7 +1740,7 @@ def test_a_signal_during_a_checkpoint_waits_for_it():
 
 
 def test_flags_that_do_nothing_alone_are_refused_and_advice_is_not_circular():
-    cases = [(["--poison", "4", "--detect-on", "probe"], "--detect-on does nothing without --detector"),
+    cases = [(["--poison", "4", "--probe-level", "3"], "--probe-level does nothing without --detector probe"),
              (["--recover"], "--recover does nothing"), (["--trim", "0.2"], "unrecognized arguments"),
              (["--dirichlet-alpha", "0.3"], "--partition dirichlet"), (["--blend-alpha", "0.5"], "--attack blend"),
              (["--poison", "4", "--detector", "paper", "--detect-fpr", "0.01"], "--detector calibrated"),
@@ -1772,7 +1770,7 @@ def test_flags_that_do_nothing_alone_are_refused_and_advice_is_not_circular():
                 "calibrated"
         assert "replaces the isolation forest" in err.getvalue() and len(err.getvalue().splitlines()) == 1
     # with what they need, they are accepted
-    fedgan.parse_args(["--poison", "4", "--detector", "calibrated", "--detect-on", "probe", "--recover",
+    fedgan.parse_args(["--poison", "4", "--detector", "calibrated", "--recover",
                        "--detect-fpr", "0.01", "--partition", "dirichlet", "--dirichlet-alpha", "0.3"])
 
 
@@ -1946,33 +1944,6 @@ def test_help_says_what_the_flags_do():
 # ---------------------------------------------------------------------------------------------
 
 
-def _benign_states(n=4, noise=0.01, seed=0):
-    torch.manual_seed(seed)
-    g = fedgan.Generator(16, 1, 2, width=8)
-    base = g.state_dict()
-    gen = torch.Generator().manual_seed(seed + 1)
-    return g, [{k: v + noise * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                for k, v in base.items()} for _ in range(n)]
-
-
-@quick
-def test_probe_flags_a_pasted_patch_and_not_a_copy_of_the_median():
-    g, states = _benign_states()
-    probe = fedgan.make_probe(g, per_class=8, seed=0, window=4)
-    r = fedgan.render_probe(probe, states)                                       # (4, 16, 1, 16, 16)
-    assert torch.equal(r, fedgan.render_probe(probe, states))                    # deterministic
-    r[1, :, :, 11:15, 11:15] = -1.0  # client 1 draws a black patch (this untrained generator's images are light)
-    r[3] = r.median(0).values                                                     # client 3 is the median itself
-    scores = np.max([fedgan.probe_scores(rc, 4) for rc in r.split(8, dim=1)], axis=0)
-    print(f"    probe scores: {np.round(scores, 1).tolist()}")
-    assert scores.argmax() == 1 and scores[1] > 5 * np.median(scores[[0, 2]]) and scores[3] < scores[1] / 5
-    shifted = r.clone()
-    shifted[0] += 0.3  # a global brightness offset is not a local departure
-    s2 = np.max([fedgan.probe_scores(rc, 4) for rc in shifted.split(8, dim=1)], axis=0)
-    assert abs(s2[0] - scores[0]) < 0.5 * scores[1], (s2, scores)
-    assert np.array_equal(fedgan.probe_signal(probe, states), fedgan.probe_signal(probe, states))
-
-
 @quick
 def test_box_mean_is_the_patch_average():
     x = torch.randn(3, 2, 13, 11, dtype=torch.float64)
@@ -1996,9 +1967,9 @@ def test_shadow_detectors_are_logged_and_scored_but_do_not_act():
                                            "--local-steps", "2", "--warmup", "1", "--shadow", "--scale-update",
                                            "--probe-per-class", "4"))
         recs = [json.loads(ln) for ln in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
-        names = {"paper", "calibrated", "probe", "loss+probe", "probe-watch", "flame"}
+        names = {"paper", "calibrated", "probe-watch", "flame"}
         assert all(set(r["shadow"]) == names for r in recs[2:]) and "shadow" not in recs[0]
-        assert all(len(r[k]) == 4 for r in recs for k in ("probe_score", "flame_score"))
+        assert all(len(r[k]) == 4 for r in recs for k in ("watch_score", "flame_score"))
         assert all(r["weights"] == [0.25] * 4 for r in recs)  # nobody acted: no detector was chosen
         assert set(run.summary["shadow"]) == names and all(0 <= v["fpr"] <= 1 for v in run.summary["shadow"].values())
 
@@ -2047,7 +2018,7 @@ def test_flame_flags_a_lone_direction_and_not_a_clean_round():
 
 
 def test_probe_detector_refuses_torchrun_with_one_line():
-    for flags in (["--detector", "calibrated", "--detect-on", "probe"], ["--detector", "probe"]):
+    for flags in (["--detector", "flame"], ["--detector", "probe"]):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = tiny_cfg(Path(tmp) / "r", *flags)
             old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
@@ -2065,15 +2036,13 @@ def test_probe_detector_refuses_torchrun_with_one_line():
 
 def test_fresh_probe_latents_are_the_servers_secret_and_reproducible():
     g = fedgan.Generator(16, 1, 2, width=8)
-    a, b = fedgan.make_probe(g, 4, 11, 4, fresh=True), fedgan.make_probe(g, 4, 11, 4, fresh=True)
-    za, ya, na = fedgan.probe_inputs(a, 3)
-    zb, yb, nb = fedgan.probe_inputs(b, 3)
+    a, b = fedgan.ProbeDetector(g, 4, 11), fedgan.ProbeDetector(g, 4, 11)
+    za, ya, na = a.inputs(3)
+    zb, yb, nb = b.inputs(3)
     assert torch.equal(za, zb) and torch.equal(ya, yb) and all(torch.equal(x, y) for x, y in zip(na, nb))
     assert ya.tolist() == [0] * 4 + [1] * 4
-    assert not torch.equal(fedgan.probe_inputs(a, 4)[0], za)                        # new latents each round
-    assert not torch.equal(fedgan.probe_inputs(fedgan.make_probe(g, 4, 12, 4, fresh=True), 3)[0], za)  # secret
-    fixed = fedgan.make_probe(g, 4, 11, 4)
-    assert fedgan.probe_inputs(fixed, 3)[0] is fedgan.probe_inputs(fixed, 9)[0]     # the old probe stays fixed
+    assert not torch.equal(a.inputs(4)[0], za)                        # new latents each round
+    assert not torch.equal(fedgan.ProbeDetector(g, 4, 12).inputs(3)[0], za)  # another secret
 
 
 def _renders(n_rounds, seed=0, N=4, P=32, K=2):
@@ -2113,8 +2082,9 @@ def test_probe_detector_flags_a_colour_patch_and_a_held_spot_not_benign_drift_a_
     assert (_watch(held, 32)[-1] > 6).tolist() == [False, False, False, True]
     for case in (moved, one):
         assert (_watch(case, 32)[-1] < 6).all(), _watch(case, 32)[-1]
+    old = {"watch": torch.zeros(4, 3, 1, 13, 13), "watch_n": 3}
     try:  # a checkpoint of the t-statistic detector (averages (N, K, C, H', W')) is refused in one line
-        fedgan.ProbeDetector(None).load_state_dict({"watch": torch.zeros(4, 3, 1, 13, 13), "watch_n": 3})
+        fedgan.ProbeDetector(fedgan.Generator(16, 1, 2, width=8)).load_state_dict(old)
     except fedgan.FedGANError as e:
         assert "c4e5e03" in str(e) and "\n" not in str(e)
     else:
@@ -2283,11 +2253,6 @@ def test_every_piece_readme_names_copies_alone():
     ns = copy_alone(*FOREST, module=isoforest)
     exec(__import__("inspect").getsource(fedgan.feddetect_paper), ns)
     assert ns["feddetect_paper"]([[0.70, 0.69, 0.71, 0.70, 3.0]], seed=0).tolist() == [0, 0, 0, 0, 1]
-    g, states = _benign_states()
-    r = fedgan.render_probe(fedgan.make_probe(g, 8, 0, 4), states)
-    r[2, :, :, 11:15, 11:15] = -1.0
-    pieces = copy_alone("box_mean", "middle", "departures", "probe_maps", "probe_scores")
-    assert pieces["probe_scores"](r, 4).argmax() == 2
     ns = copy_alone("box_mean", "middle", "departures", "center_surround", "departure_energy", "probe_watch")
     R = _renders(6)
     R[:, 1, :, :, 11:15, 11:15] += 0.3

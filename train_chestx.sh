@@ -12,9 +12,8 @@
 #          plus, at the 64 px trigger, the probe detector (probe64) and multi-Krum (multikrum64).
 #          Vanilla and the 64 px arms get SEEDS seeds, the 16 and 32 px arms SEEDS_SMALL.
 #   study  one trigger (TRIGGER px at 256 px; 64 = 8 px at 32 px) against every kind of defense: vanilla,
-#          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, probe (the server's
-#          probe of the generators with the loss, calibrated rule), watch (the probe detector);
-#          and central, the centralized reference
+#          attack, feddetect (paper rule), calibrated, multikrum, rotate, reconstruct, watch (the probe
+#          detector); and central, the centralized reference
 #          (one party on all the training data for as many image-steps: what federation costs).
 # Recipe: QUICK=1 trains with fedgan.py's working recipe (--recipe fedgan: Adam 2e-3, betas 0/0.99, D on one
 # joint batch of real and fake images), since the paper's trains saturated blobs at the CPU scale
@@ -37,7 +36,7 @@
 #   SHORT      also keep the generator after SHORT rounds (0 = no; quick 20)
 #   CLIENTS    clients (4)                                   DEVICE     auto | cpu | cuda
 #   JOBS       runs trained at once (1); with JOBS > 1 each gets OMP_NUM_THREADS=1 unless it is set
-#   SHADOW     1: every run logs what all five detectors would flag (fedgan.py --shadow)
+#   SHADOW     1: every run logs what all four detectors would flag (fedgan.py --shadow)
 #   RECIPE     fedgan.py --recipe: paper (the paper's optimizer and discriminator batches) | fedgan (quick's default)
 #   DRY        1: print the fedgan.py and eval.py commands the grid would run, and run nothing
 #   OUT        output folder (runs/paper_DATASET; quick runs/quick_DATASET; study: ..._study)
@@ -149,11 +148,9 @@ if [ "$GRID" = paper ]; then
     BASELINES=vanilla,attack64
 else
     p=$TRIGGER; a="--poison $(px_of $p)"
-    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "probe$p"
-            "watch$p" "central")
+    NAMES+=("attack$p" "feddetect$p" "calibrated$p" "multikrum$p" "rotate$p" "reconstruct$p" "watch$p" "central")
     FLAGS+=("$a" "$a --defense feddetect$DET" "$a --detector calibrated$DET" "$a --aggregator multi-krum"
-            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector calibrated --detect-on loss+probe$DET"
-            "$a --detector probe$DET" "$CENTRAL")
+            "$a --augment rotate" "$a --posthoc reconstruct $RECON" "$a --detector probe$DET" "$CENTRAL")
     BASELINES=vanilla,attack$p
     for _ in "${NAMES[@]:1}"; do NSEEDS+=("$SEEDS"); done
 fi
