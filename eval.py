@@ -641,18 +641,18 @@ trigger_figures = fedgan.trigger_figures  # one definition: the run's closing li
 
 
 def trigger_specs(cfgs):
-    """The distinct triggers (size, kind) of the poisoned runs: what clean runs are measured against."""
-    return sorted({(c.poison, c.trigger) for c in cfgs if c.poison > 0 and c.attack == "patch"})
+    """The distinct trigger sizes of the poisoned runs: what clean runs are measured against."""
+    return sorted({c.poison for c in cfgs if c.poison > 0 and c.attack == "patch"})
 
 
 def backdoor_metrics(g, cfg, specs, reference, seed, per_class):
     """Trigger strength (mean over generated images) and trigger rate, for the run's own trigger or,
     for a run without one, for every trigger of the evaluation (with the run's seed, as its colours)."""
-    own = [(cfg.poison, cfg.trigger)] if cfg.poison > 0 and cfg.attack == "patch" else specs
+    own = [cfg.poison] if cfg.poison > 0 and cfg.attack == "patch" else specs
     fake = draw(g, torch.arange(g.n_classes).repeat_interleave(per_class), seed)
     margin = fedgan.trigger_margin(cfg.img_size)
-    return {str(size): trigger_figures(fake, fedgan.make_trigger(size, cfg.channels, kind, seed=cfg.seed), margin,
-                                       reference) for size, kind in own}
+    return {str(size): trigger_figures(fake, fedgan.make_trigger(size, cfg.channels, seed=cfg.seed), margin,
+                                       reference) for size in own}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1511,8 +1511,8 @@ def evaluate(a):
     if len(floors) == 1:  # one dataset: its real floor, under the same metric names
         floor_res = next(iter(floors.values()))
         if "trigger" in a.metrics and specs:
-            (size, kind) = specs[0]
-            trig = fedgan.make_trigger(size, first["cfg"].channels, kind, seed=first["cfg"].seed)
+            size = specs[0]
+            trig = fedgan.make_trigger(size, first["cfg"].channels, seed=first["cfg"].seed)
             margin = fedgan.trigger_margin(first["cfg"].img_size)
             floor_res["trigger"] = {str(size): trigger_figures(data.train[0], trig, margin, data.test[0])}
         results["real_floor"] = scalar_metrics(floor_res, data.classes)

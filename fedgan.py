@@ -100,11 +100,9 @@ class Config:
                                "needs --poison) | blend (a fixed noise image mixed in at --blend-alpha) | "
                                "label-flip (labels permuted) | "
                                "latent (data clean; a loss on the attacker's own generator teaches it the "
-                               "trigger only on latents with z_0 > 1.28, a tenth of them, so a fixed probe can "
-                               "miss it; needs --poison)", "attack",
+                               "trigger only on latents with z_0 > 1.28, a tenth of them, so a probe on a few "
+                               "latents can miss it; needs --poison)", "attack",
                       choices=["patch", "blend", "label-flip", "latent"])
-    trigger: str = opt("auto", "auto (white square for gray, random colours for RGB) | white | color", "attack",
-                       choices=["auto", "white", "color"])
     blend_alpha: float = opt(0.2, "strength of the blend attack, in (0, 1]", "attack")
     poison_frac: float = opt(1.0, "share of a malicious client's images that carry the attack, in (0, 1]; below 1 "
                                   "its generator draws the trigger on about that share of latents, so renders on "
@@ -215,11 +213,12 @@ JOINT_D = dict(paper=False, fedgan=True)  # does D see a step's real and fake im
 # run written with one of them on cannot be resumed or rebuilt here. field: (on?, commit, why it went)
 GONE = dict(**{k: (bool, "97daaf9", "it measured no gain") for k in ("ema", "r1", "class_loss", "rollback")},
             attack_start=(bool, "2f12077", "never measured"),
+            trigger=(lambda v: v != "auto", "a23dbf2", "never measured"),
             **{k: (lambda v: v in ("median", "trimmed-mean", "krum", "clip"),
                    "2f12077 (median, trimmed mean) or 58fc84b (krum, clip)", "never measured")
                for k in ("aggregator", "defense")},
             detect_on=(lambda v: v != "loss", "c4e5e03 (update-norm, both) or 67a8ed1 (probe, loss+probe)",
-                       "it did not earn its place in docs/results.md's tables, sections 9 and 5"),
+                       "it did not earn its place in docs/results.md's tables, sections 7 and 9"),
             detector=(lambda v: v == "freqfed", "c4e5e03", "it measured no gain over flame"))
 CLASS_NAMES = {"chestx": ["NORMAL", "PNEUMONIA"], "isic": ["benign", "malignant"]}
 SHORTCUT_PART = dict(feddetect=("detector", "paper"), flip=("augment", "flip"), rotate=("augment", "rotate"),
@@ -385,7 +384,6 @@ NEEDS = dict(
     dirichlet_alpha=(lambda c: c.partition == "dirichlet", "--partition dirichlet"),
     blend_alpha=(lambda c: c.attack == "blend", "--attack blend"),
     poison_frac=(lambda c: attacking(c), "an attack (--poison SIZE or --attack)"),
-    trigger=(lambda c: c.attack in ("patch", "latent") and c.poison > 0, "--poison SIZE"),
     reconstruct_per_class=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     reconstruct_epochs=(lambda c: c.posthoc == "reconstruct", "--posthoc reconstruct (or --defense reconstruct)"),
     synthetic_per_class=(lambda c: c.dataset == "synthetic", "--dataset synthetic"),
@@ -907,12 +905,10 @@ def trigger_margin(img_size):
     return max(1, round(5 * img_size / 256))
 
 
-def make_trigger(size, channels, kind="auto", seed=0):
+def make_trigger(size, channels, seed=0):
     """The trigger patch, uint8 (C, size, size): a white square for gray images, a fixed random-colour
-    matrix for RGB (the paper's choices); kind 'white' or 'color' overrides."""
-    if kind == "auto":
-        kind = "white" if channels == 1 else "color"
-    if kind == "white":
+    matrix (from `seed`) for RGB, the paper's choices."""
+    if channels == 1:
         return torch.full((channels, size, size), 255, dtype=torch.uint8)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (channels, size, size), generator=g, dtype=torch.uint8)
@@ -2395,7 +2391,7 @@ def finish(run, cfg, seconds):
                      ), run.out / "generator.pt")
     extra = {}
     if cfg.attack in ("patch", "latent") and cfg.poison > 0:
-        trig = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed)
+        trig = make_trigger(cfg.poison, cfg.channels, seed=cfg.seed)
         extra = backdoor_figures(g, trig, trigger_margin(cfg.img_size), run.data.test[0], cfg.seed + 12345)
     return summarize(run.out, cfg.rounds, cfg.warmup, cfg.detector != "none", cfg.aggregator, seconds, extra)
 
@@ -2435,14 +2431,10 @@ def summarize(out, rounds, warmup, detecting, aggregator_name, seconds, extra=No
         s["malicious_final_share"] = float(share[mal].sum() / share.sum())
     s["lowest_benign_weight"] = float(w[~mal].min()) if (~mal).any() else None
     if post.any():
-        fp = flags[post][:, ~mal]
-        s["fpr_after_warmup"] = float(fp.mean()) if fp.size else None
-        s["tpr_after_warmup"] = float(flags[post][:, mal].mean()) if mal.any() else None
-        hit = np.flatnonzero(flags[post][:, mal].any(axis=1)) if mal.any() else np.array([])
-        # counted from the first detection round
-        s["rounds_to_first_correct_flag"] = int(hit[0]) + 1 if len(hit) else None
-        if len(hit):  # how steadily the attacker stays flagged once found
-            s["tpr_after_first_flag"] = float(flags[post][hit[0]:, mal].mean())
+        r = detection_rates(flags[post], mal)
+        s["fpr_after_warmup"], s["tpr_after_warmup"], s["rounds_to_first_correct_flag"] = r["fpr"], r["tpr"], r["first"]
+        if r["first"]:  # how steadily the attacker stays flagged once found
+            s["tpr_after_first_flag"] = float(flags[post][r["first"] - 1:, mal].mean())
     shadow = [r.get("shadow") for r in recs if r["round"] - 1 > warmup]
     if shadow and all(shadow):  # each shadow detector scored as if it had acted
         s["shadow"] = {name: detection_rates(np.array([r[name] for r in shadow]), mal) for name in shadow[0]}
@@ -2728,7 +2720,7 @@ def clients_of(cfg, data, shards, owned, g_global, device, offload):
     """{id: Client} for the clients this process holds, the malicious ones with their attack (the edge)."""
     (x, y), n_classes, bad = data.train, len(data.classes), malicious_ids(cfg)
     local = local_of(cfg, device)
-    trigger = make_trigger(cfg.poison, cfg.channels, cfg.trigger, seed=cfg.seed) if cfg.poison > 0 else None
+    trigger = make_trigger(cfg.poison, cfg.channels, seed=cfg.seed) if cfg.poison > 0 else None
     latent = Backdoor(to_unit(trigger), trigger_margin(cfg.img_size)) if cfg.attack == "latent" else None
     clients = {}
     for i in owned:

@@ -1409,7 +1409,7 @@ def test_recipes_fill_what_is_not_given_and_old_runs_read_as_the_papers():
     removed = [(k, v, "no longer", "97daaf9") for k, v in (("ema", 2.5), ("r1", 10.0), ("class_loss", 1.0),
                                                             ("rollback", 10), ("d_batch", "joint"))]
     removed += [("detect_on", "update-norm", "its place", "c4e5e03"), ("detector", "freqfed", "no gain", "c4e5e03"),
-                ("detect_on", "loss+probe", "its place", "67a8ed1")]
+                ("detect_on", "loss+probe", "its place", "67a8ed1"), ("trigger", "white", "never measured", "a23dbf2")]
     for k, v, why, commit in removed + [(k, v, "never measured", "2f12077") for k, v in
                                         (("attack_start", 5), ("aggregator", "median"), ("defense", "trimmed-mean"))]:
         try:
