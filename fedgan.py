@@ -3035,8 +3035,8 @@ def bench(cfg):
     server_ms = (time.perf_counter() - t) / 5 * 1000
     rule_name = cfg.detector if cfg.detector in ("calibrated", "flame") else "paper"
     if rule_name == "flame":  # it reads the clients' updates, not a loss history
-        det = DETECTORS[rule_name](cfg, g)
-        detect = lambda hist, seed: det(round_of(cfg.clients, True))  # noqa: E731
+        flame = DETECTORS[rule_name](cfg, g)
+        detect = lambda hist, seed: flame(round_of(cfg.clients, True))  # noqa: E731
     else:
         detect = loss_rule(rule_name, cfg.detect_fpr)
     hist = np.random.default_rng(0).normal(0.7, 0.05, (cfg.warmup + 20, cfg.clients))
@@ -3046,10 +3046,10 @@ def bench(cfg):
         detect(hist, 1)
     detect_ms = (time.perf_counter() - t) / 5 * 1000
     per_class = cfg.probe_per_class
-    warm, det = ProbeDetector(g, per_class), ProbeDetector(g, per_class)
+    warm, probe = ProbeDetector(g, per_class), ProbeDetector(g, per_class)
     warm(round_of(2, False))
     t = time.perf_counter()
-    det(round_of(cfg.clients, True))  # the probe detector's round: render, score, fold in
+    probe(round_of(cfg.clients, True))  # the probe detector's round: render, score, fold in
     sync(device)
     probe_ms = (time.perf_counter() - t) * 1000
     local_steps = steps_per_round(cfg.local_steps, cfg.batch, 10 * cfg.batch)  # --local-steps, else 10
